@@ -1,0 +1,1 @@
+"""Cloud transports, installed as ``pydisco.transports``."""

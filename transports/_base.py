@@ -1,0 +1,94 @@
+"""The contract every cloud transport meets.
+
+A transport moves opaque msgpack-encoded frames between a client and the server; the protocol
+itself (pydisco._protocol) is sans-IO and shared by all transports. Frames belong to numbered
+streams: stream 0 carries connection-level frames (hello, auth, heartbeat, connection errors),
+and each generate request gets its own stream id, chosen by the client (odd numbers, like QUIC
+client-initiated bidirectional streams). A transport that has native streams (QUIC) maps each
+id onto one of its streams; one that has not (WebSocket) carries the id in an envelope.
+
+Errors: a peer that closes cleanly ends ``receive_frame`` with ``trio.EndOfChannel``; a lost
+link or a reset raises ``trio.BrokenResourceError``; using a closed connection raises
+``trio.ClosedResourceError``. A frame larger than ``max_frame_size`` is refused by the
+receiving side with ``FrameTooLarge`` before it is buffered whole.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+import trio
+
+DEFAULT_MAX_FRAME_SIZE = 1 << 20
+
+
+class FrameTooLarge(Exception):
+    """A peer sent a frame over the size limit."""
+
+
+class FrameConnection(Protocol):
+    """One client-server connection carrying frames on numbered streams."""
+
+    async def send_frame(self, stream_id: int, frame: bytes) -> None:
+        """Send one frame. Cancellation may leave the frame unsent but never half-sent."""
+        ...
+
+    async def receive_frame(self) -> tuple[int, bytes]:
+        """Wait for the next frame from the peer, on any stream."""
+        ...
+
+    async def end_stream(self, stream_id: int) -> None:
+        """Say that no more frames will be sent on ``stream_id`` (no-op where streams are virtual)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Close the connection; idempotent."""
+        ...
+
+
+ConnectionHandler = Callable[[FrameConnection], Awaitable[None]]
+
+
+@dataclasses.dataclass(frozen=True)
+class ListenerInfo:
+    """Where a started server listens (the port is the real one when 0 was asked for)."""
+
+    scheme: str
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://{self.host}:{self.port}"
+
+
+class Transport(Protocol):
+    """A transport implementation, registered under one or more URL schemes."""
+
+    schemes: tuple[str, ...]
+
+    async def connect(
+        self,
+        url: str,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+    ) -> FrameConnection:
+        """Open a client connection to ``url``."""
+        ...
+
+    async def serve(
+        self,
+        handler: ConnectionHandler,
+        host: str,
+        port: int,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        task_status: trio.TaskStatus[ListenerInfo] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept connections until cancelled, running ``handler`` for each in its own task."""
+        ...
