@@ -1,0 +1,426 @@
+"""One QUIC connection carrying frames: drives aioquic's sans-IO ``QuicConnection``.
+
+The endpoint (client or server, in ``quic.py``) owns the UDP socket. It hands this object the
+datagrams meant for it (``datagram_received``, never blocking) and runs ``run()``, the
+connection's driver task, which is the only code that feeds ``QuicConnection`` datagrams and
+timers, turns its events into frames, and transmits. Application tasks call the
+``FrameConnection`` methods; they only queue data into ``QuicConnection`` and wake the driver.
+
+Backpressure, both ways:
+
+* Receiving: decoded frames wait in a bounded channel (``QuicSettings.frame_queue``). While it
+  is full the driver stops taking datagrams; the endpoint then drops further datagrams for this
+  connection (a bounded inbox), which QUIC's loss recovery treats as loss, so the peer backs off.
+  Timers still run, so acknowledgements and retransmissions of our own data continue.
+* Sending: ``send_frame`` waits while more than ``QuicSettings.send_buffer`` bytes are
+  unacknowledged.
+
+Time is ``trio.current_time()`` everywhere, so the connection runs under a ``MockClock``.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import ssl
+from collections.abc import Awaitable, Callable
+
+import trio
+from aioquic.quic import events
+from aioquic.quic.connection import NetworkAddress, QuicConnection
+from aioquic.quic.packet import QuicErrorCode
+
+from ._base import FrameTooLarge
+from ._quic_config import QuicSettings
+from ._quic_framing import (
+    CONTROL_PREFACE,
+    FrameDecoder,
+    Oversized,
+    encode_frame,
+    frame_stream_id,
+    quic_stream_id,
+)
+
+logger = logging.getLogger(__name__)
+
+INBOX_DATAGRAMS = 256
+"""Datagrams queued for one connection before the endpoint drops more (UDP semantics)."""
+
+LINGER_MAX = 5.0
+"""Longest ``aclose`` waits for sent data to be acknowledged (capped by the idle timeout)."""
+
+SendDatagram = Callable[[bytes, NetworkAddress], Awaitable[None]]
+_Item = tuple[int, bytes] | FrameTooLarge
+
+# bad_certificate, unsupported_certificate, certificate_revoked, _expired, _unknown, unknown_ca
+_CERTIFICATE_ALERTS = frozenset({42, 43, 44, 45, 46, 48})
+
+
+def _unacked_bytes(quic: QuicConnection) -> int:
+    # aioquic reports no acknowledgements; each stream sender keeps its bytes from the first
+    # unacknowledged one (_buffer_start) to the end of what was written (_buffer_stop).
+    return sum(s.sender._buffer_stop - s.sender._buffer_start for s in quic._streams.values())
+
+
+def _tls_alert(event: events.ConnectionTerminated) -> int | None:
+    """The TLS alert that ended the connection (QUIC carries it as CRYPTO_ERROR + alert)."""
+    alert = event.error_code - QuicErrorCode.CRYPTO_ERROR
+    return alert if 0 <= alert < 256 else None
+
+
+def _tls_error(event: events.ConnectionTerminated) -> ssl.SSLError:
+    if _tls_alert(event) in _CERTIFICATE_ALERTS:
+        return ssl.SSLCertVerificationError(event.reason_phrase)
+    return ssl.SSLError(event.reason_phrase)
+
+
+def _describe_end(event: events.ConnectionTerminated) -> str:
+    alert = _tls_alert(event)
+    if alert is not None:
+        return f"TLS handshake failed: {event.reason_phrase or 'no reason given'} (alert {alert})"
+    reason = event.reason_phrase or "no reason given"
+    if reason == "Idle timeout":
+        return "no packet from the peer within the idle timeout"
+    return f"connection closed with error 0x{event.error_code:x}: {reason}"
+
+
+class QuicFrameConnection:
+    """Frames on numbered streams over one QUIC connection (meets ``FrameConnection``).
+
+    Made by ``pydisco.transports.quic``; see ``transports._base`` for the contract.
+    """
+
+    def __init__(
+        self,
+        quic: QuicConnection,
+        send_datagram: SendDatagram,
+        *,
+        settings: QuicSettings,
+        max_frame_size: int,
+        peer: str,
+        on_cid_issued: Callable[[bytes], None] | None = None,
+        on_cid_retired: Callable[[bytes], None] | None = None,
+    ) -> None:
+        self._quic = quic
+        self._send_datagram = send_datagram
+        self._settings = settings
+        self._max_frame_size = max_frame_size
+        self._peer = peer
+        self._on_cid_issued = on_cid_issued
+        self._on_cid_retired = on_cid_retired
+        self._is_client = quic.configuration.is_client
+        self._inbox: collections.deque[tuple[bytes, NetworkAddress]] = collections.deque()
+        self._ready: collections.deque[_Item] = collections.deque()
+        self._frames_send, self._frames_recv = trio.open_memory_channel[_Item](
+            settings.frame_queue
+        )
+        self._decoders: dict[int, FrameDecoder] = {}
+        self._wakeup = trio.Event()
+        self._progress = trio.lowlevel.ParkingLot()  # senders waiting for acknowledgements
+        self._handshake_done = trio.Event()
+        self._control_opened = trio.Event()  # server: the client's preface arrived
+        self._preface_pending = not self._is_client
+        self._handshake_ok = False
+        self._ended: events.ConnectionTerminated | None = None
+        self._failure: str | None = None  # the socket failed (e.g. ICMP port unreachable)
+        self._closing = False  # aclose() was called
+        self._finished = trio.Event()  # run() returned
+
+    # ----- endpoint side -------------------------------------------------------------------
+
+    def datagram_received(self, data: bytes, addr: NetworkAddress) -> None:
+        """Queue a datagram from the peer; drops it when the inbox is full."""
+        if len(self._inbox) < INBOX_DATAGRAMS:
+            self._inbox.append((data, addr))
+            self._wake()
+
+    def transport_failed(self, reason: str) -> None:
+        """The socket cannot reach the peer any more; ends the connection as broken."""
+        if self._failure is None:
+            self._failure = reason
+        self._wake()
+
+    async def run(self) -> None:
+        """The driver: runs until the QUIC connection has ended (or the socket failed), then
+        hands the last decoded frames to the reader before ending the frame channel.
+
+        On cancellation it sends the peer a CONNECTION_CLOSE (best effort), drops undelivered
+        frames and returns.
+        """
+        try:
+            await self._drive()
+        except BaseException:
+            self._frames_send.close()
+            raise
+        finally:
+            self._abort_on_exit()
+            self._handshake_done.set()
+            self._control_opened.set()
+            self._progress.unpark_all()
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + 0.1):
+                await self._transmit()
+            self._finished.set()
+        await self._flush_ready_then_end()
+
+    async def wait_connected(self) -> None:
+        """Client: wait for the handshake, then open the control stream.
+
+        Raises ``trio.BrokenResourceError`` saying why (e.g. certificate refused) on failure.
+        """
+        await self._handshake_done.wait()
+        if not self._handshake_ok:
+            raise self._broken()
+        self._quic.send_stream_data(0, CONTROL_PREFACE)
+        self._wake()
+
+    async def wait_control_opened(self) -> bool:
+        """Server: wait until the client opened its control stream; False if it never will."""
+        await self._control_opened.wait()
+        return not self._preface_pending and self._ended is None and self._failure is None
+
+    def abort(self, reason: str) -> None:
+        """Close now with an error code (the peer sees a broken connection)."""
+        self._closing = True
+        self._frames_recv.close()
+        self._quic.close(error_code=QuicErrorCode.INTERNAL_ERROR, reason_phrase=reason)
+        self._wake()
+
+    async def wait_finished(self) -> None:
+        await self._finished.wait()
+
+    # ----- FrameConnection -----------------------------------------------------------------
+
+    async def send_frame(self, stream_id: int, frame: bytes) -> None:
+        """Queue one frame on ``stream_id`` for sending.
+
+        Waits while too much sent data is unacknowledged. Cancellation while waiting leaves the
+        frame unsent; once queued, the whole frame is sent. Raises ``ClosedResourceError`` when
+        this side closed the connection or can no longer send on the stream (it ended it, or
+        the client has not opened it), ``BrokenResourceError`` when the connection has ended.
+        """
+        quic_id = quic_stream_id(stream_id)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self._check_usable()
+        while _unacked_bytes(self._quic) >= self._settings.send_buffer:
+            await self._progress.park()
+            self._check_usable()
+        try:
+            self._quic.send_stream_data(quic_id, encode_frame(frame))
+        except (ValueError, RuntimeError) as exc:  # aioquic: stream finished, reset, unknown
+            raise trio.ClosedResourceError(f"cannot send on stream {stream_id}: {exc}") from exc
+        self._wake()
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def receive_frame(self) -> tuple[int, bytes]:
+        """The next frame from the peer, as ``(stream_id, frame)``, in order per stream.
+
+        Raises ``FrameTooLarge`` in place of a frame over ``max_frame_size`` (its body is
+        skipped, the connection stays usable), ``EndOfChannel`` after the peer closed cleanly,
+        ``BrokenResourceError`` when the connection was lost, ``ClosedResourceError`` when this
+        side closed it. Cancellation loses no frame.
+        """
+        if self._closing:
+            raise trio.ClosedResourceError("the connection was closed")
+        try:
+            item = await self._frames_recv.receive()
+        except trio.EndOfChannel:
+            if self._clean_end():
+                raise
+            raise self._broken() from None
+        except trio.ClosedResourceError:
+            raise trio.ClosedResourceError("the connection was closed") from None
+        if self._ready:
+            self._wake()  # the driver held frames back for room in the channel
+        if isinstance(item, FrameTooLarge):
+            raise item
+        return item
+
+    async def end_stream(self, stream_id: int) -> None:
+        """Send FIN on ``stream_id``: no more frames follow. A no-op when the stream can no
+        longer be sent on. Does not block; raises like ``send_frame`` when the connection is
+        closed or lost."""
+        quic_id = quic_stream_id(stream_id)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self._check_usable()
+        try:
+            self._quic.send_stream_data(quic_id, b"", end_stream=True)
+        except (ValueError, RuntimeError):
+            pass  # already ended, finished or never openable: nothing more goes there anyway
+        self._wake()
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def aclose(self) -> None:
+        """Close cleanly: wait (up to the idle timeout, at most 5 s) until the peer has
+        acknowledged all sent data, then close; the peer then sees ``EndOfChannel``.
+
+        Idempotent. If cancelled, or the wait times out, the connection is still closed, with
+        an error code (the peer sees a broken connection). Tasks blocked in ``receive_frame``
+        get ``ClosedResourceError``.
+        """
+        if self._closing:
+            await trio.lowlevel.checkpoint()
+            return
+        self._closing = True
+        self._frames_recv.close()
+        self._progress.unpark_all()  # blocked senders re-check and raise
+        clean = False
+        try:
+            linger = min(LINGER_MAX, self._settings.idle_timeout)
+            with trio.move_on_after(linger):
+                while not self._gone() and _unacked_bytes(self._quic) > 0:
+                    await self._progress.park()
+                clean = True
+        finally:
+            if clean:
+                self._quic.close(error_code=QuicErrorCode.NO_ERROR)
+            else:
+                self._quic.close(
+                    error_code=QuicErrorCode.INTERNAL_ERROR, reason_phrase="closed abruptly"
+                )
+            self._wake()
+        await trio.lowlevel.checkpoint()
+
+    # ----- driver ---------------------------------------------------------------------------
+
+    async def _drive(self) -> None:
+        while self._ended is None and self._failure is None:
+            self._wakeup = trio.Event()  # first, so no wake-up during this round is lost
+            now = trio.current_time()
+            while self._inbox and not self._ready:  # a full channel pauses intake
+                data, addr = self._inbox.popleft()
+                self._quic.receive_datagram(data, addr, now)
+                self._handle_events()
+            timer = self._quic.get_timer()
+            if timer is not None and now >= timer:
+                self._quic.handle_timer(now)
+                self._handle_events()
+            self._deliver_ready()
+            await self._transmit()
+            self._progress.unpark_all()
+            if self._ended is not None or self._failure is not None:
+                break
+            timer = self._quic.get_timer()
+            with trio.move_on_at(math.inf if timer is None else timer):
+                await self._wakeup.wait()
+
+    def _handle_events(self) -> None:
+        while (event := self._quic.next_event()) is not None:
+            if isinstance(event, events.StreamDataReceived):
+                self._stream_data(event.stream_id, event.data, event.end_stream)
+            elif isinstance(event, events.StreamReset):
+                self._decoders.pop(event.stream_id, None)
+            elif isinstance(event, events.HandshakeCompleted):
+                self._handshake_ok = True
+                self._handshake_done.set()
+            elif isinstance(event, events.ConnectionIdIssued):
+                if self._on_cid_issued is not None:
+                    self._on_cid_issued(event.connection_id)
+            elif isinstance(event, events.ConnectionIdRetired):
+                if self._on_cid_retired is not None:
+                    self._on_cid_retired(event.connection_id)
+            elif isinstance(event, events.ConnectionTerminated):
+                self._ended = event
+                self._handshake_done.set()
+                self._control_opened.set()
+
+    def _stream_data(self, quic_id: int, data: bytes, fin: bool) -> None:
+        stream_id = frame_stream_id(quic_id)
+        if stream_id is None:
+            return  # a stream kind this transport never opens: ignore it
+        if quic_id == 0 and self._preface_pending and data:
+            if data[:1] != CONTROL_PREFACE:
+                self._quic.close(
+                    error_code=QuicErrorCode.PROTOCOL_VIOLATION,
+                    reason_phrase="bad control stream preface",
+                )
+                return
+            self._preface_pending = False
+            self._control_opened.set()
+            data = data[1:]
+        decoder = self._decoders.get(quic_id)
+        if decoder is None:
+            decoder = self._decoders[quic_id] = FrameDecoder(self._max_frame_size)
+        for piece in decoder.feed(data):
+            if isinstance(piece, Oversized):
+                self._ready.append(
+                    FrameTooLarge(
+                        f"a {piece.size}-byte frame on stream {stream_id} exceeds the limit of "
+                        f"{self._max_frame_size} bytes"
+                    )
+                )
+            else:
+                self._ready.append((stream_id, piece))
+        if fin:
+            if decoder.mid_frame:
+                logger.warning("%s: stream %d ended inside a frame", self._peer, stream_id)
+            del self._decoders[quic_id]
+
+    def _deliver_ready(self) -> None:
+        while self._ready:
+            try:
+                self._frames_send.send_nowait(self._ready[0])
+            except trio.WouldBlock:
+                return
+            except trio.BrokenResourceError:  # closed locally: nobody will read
+                self._ready.clear()
+                return
+            self._ready.popleft()
+
+    async def _transmit(self) -> None:
+        for data, addr in self._quic.datagrams_to_send(now=trio.current_time()):
+            await self._send_datagram(data, addr)
+
+    def _abort_on_exit(self) -> None:
+        # Leaving run() early (cancelled, or the endpoint shut down) while QUIC still lives:
+        # tell the peer at once rather than let it wait for the idle timeout.
+        if self._ended is None and self._failure is None:
+            self._quic.close(error_code=QuicErrorCode.INTERNAL_ERROR, reason_phrase="shut down")
+            self._failure = "the connection was shut down locally"
+
+    async def _flush_ready_then_end(self) -> None:
+        # Frames decoded before the end are still delivered, then the channel ends.
+        try:
+            while self._ready:
+                await self._frames_send.send(self._ready.popleft())
+        except trio.BrokenResourceError:
+            pass
+        finally:
+            self._frames_send.close()
+
+    # ----- helpers --------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        self._wakeup.set()
+
+    def _gone(self) -> bool:
+        return self._ended is not None or self._failure is not None
+
+    def _clean_end(self) -> bool:
+        return (
+            self._failure is None
+            and self._ended is not None
+            and self._ended.error_code == QuicErrorCode.NO_ERROR
+            and self._ended.reason_phrase != "Idle timeout"
+        )
+
+    def _check_usable(self) -> None:
+        if self._closing:
+            raise trio.ClosedResourceError("the connection was closed")
+        if self._gone():
+            raise self._broken()
+
+    def _broken(self) -> trio.BrokenResourceError:
+        if self._failure is not None:
+            reason = self._failure
+        elif self._ended is not None:
+            if self._clean_end():
+                reason = "the peer closed the connection"
+            else:
+                reason = _describe_end(self._ended)
+        else:
+            reason = "the connection ended"
+        error = trio.BrokenResourceError(f"QUIC connection with {self._peer}: {reason}")
+        if self._ended is not None and _tls_alert(self._ended) is not None:
+            error.__cause__ = _tls_error(self._ended)
+        return error
