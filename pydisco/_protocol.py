@@ -1,0 +1,769 @@
+"""pydisco's cloud wire protocol, sans-IO: frames, their validation, and both ends' state.
+
+Nothing here touches a socket or a clock. A transport (transports/) moves ``(stream_id, bytes)``
+pairs; :class:`ServerProtocol` and :class:`ClientProtocol` turn received bytes into events and
+produce the bytes to send. Every frame is a msgpack map with a short type key ``"t"``;
+docs/protocol.md is the reference for frames, fields, codes and fault handling.
+
+Decoding never raises anything but :class:`ProtocolError` (with a stable ``code``), whatever the
+bytes: a peer cannot crash the other end with a malformed frame.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Final, Union
+
+import msgpack  # type: ignore[import-untyped]  # ships no type information
+
+from ._errors import PydiscoError
+from ._types import GenerationRequest, GenerationResult, Message, Sampling, TokenPiece
+
+PROTOCOL_VERSIONS: Final = (1,)
+"""Versions this implementation speaks, oldest first; the server picks the highest in common."""
+
+CONNECTION_STREAM: Final = 0
+"""Stream 0 carries hello, auth, heartbeats and connection errors."""
+
+MAX_STREAM_ID: Final = (1 << 31) - 1
+_MAX_U31: Final = (1 << 31) - 1  # positions, token ids, max_tokens
+_MAX_INT: Final = (1 << 63) - 1
+_MAX_LIST: Final = 4096  # messages, stop strings, versions: far beyond any real request
+
+
+class Code:
+    """Stable error codes carried by ``error`` frames (docs/protocol.md lists what each means)."""
+
+    BAD_FRAME: Final = "bad_frame"
+    FRAME_TOO_LARGE: Final = "frame_too_large"
+    BAD_STREAM: Final = "bad_stream"
+    UNSUPPORTED_VERSION: Final = "unsupported_version"
+    UNAUTHORIZED: Final = "unauthorized"
+    BAD_REQUEST: Final = "bad_request"
+    PROMPT_TOO_LONG: Final = "prompt_too_long"
+    TOO_MANY_STREAMS: Final = "too_many_streams"
+    OVERLOADED: Final = "overloaded"
+    TIMEOUT: Final = "timeout"
+    UPSTREAM_ERROR: Final = "upstream_error"
+    UPSTREAM_UNAVAILABLE: Final = "upstream_unavailable"
+    SHUTTING_DOWN: Final = "shutting_down"
+    INTERNAL: Final = "internal"
+
+
+ERROR_CODES: Final = frozenset(
+    value for name, value in vars(Code).items() if name.isupper() and isinstance(value, str)
+)
+
+# Codes that end only the stream they arrive on; every other code on stream 0 ends the connection.
+STREAM_CODES: Final = frozenset(
+    {
+        Code.BAD_REQUEST,
+        Code.PROMPT_TOO_LONG,
+        Code.TOO_MANY_STREAMS,
+        Code.OVERLOADED,
+        Code.UPSTREAM_ERROR,
+        Code.UPSTREAM_UNAVAILABLE,
+        Code.INTERNAL,
+    }
+)
+
+
+class ProtocolError(PydiscoError):
+    """A frame or a sequence of frames broke the protocol. ``code`` is one of :class:`Code`."""
+
+    def __init__(self, message: str, *, code: str = Code.BAD_FRAME) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# -- frames -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Hello:
+    """Client, stream 0, first frame: the protocol versions it speaks."""
+
+    versions: tuple[int, ...]
+    agent: str = ""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Welcome:
+    """Server's answer to hello: the chosen version and the limits of this connection."""
+
+    version: int
+    model: str
+    max_frame_size: int
+    max_streams: int
+    heartbeat_interval: float
+    agent: str = ""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Auth:
+    """Client, stream 0, after hello: a bearer token."""
+
+    token: str = dataclasses.field(repr=False)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AuthOk:
+    """Server: the token was accepted; generate frames may follow."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Generate:
+    """Client, on a new odd stream id: one answer to generate."""
+
+    request: GenerationRequest
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Token:
+    """Server: one token of an answer. Times are the server's monotonic clock, in ns."""
+
+    piece: TokenPiece
+    generated_ns: int = 0
+    sent_ns: int = 0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Done:
+    """Server: the answer on this stream ended; ``result`` carries the usage."""
+
+    result: GenerationResult
+    sent_ns: int = 0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Cancel:
+    """Client: stop generating on this stream."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Error:
+    """Server: on stream 0 the connection is closing; on another stream that answer failed."""
+
+    code: str
+    message: str = ""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Ping:
+    """Either side: answer with a pong carrying the same nonce."""
+
+    nonce: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Pong:
+    nonce: int
+
+
+Frame = Union[Hello, Welcome, Auth, AuthOk, Generate, Token, Done, Cancel, Error, Ping, Pong]
+
+
+# -- encoding -----------------------------------------------------------------------------
+
+
+def encode(frame: Frame) -> bytes:
+    """The msgpack bytes of ``frame``."""
+    data: bytes = msgpack.packb(_to_wire(frame), use_bin_type=True)
+    return data
+
+
+def _to_wire(frame: Frame) -> dict[str, Any]:
+    if isinstance(frame, Token):
+        p = frame.piece
+        return {"t": "token", "pos": p.position, "id": p.token_id, "text": p.text,
+                "tg": frame.generated_ns, "ts": frame.sent_ns}  # fmt: skip
+    if isinstance(frame, Done):
+        r = frame.result
+        return {"t": "done", "finish": r.finish_reason, "prompt_tokens": r.prompt_tokens,
+                "prefilled": r.prefilled_tokens, "generated": r.generated_tokens,
+                "cost": float(r.cost_units), "ts": frame.sent_ns}  # fmt: skip
+    if isinstance(frame, Generate):
+        return _request_to_wire(frame.request)
+    if isinstance(frame, Hello):
+        return {"t": "hello", "v": list(frame.versions), "agent": frame.agent}
+    if isinstance(frame, Welcome):
+        return {"t": "welcome", "v": frame.version, "model": frame.model,
+                "max_frame": frame.max_frame_size, "max_streams": frame.max_streams,
+                "hb": float(frame.heartbeat_interval), "agent": frame.agent}  # fmt: skip
+    if isinstance(frame, Auth):
+        return {"t": "auth", "token": frame.token}
+    if isinstance(frame, AuthOk):
+        return {"t": "auth_ok"}
+    if isinstance(frame, Cancel):
+        return {"t": "cancel"}
+    if isinstance(frame, Error):
+        return {"t": "error", "code": frame.code, "msg": frame.message}
+    if isinstance(frame, Ping):
+        return {"t": "ping", "n": frame.nonce}
+    if isinstance(frame, Pong):
+        return {"t": "pong", "n": frame.nonce}
+    raise TypeError(f"not a frame: {frame!r}")
+
+
+def _request_to_wire(r: GenerationRequest) -> dict[str, Any]:
+    wire: dict[str, Any] = {"t": "generate", "id": r.request_id, "max_tokens": r.max_tokens}
+    if r.messages is not None:
+        wire["messages"] = [{"role": m["role"], "content": m["content"]} for m in r.messages]
+    else:
+        wire["prompt"] = r.prompt
+    s = r.sampling
+    wire["sampling"] = {"temperature": float(s.temperature), "top_p": float(s.top_p),
+                        "top_k": s.top_k, "seed": s.seed}  # fmt: skip
+    if r.stop:
+        wire["stop"] = list(r.stop)
+    if r.resume_token_ids:
+        wire["resume_ids"] = list(r.resume_token_ids)
+    if r.resume_text is not None:
+        wire["resume_text"] = r.resume_text
+    if r.resume_position is not None:
+        wire["resume_pos"] = r.resume_position
+    return wire
+
+
+# -- decoding -----------------------------------------------------------------------------
+
+
+def decode(data: bytes, *, max_frame_size: int | None = None) -> Frame:
+    """Parse and validate one frame. Raises only :class:`ProtocolError`.
+
+    Unknown keys are ignored (a newer peer may add optional fields within a version); a missing
+    required field or a field of the wrong type is ``bad_frame``; well-typed values that make no
+    sense for a request (``max_tokens=0``) are ``bad_request``.
+    """
+    if max_frame_size is not None and len(data) > max_frame_size:
+        raise ProtocolError(f"frame of {len(data)} bytes exceeds the limit of {max_frame_size}",
+                            code=Code.FRAME_TOO_LARGE)  # fmt: skip
+    try:
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True, ext_hook=_no_ext)
+    except ProtocolError:
+        raise
+    except Exception as e:  # msgpack raises a zoo (ExtraData, FormatError, ValueError, ...)
+        raise ProtocolError(f"not a msgpack frame: {type(e).__name__}: {e}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"a frame is a msgpack map, got {type(obj).__name__}")
+    kind = obj.get("t")
+    parser = _PARSERS.get(kind) if isinstance(kind, str) else None
+    if parser is None:
+        raise ProtocolError(f"unknown frame type {kind!r}")
+    try:
+        return parser(obj)
+    except ProtocolError:
+        raise
+    except (ValueError, TypeError, OverflowError) as e:  # a record's own checks (Sampling, ...)
+        raise ProtocolError(f"invalid {kind} frame: {e}", code=Code.BAD_REQUEST) from None
+
+
+def _no_ext(code: int, data: bytes) -> Any:
+    raise ProtocolError(f"msgpack extension types are not used (got type {code})")
+
+
+def _field(obj: Mapping[str, Any], key: str, kind: str) -> ProtocolError:
+    return ProtocolError(f"{obj.get('t')} frame: field {key!r} must be {kind}, got {obj.get(key)!r:.80}")
+
+
+def _int(obj: Mapping[str, Any], key: str, lo: int = 0, hi: int = _MAX_INT, default: int | None = None) -> int:
+    v = obj.get(key, default)
+    if type(v) is not int or not lo <= v <= hi:  # bool is an int subclass: refused on purpose
+        raise _field(obj, key, f"an integer in [{lo}, {hi}]")
+    return v
+
+
+def _opt_int(obj: Mapping[str, Any], key: str, lo: int = 0, hi: int = _MAX_INT) -> int | None:
+    return None if obj.get(key) is None else _int(obj, key, lo, hi)
+
+
+def _float(obj: Mapping[str, Any], key: str, default: float | None = None) -> float:
+    v = obj.get(key, default)
+    if type(v) not in (int, float) or not math.isfinite(v):
+        raise _field(obj, key, "a finite number")
+    return float(v)
+
+
+def _str(obj: Mapping[str, Any], key: str, default: str | None = None) -> str:
+    v = obj.get(key, default)
+    if not isinstance(v, str):
+        raise _field(obj, key, "a string")
+    return v
+
+
+def _opt_str(obj: Mapping[str, Any], key: str) -> str | None:
+    return None if obj.get(key) is None else _str(obj, key)
+
+
+def _list(obj: Mapping[str, Any], key: str, default: list[Any] | None = None) -> list[Any]:
+    v = obj.get(key, default)
+    if not isinstance(v, list) or len(v) > _MAX_LIST:
+        raise _field(obj, key, f"a list of at most {_MAX_LIST} items")
+    return v
+
+
+def _parse_hello(o: dict[str, Any]) -> Hello:
+    versions = _list(o, "v")
+    if not versions or not all(type(v) is int and 0 < v <= 0xFFFF for v in versions):
+        raise _field(o, "v", "a non-empty list of version numbers")
+    return Hello(tuple(versions), _str(o, "agent", ""))
+
+
+def _parse_welcome(o: dict[str, Any]) -> Welcome:
+    return Welcome(
+        version=_int(o, "v", 1, 0xFFFF),
+        model=_str(o, "model", ""),
+        max_frame_size=_int(o, "max_frame", 64),
+        max_streams=_int(o, "max_streams", 1, MAX_STREAM_ID),
+        heartbeat_interval=_float(o, "hb", 0.0),
+        agent=_str(o, "agent", ""),
+    )
+
+
+def _parse_generate(o: dict[str, Any]) -> Generate:
+    messages: list[Message] | None = None
+    if o.get("messages") is not None:
+        messages = []
+        for m in _list(o, "messages"):
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                raise _field(o, "messages", "a list of {role: str, content: str} maps")
+            messages.append({"role": m["role"], "content": m["content"]})
+    s = o.get("sampling", {})
+    if not isinstance(s, dict):
+        raise _field(o, "sampling", "a map")
+    sampling = Sampling(
+        temperature=_float(s, "temperature", 0.0),
+        top_p=_float(s, "top_p", 1.0),
+        top_k=_int(s, "top_k", 0, 1 << 31, default=40),
+        seed=_int(s, "seed", 0, _MAX_INT, default=0),
+    )
+    stop = _list(o, "stop", [])
+    if not all(isinstance(x, str) for x in stop):
+        raise _field(o, "stop", "a list of strings")
+    resume_ids = _list(o, "resume_ids", [])
+    if not all(type(x) is int and 0 <= x <= _MAX_U31 for x in resume_ids):
+        raise _field(o, "resume_ids", "a list of token ids")
+    request = GenerationRequest(
+        messages=messages,
+        prompt=_opt_str(o, "prompt"),
+        max_tokens=_int(o, "max_tokens", 0, _MAX_U31),  # 0 passes here, fails as bad_request
+        sampling=sampling,
+        stop=tuple(stop),
+        resume_token_ids=tuple(resume_ids),
+        resume_text=_opt_str(o, "resume_text"),
+        resume_position=_opt_int(o, "resume_pos", 0, _MAX_U31),
+        request_id=_str(o, "id", ""),
+    )
+    return Generate(request)
+
+
+def _parse_token(o: dict[str, Any]) -> Token:
+    piece = TokenPiece(_int(o, "pos", 0, _MAX_U31), _int(o, "id", -1, _MAX_U31), _str(o, "text"))
+    return Token(piece, _int(o, "tg", default=0), _int(o, "ts", default=0))
+
+
+def _parse_done(o: dict[str, Any]) -> Done:
+    finish = _str(o, "finish")
+    if not finish:
+        raise _field(o, "finish", "a non-empty string")
+    result = GenerationResult(
+        finish_reason=finish,
+        prompt_tokens=_int(o, "prompt_tokens", default=0),
+        prefilled_tokens=_int(o, "prefilled", default=0),
+        generated_tokens=_int(o, "generated", default=0),
+        cost_units=_float(o, "cost", 0.0),
+    )
+    return Done(result, _int(o, "ts", default=0))
+
+
+def _parse_error(o: dict[str, Any]) -> Error:
+    code = _str(o, "code")
+    if not code:
+        raise _field(o, "code", "a non-empty string")
+    return Error(code, _str(o, "msg", ""))
+
+
+_PARSERS: Final[dict[str, Callable[[dict[str, Any]], Frame]]] = {
+    "hello": _parse_hello,
+    "welcome": _parse_welcome,
+    "auth": lambda o: Auth(_str(o, "token")),
+    "auth_ok": lambda o: AuthOk(),
+    "generate": _parse_generate,
+    "token": _parse_token,
+    "done": _parse_done,
+    "cancel": lambda o: Cancel(),
+    "error": _parse_error,
+    "ping": lambda o: Ping(_int(o, "n")),
+    "pong": lambda o: Pong(_int(o, "n")),
+}
+
+
+# -- the server's side of one connection --------------------------------------------------
+
+
+class ServerState(enum.IntEnum):
+    """Ordered: ``state >= READY`` means authenticated, ``CLOSED`` is final."""
+
+    AWAIT_HELLO = 0
+    AWAIT_AUTH = 1
+    READY = 2
+    CLOSED = 3
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Send:
+    """Output: send ``data`` on ``stream_id``."""
+
+    stream_id: int
+    data: bytes
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StartStream:
+    """Output (server): run ``request``; its frames go on ``stream_id``."""
+
+    stream_id: int
+    request: GenerationRequest
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CancelStream:
+    """Output (server): the client cancelled the answer on ``stream_id``."""
+
+    stream_id: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CloseConnection:
+    """Output: the connection must close (after sending what came before). ``code`` says why."""
+
+    code: str
+    message: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Authenticated:
+    """Output (server): the client's token was accepted."""
+
+
+ServerOutput = Union[Send, StartStream, CancelStream, CloseConnection, Authenticated]
+
+
+class ServerProtocol:
+    """The server end of one connection: hello, auth before anything else, stream bookkeeping.
+
+    Feed every received frame to :meth:`receive`; it returns what to do, in order. Produce
+    outgoing stream frames with :meth:`token`, :meth:`done` and :meth:`stream_error`, which
+    drop frames for streams that are no longer open (the client cancelled them).
+    """
+
+    def __init__(
+        self,
+        *,
+        check_token: Callable[[str], bool],
+        model: str,
+        max_frame_size: int,
+        max_streams: int,
+        heartbeat_interval: float,
+        versions: Iterable[int] = PROTOCOL_VERSIONS,
+        agent: str = "",
+    ) -> None:
+        self._check_token = check_token
+        self._versions = frozenset(versions)
+        self._welcome = Welcome(0, model, max_frame_size, max_streams, heartbeat_interval, agent)
+        self.max_frame_size = max_frame_size
+        self.max_streams = max_streams
+        self.state = ServerState.AWAIT_HELLO
+        self.version = 0
+        self.open_streams: set[int] = set()  # started and not yet ended by done/error
+        self._cancelling: set[int] = set()  # cancelled by the client: only done/error may follow
+        self._last_stream_id = CONNECTION_STREAM
+        self._ping_nonce = 0
+
+    # Incoming ----------------------------------------------------------------------------
+
+    def receive(self, stream_id: int, data: bytes) -> list[ServerOutput]:
+        """Process one received frame. Never raises for anything the peer sent."""
+        if self.state is ServerState.CLOSED:
+            return []
+        try:
+            frame = decode(data, max_frame_size=self.max_frame_size)
+        except ProtocolError as e:
+            if e.code != Code.BAD_REQUEST:  # malformed: the peer is broken, stop talking to it
+                return self.fail(e.code, str(e))
+            # Only a generate frame can be well-formed yet unusable.
+            if self.state is not ServerState.READY:
+                return self.fail(Code.UNAUTHORIZED, "authenticate (auth frame) before generating")
+            return self._refuse_stream(stream_id, e.code, str(e))
+        return self._handle(stream_id, frame)
+
+    def frame_too_large(self, size: int | None = None) -> list[ServerOutput]:
+        """The transport refused an oversized frame: answer as for any malformed frame."""
+        what = f"a frame of {size} bytes" if size is not None else "a frame"
+        return self.fail(Code.FRAME_TOO_LARGE, f"{what} exceeds the limit of {self.max_frame_size} bytes")
+
+    def fail(self, code: str, message: str) -> list[ServerOutput]:
+        """Close the connection with a connection-level error frame."""
+        if self.state is ServerState.CLOSED:
+            return []
+        self.state = ServerState.CLOSED
+        self.open_streams.clear()
+        self._cancelling.clear()
+        return [Send(CONNECTION_STREAM, encode(Error(code, message))), CloseConnection(code, message)]
+
+    def _handle(self, sid: int, frame: Frame) -> list[ServerOutput]:
+        if isinstance(frame, (Hello, Auth, Ping, Pong)) and sid != CONNECTION_STREAM:
+            return self.fail(Code.BAD_STREAM, f"{type(frame).__name__.lower()} belongs on stream 0, got {sid}")
+        if isinstance(frame, Hello):
+            return self._on_hello(frame)
+        if self.state is ServerState.AWAIT_HELLO:
+            return self.fail(Code.BAD_FRAME, f"the first frame must be hello, got {type(frame).__name__.lower()}")
+        if isinstance(frame, Ping):
+            return [Send(CONNECTION_STREAM, encode(Pong(frame.nonce)))]
+        if isinstance(frame, Pong):
+            return []
+        if isinstance(frame, Auth):
+            return self._on_auth(frame)
+        if isinstance(frame, (Generate, Cancel)) and self.state is not ServerState.READY:
+            return self.fail(Code.UNAUTHORIZED, "authenticate (auth frame) before generating")
+        if isinstance(frame, Generate):
+            return self._on_generate(sid, frame.request)
+        if isinstance(frame, Cancel):
+            if sid in self.open_streams and sid not in self._cancelling:
+                self._cancelling.add(sid)
+                return [CancelStream(sid)]
+            return []  # raced with the end of the stream, or a repeat: nothing left to cancel
+        return self.fail(Code.BAD_FRAME, f"a client does not send {type(frame).__name__.lower()} frames")
+
+    def _on_hello(self, frame: Hello) -> list[ServerOutput]:
+        if self.state is not ServerState.AWAIT_HELLO:
+            return self.fail(Code.BAD_FRAME, "hello was already received")
+        common = self._versions.intersection(frame.versions)
+        if not common:
+            return self.fail(
+                Code.UNSUPPORTED_VERSION,
+                f"no common protocol version: client speaks {sorted(frame.versions)}, "
+                f"server speaks {sorted(self._versions)}",
+            )
+        self.version = max(common)
+        self.state = ServerState.AWAIT_AUTH
+        welcome = dataclasses.replace(self._welcome, version=self.version)
+        return [Send(CONNECTION_STREAM, encode(welcome))]
+
+    def _on_auth(self, frame: Auth) -> list[ServerOutput]:
+        if self.state is not ServerState.AWAIT_AUTH:
+            return self.fail(Code.BAD_FRAME, "already authenticated")
+        if not self._check_token(frame.token):
+            return self.fail(Code.UNAUTHORIZED, "the bearer token was not accepted")
+        self.state = ServerState.READY
+        return [Send(CONNECTION_STREAM, encode(AuthOk())), Authenticated()]
+
+    def _on_generate(self, sid: int, request: GenerationRequest) -> list[ServerOutput]:
+        if sid % 2 != 1 or sid > MAX_STREAM_ID:
+            return self.fail(Code.BAD_STREAM, f"generate needs an odd client stream id, got {sid}")
+        if sid <= self._last_stream_id:
+            return self.fail(Code.BAD_STREAM, f"stream ids must increase: {sid} after {self._last_stream_id}")
+        self._last_stream_id = sid
+        if len(self.open_streams) >= self.max_streams:
+            return [Send(sid, encode(Error(Code.TOO_MANY_STREAMS,
+                                           f"at most {self.max_streams} concurrent streams per connection")))]  # fmt: skip
+        self.open_streams.add(sid)
+        return [StartStream(sid, request)]
+
+    def _refuse_stream(self, sid: int, code: str, message: str) -> list[ServerOutput]:
+        """A well-formed but unusable generate: refuse that stream, keep the connection."""
+        if sid % 2 != 1 or sid <= self._last_stream_id or sid > MAX_STREAM_ID:
+            return self.fail(Code.BAD_STREAM, f"bad stream id {sid}")
+        self._last_stream_id = sid
+        return [Send(sid, encode(Error(code, message)))]
+
+    # Outgoing ----------------------------------------------------------------------------
+
+    def token(self, sid: int, piece: TokenPiece, generated_ns: int, sent_ns: int) -> bytes | None:
+        """The token frame for ``sid``, or None if that stream is closed or being cancelled."""
+        if sid not in self.open_streams or sid in self._cancelling:
+            return None
+        return encode(Token(piece, generated_ns, sent_ns))
+
+    def done(self, sid: int, result: GenerationResult, sent_ns: int) -> bytes | None:
+        """The done frame that ends ``sid`` (for a cancelled stream, its acknowledgement), or
+        None if it is closed already."""
+        if not self._end(sid):
+            return None
+        return encode(Done(result, sent_ns))
+
+    def stream_error(self, sid: int, code: str, message: str) -> bytes | None:
+        """The error frame that ends ``sid``, or None if it is closed already."""
+        if not self._end(sid):
+            return None
+        return encode(Error(code, message))
+
+    def is_cancelling(self, sid: int) -> bool:
+        return sid in self._cancelling
+
+    def _end(self, sid: int) -> bool:
+        if sid not in self.open_streams:
+            return False
+        self.open_streams.discard(sid)
+        self._cancelling.discard(sid)
+        return True
+
+    def ping(self) -> bytes:
+        self._ping_nonce += 1
+        return encode(Ping(self._ping_nonce))
+
+
+# -- the client's side of one connection --------------------------------------------------
+
+
+class ClientState(enum.IntEnum):
+    HANDSHAKE = 0
+    READY = 1
+    CLOSED = 2
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Ready:
+    """Output (client): hello and auth were accepted."""
+
+    welcome: Welcome
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TokenReceived:
+    stream_id: int
+    piece: TokenPiece
+    generated_ns: int
+    sent_ns: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StreamDone:
+    stream_id: int
+    result: GenerationResult
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StreamFailed:
+    stream_id: int
+    code: str
+    message: str
+
+
+ClientOutput = Union[Send, Ready, TokenReceived, StreamDone, StreamFailed, CloseConnection]
+
+
+@dataclasses.dataclass(slots=True)
+class _ClientStream:
+    next_position: int
+
+
+class ClientProtocol:
+    """The client end of one connection: handshake, stream ids, in-order token checks.
+
+    Frames for streams the client no longer follows (cancelled, finished) are dropped: a
+    cancel crosses tokens already in flight.
+    """
+
+    def __init__(self, *, token: str, versions: Iterable[int] = PROTOCOL_VERSIONS, agent: str = "",
+                 max_frame_size: int | None = None) -> None:  # fmt: skip
+        self._token = token
+        self._versions = tuple(versions)
+        self._agent = agent
+        self.max_frame_size = max_frame_size
+        self.state = ClientState.HANDSHAKE
+        self.welcome: Welcome | None = None
+        self._streams: dict[int, _ClientStream] = {}
+        self._next_stream_id = 1
+        self._ping_nonce = 0
+
+    def handshake(self) -> list[bytes]:
+        """hello and auth, to send on stream 0 back to back (auth needs no reply to hello)."""
+        return [encode(Hello(self._versions, self._agent)), encode(Auth(self._token))]
+
+    def open_stream(self, request: GenerationRequest) -> tuple[int, bytes]:
+        """Allocate the next stream id and encode ``request`` for it."""
+        if self.state is not ClientState.READY:
+            raise ProtocolError("the connection is not ready", code=Code.BAD_STREAM)
+        sid = self._next_stream_id
+        if sid > MAX_STREAM_ID:
+            raise ProtocolError("this connection ran out of stream ids", code=Code.BAD_STREAM)
+        data = encode(Generate(request))
+        limit = self.welcome.max_frame_size if self.welcome is not None else None
+        if limit is not None and len(data) > limit:
+            raise ProtocolError(f"the request encodes to {len(data)} bytes; the server accepts at most {limit}",
+                                code=Code.FRAME_TOO_LARGE)  # fmt: skip
+        self._next_stream_id += 2
+        self._streams[sid] = _ClientStream(request.start_position)
+        return sid, data
+
+    def forget(self, sid: int) -> bytes | None:
+        """Stop following ``sid``; returns the cancel frame if the stream was still open."""
+        if self._streams.pop(sid, None) is None:
+            return None
+        return encode(Cancel())
+
+    @property
+    def open_streams(self) -> int:
+        return len(self._streams)
+
+    def ping(self) -> bytes:
+        self._ping_nonce += 1
+        return encode(Ping(self._ping_nonce))
+
+    def receive(self, sid: int, data: bytes) -> list[ClientOutput]:
+        """Process one received frame. Never raises for anything the peer sent."""
+        if self.state is ClientState.CLOSED:
+            return []
+        try:
+            frame = decode(data, max_frame_size=self.max_frame_size)
+            return self._handle(sid, frame)
+        except ProtocolError as e:
+            return self._close(Code.BAD_FRAME if e.code == Code.BAD_REQUEST else e.code, f"server sent {e}")
+
+    def _close(self, code: str, message: str) -> list[ClientOutput]:
+        self.state = ClientState.CLOSED
+        self._streams.clear()
+        return [CloseConnection(code, message)]
+
+    def _handle(self, sid: int, frame: Frame) -> list[ClientOutput]:
+        if sid == CONNECTION_STREAM:
+            if isinstance(frame, Ping):
+                return [Send(CONNECTION_STREAM, encode(Pong(frame.nonce)))]
+            if isinstance(frame, Pong):
+                return []
+            if isinstance(frame, Error):
+                return self._close(frame.code, frame.message)
+            if isinstance(frame, Welcome) and self.state is ClientState.HANDSHAKE and self.welcome is None:
+                if frame.version not in self._versions:
+                    return self._close(Code.UNSUPPORTED_VERSION, f"server chose version {frame.version}")
+                self.welcome = frame
+                return []
+            if isinstance(frame, AuthOk) and self.state is ClientState.HANDSHAKE and self.welcome is not None:
+                self.state = ClientState.READY
+                return [Ready(self.welcome)]
+            raise ProtocolError(f"unexpected {type(frame).__name__.lower()} frame on stream 0")
+        if self.state is not ClientState.READY:
+            raise ProtocolError(f"stream frame on {sid} before the handshake finished")
+        stream = self._streams.get(sid)
+        if stream is None:
+            if sid % 2 == 1 and sid < self._next_stream_id and isinstance(frame, (Token, Done, Error)):
+                return []  # late frames of a stream we stopped following
+            raise ProtocolError(f"frame on stream {sid}, which this client never opened")
+        if isinstance(frame, Token):
+            if frame.piece.position != stream.next_position:
+                raise ProtocolError(
+                    f"stream {sid}: token at position {frame.piece.position}, expected {stream.next_position}"
+                )
+            stream.next_position += 1
+            return [TokenReceived(sid, frame.piece, frame.generated_ns, frame.sent_ns)]
+        if isinstance(frame, Done):
+            del self._streams[sid]
+            return [StreamDone(sid, frame.result)]
+        if isinstance(frame, Error):
+            del self._streams[sid]
+            return [StreamFailed(sid, frame.code, frame.message)]
+        raise ProtocolError(f"unexpected {type(frame).__name__.lower()} frame on stream {sid}")
