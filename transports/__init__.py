@@ -1,1 +1,136 @@
-"""Cloud transports, installed as ``pydisco.transports``."""
+"""Cloud transports, installed as ``pydisco.transports``: the registry of URL schemes.
+
+A transport is found by its URL scheme in the ``pydisco.transports`` entry-point group, so a
+third-party package can add one. The built-in transports are known here too, so everything works
+from a source tree where no entry points are installed. Built-in modules are always imported
+relative to this package, so the source-tree and installed layouts never load two copies (the
+in-memory transport keeps its listener table in module state).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import ssl
+from urllib.parse import urlsplit
+
+import trio
+
+from ._base import (
+    DEFAULT_MAX_FRAME_SIZE,
+    ConnectionHandler,
+    FrameConnection,
+    FrameTooLarge,
+    ListenerInfo,
+    Transport,
+)
+
+ENTRY_POINT_GROUP = "pydisco.transports"
+
+_BUILTIN: dict[str, str] = {"ws": "websocket", "wss": "websocket", "quic": "quic", "memory": "memory"}
+_INSTALLED_PREFIX = "pydisco.transports."
+_cache: dict[str, Transport] = {}
+
+
+class UnknownTransportError(LookupError):
+    """No transport is registered for a URL scheme (or the registered one failed to load)."""
+
+
+def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
+    return {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def known_schemes() -> tuple[str, ...]:
+    """Every scheme registered (entry points and built-ins), whether or not it loads here."""
+    return tuple(sorted(set(_BUILTIN) | set(_entry_points())))
+
+
+def get_transport(scheme: str) -> Transport:
+    """The transport registered for ``scheme``; :class:`UnknownTransportError` if none loads."""
+    scheme = scheme.lower()
+    cached = _cache.get(scheme)
+    if cached is not None:
+        return cached
+    ep = _entry_points().get(scheme)
+    try:
+        if ep is not None and not ep.module.startswith(_INSTALLED_PREFIX):
+            found: Transport = ep.load()
+        elif scheme in _BUILTIN or ep is not None:
+            module = ep.module[len(_INSTALLED_PREFIX) :] if ep is not None else _BUILTIN[scheme]
+            attr = ep.attr if ep is not None else "transport"
+            found = getattr(importlib.import_module(f".{module}", __name__), attr)
+        else:
+            raise UnknownTransportError(
+                f"no transport for the URL scheme {scheme!r}; known schemes: {', '.join(known_schemes())}"
+            )
+    except (ImportError, AttributeError) as e:
+        raise UnknownTransportError(f"the transport for {scheme!r} is registered but does not load: {e}") from e
+    if scheme not in getattr(found, "schemes", ()):
+        raise UnknownTransportError(f"the transport registered for {scheme!r} does not declare that scheme")
+    _cache[scheme] = found
+    return found
+
+
+def available_schemes() -> tuple[str, ...]:
+    """The registered schemes whose transport actually loads in this environment."""
+    usable = []
+    for scheme in known_schemes():
+        try:
+            get_transport(scheme)
+        except UnknownTransportError:
+            continue
+        usable.append(scheme)
+    return tuple(usable)
+
+
+def split_url(url: str) -> tuple[str, str, int]:
+    """``(scheme, host, port)`` of a transport URL; ValueError if it has no scheme or host."""
+    parts = urlsplit(url)
+    if not parts.scheme or not parts.hostname:
+        raise ValueError(f"a transport URL looks like scheme://host:port, got {url!r}")
+    try:
+        port = parts.port or 0
+    except ValueError as e:
+        raise ValueError(f"bad port in {url!r}: {e}") from None
+    return parts.scheme.lower(), parts.hostname, port
+
+
+async def connect(
+    url: str, *, ssl_context: ssl.SSLContext | None = None, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+) -> FrameConnection:
+    """Open a client connection to ``url`` with the transport its scheme names."""
+    scheme, _, _ = split_url(url)
+    return await get_transport(scheme).connect(url, ssl_context=ssl_context, max_frame_size=max_frame_size)
+
+
+async def serve(
+    handler: ConnectionHandler,
+    url: str,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+    task_status: trio.TaskStatus[ListenerInfo] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Listen on ``url`` (port 0 picks a free port) until cancelled; reports a ListenerInfo."""
+    scheme, host, port = split_url(url)
+    await get_transport(scheme).serve(
+        handler, host, port, ssl_context=ssl_context, max_frame_size=max_frame_size, task_status=task_status
+    )
+
+
+__all__ = [
+    "DEFAULT_MAX_FRAME_SIZE",
+    "ENTRY_POINT_GROUP",
+    "ConnectionHandler",
+    "FrameConnection",
+    "FrameTooLarge",
+    "ListenerInfo",
+    "Transport",
+    "UnknownTransportError",
+    "available_schemes",
+    "connect",
+    "get_transport",
+    "known_schemes",
+    "serve",
+    "split_url",
+]

@@ -1,0 +1,260 @@
+"""WebSocket transport (``ws://`` and ``wss://``) on trio-websocket.
+
+WebSocket has no streams of its own, so each binary message is a small envelope: the stream id
+as 4 bytes big-endian, then the frame. A message that cannot be an envelope (text, or shorter
+than 4 bytes) is handed up as-is on stream 0, where the protocol layer rejects it as
+``bad_frame`` like any other garbage.
+
+Size limit: trio-websocket refuses a message over its ``max_message_size`` while receiving
+fragments, closing with code 1009 (so memory stays bounded). It is set to twice the frame limit;
+frames between the two limits are received and refused here with ``FrameTooLarge`` while the
+connection stays open, so the server can still send its ``frame_too_large`` error frame.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import struct
+from urllib.parse import urlsplit
+
+import trio
+import trio_websocket as tws
+
+from ._base import DEFAULT_MAX_FRAME_SIZE, ConnectionHandler, FrameConnection, FrameTooLarge, ListenerInfo
+
+_ENVELOPE = struct.Struct(">I")
+_CLEAN_CLOSE = (1000, 1001)  # normal closure, going away
+_TOO_BIG = 1009
+_SEND_TIMEOUT = 10.0  # a shielded send that cannot finish in this long means a dead peer
+_CLOSE_TIMEOUT = 2.0
+_PATH = "/pydisco"
+
+log = logging.getLogger("pydisco.transports.websocket")
+
+
+def _ws_limit(max_frame_size: int) -> int:
+    return 2 * max_frame_size + _ENVELOPE.size
+
+
+class WebSocketConnection:
+    """A trio-websocket connection carrying enveloped frames (meets ``FrameConnection``)."""
+
+    def __init__(self, ws: tws.WebSocketConnection, max_frame_size: int, on_close: trio.Event | None = None) -> None:
+        self._ws = ws
+        self._max_frame_size = max_frame_size
+        self._closed_locally = False
+        self._on_close = on_close
+
+    async def send_frame(self, stream_id: int, frame: bytes) -> None:
+        """Send one frame. The write is shielded (and bounded in time) so that cancellation never
+        leaves half a WebSocket frame on the wire; a cancelled caller sees Cancelled after it."""
+        if self._closed_locally:
+            raise trio.ClosedResourceError("this connection is closed")
+        message = _ENVELOPE.pack(stream_id) + frame
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(_SEND_TIMEOUT) as scope:
+                try:
+                    await self._ws.send_message(message)
+                except tws.ConnectionClosed as e:
+                    raise self._closed_error(e) from None
+        if scope.cancelled_caught:
+            await self._abort()
+            raise trio.BrokenResourceError(f"the peer did not take a frame within {_SEND_TIMEOUT} s")
+        await trio.lowlevel.checkpoint_if_cancelled()
+
+    async def receive_frame(self) -> tuple[int, bytes]:
+        """Next frame. EndOfChannel after a clean close (1000/1001), BrokenResourceError after any
+        other close or a lost link, FrameTooLarge for a frame over the limit."""
+        if self._closed_locally:
+            raise trio.ClosedResourceError("this connection is closed")
+        try:
+            message = await self._ws.get_message()
+        except tws.ConnectionClosed as e:
+            raise self._closed_error(e) from None
+        if isinstance(message, str):
+            return 0, message.encode("utf-8", "surrogateescape")
+        if len(message) < _ENVELOPE.size:
+            return 0, message
+        if len(message) - _ENVELOPE.size > self._max_frame_size:
+            raise FrameTooLarge(
+                f"a frame of {len(message) - _ENVELOPE.size} bytes exceeds the limit of {self._max_frame_size}"
+            )
+        (stream_id,) = _ENVELOPE.unpack_from(message)
+        return stream_id, message[_ENVELOPE.size :]
+
+    async def end_stream(self, stream_id: int) -> None:
+        """Streams are virtual on WebSocket: nothing to send."""
+        await trio.lowlevel.checkpoint()
+
+    async def aclose(self) -> None:
+        """Send a normal close (bounded wait for the peer's reply) and release the socket."""
+        if self._closed_locally:
+            await trio.lowlevel.checkpoint()
+            return
+        self._closed_locally = True
+        try:
+            with trio.move_on_after(_CLOSE_TIMEOUT):
+                await self._ws.aclose()
+        finally:
+            if self._on_close is not None:
+                self._on_close.set()
+
+    async def _abort(self) -> None:
+        self._closed_locally = True
+        with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
+            await self._ws.aclose(code=1011, reason="send timed out")
+        if self._on_close is not None:
+            self._on_close.set()
+
+    def _closed_error(self, e: tws.ConnectionClosed) -> Exception:
+        if self._closed_locally:
+            return trio.ClosedResourceError("this connection is closed")
+        reason = e.reason
+        code = reason.code if reason is not None else None
+        if code in _CLEAN_CLOSE:
+            return trio.EndOfChannel()
+        if code == _TOO_BIG:
+            detail = "the peer refused a message as too big (close code 1009)"
+        elif reason is not None:
+            detail = f"connection closed with code {reason.code} ({reason.name}) {reason.reason or ''}".rstrip()
+        else:
+            detail = "connection lost"
+        return trio.BrokenResourceError(detail)
+
+
+class WebSocketTransport:
+    """The ``ws`` and ``wss`` schemes."""
+
+    schemes = ("ws", "wss")
+
+    async def connect(
+        self,
+        url: str,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+    ) -> FrameConnection:
+        """Open a client connection; OSError / trio.BrokenResourceError if it cannot be made.
+
+        trio-websocket runs a reader task per connection, so the connection lives in a Trio
+        system task that ends when the connection is closed (or the run ends). Cancelling the
+        caller while connecting abandons the attempt.
+        """
+        parts = urlsplit(url)
+        if parts.scheme not in self.schemes or not parts.hostname:
+            raise ValueError(f"not a ws:// or wss:// URL: {url!r}")
+        if parts.scheme == "wss" and ssl_context is None:
+            ssl_context = ssl.create_default_context()
+        port = parts.port or (443 if parts.scheme == "wss" else 80)
+        runner = _ClientRunner(
+            parts.hostname, port, parts.path or _PATH, ssl_context if parts.scheme == "wss" else None, max_frame_size
+        )
+        trio.lowlevel.spawn_system_task(runner.run, name=f"websocket client {url}")
+        try:
+            await runner.ready.wait()
+        except BaseException:
+            runner.cancel()
+            raise
+        if runner.error is not None:
+            raise runner.error
+        assert runner.connection is not None
+        return runner.connection
+
+    async def serve(
+        self,
+        handler: ConnectionHandler,
+        host: str,
+        port: int,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        task_status: trio.TaskStatus[ListenerInfo] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept WebSocket connections (TLS when ``ssl_context`` is given) until cancelled."""
+
+        async def on_request(request: tws.WebSocketRequest) -> None:
+            # An exception here would stop trio-websocket's whole server: keep it per connection.
+            try:
+                ws = await request.accept()
+            except (tws.ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+                return  # the client left during the handshake
+            connection = WebSocketConnection(ws, max_frame_size)
+            try:
+                await handler(connection)
+            except Exception:
+                log.exception("connection handler failed; closing that connection only")
+            finally:
+                await connection.aclose()  # when the server is cancelled this drops the link at once
+
+        async with trio.open_nursery() as nursery:
+            server: tws.WebSocketServer = await nursery.start(
+                lambda task_status: tws.serve_websocket(
+                    on_request,
+                    host,
+                    port,
+                    ssl_context,
+                    max_message_size=_ws_limit(max_frame_size),
+                    task_status=task_status,
+                )
+            )
+            scheme = "wss" if ssl_context is not None else "ws"
+            task_status.started(ListenerInfo(scheme, host, server.port))
+
+
+class _ClientRunner:
+    """Owns one client connection's nursery (trio-websocket's reader task) in a system task."""
+
+    def __init__(self, host: str, port: int, path: str, ssl_context: ssl.SSLContext | None, limit: int) -> None:
+        self._host, self._port, self._path, self._ssl, self._limit = host, port, path, ssl_context, limit
+        self.ready = trio.Event()
+        self.closed = trio.Event()
+        self.error: BaseException | None = None
+        self.connection: WebSocketConnection | None = None
+        self._scope = trio.CancelScope()
+
+    def cancel(self) -> None:
+        self._scope.cancel()
+
+    async def run(self) -> None:
+        # Nothing may escape a system task: failures go to the connecting caller instead.
+        try:
+            with self._scope:
+                async with trio.open_nursery() as nursery:
+                    ws = await tws.connect_websocket(
+                        nursery,
+                        self._host,
+                        self._port,
+                        self._path,
+                        use_ssl=self._ssl if self._ssl is not None else False,
+                        max_message_size=_ws_limit(self._limit),
+                    )
+                    self.connection = WebSocketConnection(ws, self._limit, self.closed)
+                    self.ready.set()
+                    await self.closed.wait()
+                    nursery.cancel_scope.cancel()
+        except BaseException as e:  # noqa: BLE001 - reported to the caller below
+            self.error = _connect_error(e, f"{self._host}:{self._port}")
+        finally:
+            if self.connection is None and self.error is None:
+                self.error = trio.BrokenResourceError(f"could not connect to {self._host}:{self._port}")
+            self.ready.set()
+
+
+def _connect_error(e: BaseException, where: str) -> BaseException:
+    """One plain exception for a failed connect, whatever trio-websocket wrapped it in."""
+    while isinstance(e, BaseExceptionGroup) and len(e.exceptions) == 1:
+        e = e.exceptions[0]
+    if isinstance(e, (OSError, trio.BrokenResourceError, ssl.SSLError)):
+        return e
+    if isinstance(e, tws.ConnectionRejected):
+        return trio.BrokenResourceError(f"{where} refused the WebSocket handshake (HTTP {e.status_code})")
+    if isinstance(e, tws.HandshakeError):
+        return trio.BrokenResourceError(f"WebSocket handshake with {where} failed: {e!r}")
+    if isinstance(e, tws.ConnectionClosed):
+        return trio.BrokenResourceError(f"{where} closed the connection during the handshake")
+    return trio.BrokenResourceError(f"could not connect to {where}: {e!r}")
+
+
+transport = WebSocketTransport()
+
