@@ -3,4 +3,34 @@ working together."""
 
 from __future__ import annotations
 
+from ._core import EndpointCounters as EndpointCounters
+from ._core import EndpointRole as EndpointRole
+from ._core import IllegalTransition as IllegalTransition
+from ._core import MigrationEvent as MigrationEvent
+from ._core import MigrationMachine as MigrationMachine
+from ._core import MigrationState as MigrationState
+from ._core import MissPolicy as MissPolicy
+from ._core import OfferResult as OfferResult
+from ._core import PaceSchedule as PaceSchedule
+from ._core import Pacer as Pacer
+from ._core import PacerStatistics as PacerStatistics
+from ._core import RingStatistics as RingStatistics
+from ._core import Token as Token
+from ._core import TokenRing as TokenRing
+from ._core import TransitionRecord as TransitionRecord
+from ._core import now_ns as now_ns
+from ._errors import AuthenticationError as AuthenticationError
+from ._errors import ConfigurationError as ConfigurationError
+from ._errors import EndpointError as EndpointError
+from ._errors import EndpointUnavailable as EndpointUnavailable
+from ._errors import ModelError as ModelError
+from ._errors import PromptTooLongError as PromptTooLongError
+from ._errors import PydiscoError as PydiscoError
+from ._pacing import ReleasedTokens as ReleasedTokens
+from ._pacing import VirtualTimePacer as VirtualTimePacer
+from ._types import GenerationRequest as GenerationRequest
+from ._types import GenerationResult as GenerationResult
+from ._types import Sampling as Sampling
+from ._types import TokenPiece as TokenPiece
+
 __version__ = "0.1.0"

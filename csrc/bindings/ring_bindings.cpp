@@ -1,0 +1,138 @@
+#include <pybind11/stl.h>
+
+#include <chrono>
+#include <memory>
+#include <optional>
+#include <string>
+#include <thread>
+
+#include "bindings.hpp"
+#include "pydisco/clock.hpp"
+#include "pydisco/token.hpp"
+
+namespace py = pybind11;
+
+namespace pydisco::bindings {
+namespace {
+
+std::int64_t deadline_from_timeout(std::optional<double> timeout_s) {
+  if (!timeout_s) return -1;
+  if (*timeout_s < 0) throw py::value_error("timeout must be >= 0");
+  return now_ns() + static_cast<std::int64_t>(*timeout_s * 1e9);
+}
+
+TokenRecord make_record(std::uint64_t position, std::int32_t token_id, std::string_view text,
+                        EndpointId source, std::int64_t produced_ns,
+                        std::optional<std::int64_t> arrived_ns) {
+  TokenRecord r;
+  r.position = position;
+  r.token_id = token_id;
+  r.source = source;
+  r.produced_ns = produced_ns;
+  r.arrived_ns = arrived_ns ? *arrived_ns : now_ns();
+  if (!r.set_text(text))
+    throw py::value_error("token text of " + std::to_string(text.size()) +
+                          " bytes exceeds the record capacity of " +
+                          std::to_string(TokenRecord::kTextCapacity));
+  return r;
+}
+
+}  // namespace
+
+void register_ring(py::module_& m) {
+  py::class_<TokenRecord>(m, "Token", "One committed token as the ring carries it (read-only).")
+      .def_readonly("position", &TokenRecord::position)
+      .def_readonly("token_id", &TokenRecord::token_id)
+      .def_readonly("source", &TokenRecord::source)
+      .def_readonly("produced_ns", &TokenRecord::produced_ns)
+      .def_readonly("arrived_ns", &TokenRecord::arrived_ns)
+      .def_readonly("released_ns", &TokenRecord::released_ns)
+      .def_property_readonly("text", [](const TokenRecord& r) {
+        return py::str(r.text, r.text_len);
+      })
+      .def("__repr__", [](const TokenRecord& r) {
+        return "Token(position=" + std::to_string(r.position) +
+               ", token_id=" + std::to_string(r.token_id) + ", text=" +
+               std::string(py::repr(py::str(r.text, r.text_len))) +
+               ", source=" + std::to_string(r.source) + ")";
+      });
+  m.attr("TOKEN_TEXT_CAPACITY") = TokenRecord::kTextCapacity;
+
+  py::class_<RingStatistics>(m, "RingStatistics")
+      .def_readonly("capacity", &RingStatistics::capacity)
+      .def_readonly("size", &RingStatistics::size)
+      .def_readonly("pushed", &RingStatistics::pushed)
+      .def_readonly("popped", &RingStatistics::popped)
+      .def_readonly("rejected", &RingStatistics::rejected)
+      .def_readonly("high_water", &RingStatistics::high_water)
+      .def("__repr__", [](const RingStatistics& s) {
+        return "RingStatistics(capacity=" + std::to_string(s.capacity) +
+               ", size=" + std::to_string(s.size) + ", pushed=" + std::to_string(s.pushed) +
+               ", popped=" + std::to_string(s.popped) +
+               ", rejected=" + std::to_string(s.rejected) +
+               ", high_water=" + std::to_string(s.high_water) + ")";
+      });
+
+  py::class_<TokenRing, std::shared_ptr<TokenRing>>(
+      m, "TokenRing",
+      "Lock-free single-producer/single-consumer ring of tokens. One thread pushes, one pops.")
+      .def(py::init<std::size_t>(), py::arg("capacity"))
+      .def_property_readonly("capacity", &TokenRing::capacity)
+      .def("__len__", &TokenRing::size)
+      .def("try_push",
+           [](TokenRing& ring, std::uint64_t position, std::int32_t token_id,
+              std::string_view text, EndpointId source, std::int64_t produced_ns,
+              std::optional<std::int64_t> arrived_ns) {
+             return ring.try_push_notify(
+                 make_record(position, token_id, text, source, produced_ns, arrived_ns));
+           },
+           py::arg("position"), py::arg("token_id"), py::arg("text"), py::arg("source") = 0,
+           py::arg("produced_ns") = 0, py::arg("arrived_ns") = py::none(),
+           "Push one token; False (and counted as rejected) when the ring is full.")
+      .def("try_pop",
+           [](TokenRing& ring) -> std::optional<TokenRecord> {
+             TokenRecord r;
+             if (!ring.try_pop(r)) return std::nullopt;
+             return r;
+           })
+      .def("pop_many",
+           [](TokenRing& ring, std::size_t max) {
+             py::list out;
+             ring.pop_many(max, [&](const TokenRecord& r) { out.append(py::cast(r)); });
+             return out;
+           },
+           py::arg("max") = 1024, "Take up to `max` tokens, oldest first.")
+      .def("pop_wait",
+           [](TokenRing& ring, std::optional<double> timeout) -> std::optional<TokenRecord> {
+             const std::int64_t deadline = deadline_from_timeout(timeout);
+             TokenRecord r;
+             bool ok = false;
+             {
+               py::gil_scoped_release nogil;
+               ok = ring.pop_wait(r, deadline);
+             }
+             if (!ok) return std::nullopt;
+             return r;
+           },
+           py::arg("timeout") = py::none(),
+           "Block (without the GIL) until a token arrives or the timeout passes; None then.")
+      .def("wake_consumer", &TokenRing::wake_consumer,
+           "Wake a consumer blocked in pop_wait (it returns None if nothing arrived).")
+      .def("statistics", &TokenRing::statistics);
+
+  // Benchmark support: a native producer thread, so the Python consumer is measured alone.
+  m.def(
+      "_produce_native",
+      [](std::shared_ptr<TokenRing> ring, std::uint64_t count, std::string text) {
+        py::gil_scoped_release nogil;
+        TokenRecord r;
+        if (!r.set_text(text)) throw std::length_error("text too long");
+        for (std::uint64_t i = 0; i < count; ++i) {
+          r.position = i;
+          while (!ring->try_push(r)) cpu_relax();
+        }
+      },
+      py::arg("ring"), py::arg("count"), py::arg("text") = "tok");
+}
+
+}  // namespace pydisco::bindings

@@ -1,0 +1,316 @@
+// The pacer: releases committed tokens to the application on a schedule.
+//
+// It consumes one TokenRing (filled by the migration machine) and delivers each token either
+// into an output TokenRing — signalling an eventfd that a Trio task awaits, and waking a C++
+// thread blocked in pop_wait — or to a callback run on the pacer thread.
+//
+// Two drivers share one step function (release_due):
+//  * start(): a thread that sleeps on a futex until shortly before each deadline and spins
+//    the rest (absolute deadlines, so no drift), optionally at SCHED_FIFO priority;
+//  * release_due(now) / next_deadline() called by the owner, e.g. a Trio task in virtual time.
+// Only one driver runs at a time. Every release's lateness (release time - deadline) is kept.
+#pragma once
+
+#include <pthread.h>
+#include <sched.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <stdexcept>
+#include <system_error>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "clock.hpp"
+#include "futex.hpp"
+#include "pace_schedule.hpp"
+#include "token.hpp"
+
+namespace pydisco {
+
+struct PacerStatistics {
+  std::uint64_t released = 0;
+  std::int64_t max_lateness_ns = 0;
+  double mean_lateness_ns = 0.0;
+  std::int64_t interval_ns = 0;
+  bool running = false;
+  bool realtime = false;        // the driver thread got SCHED_FIFO
+  std::size_t backlog = 0;      // committed, not yet released
+  std::size_t unread = 0;       // released, not yet taken by the application
+  std::uint64_t lateness_samples_dropped = 0;  // beyond the log's cap, not drained in time
+};
+
+struct PacerOptions {
+  std::int64_t interval_ns = 0;
+  MissPolicy policy = MissPolicy::kDelay;
+  // Sleep until this long before a deadline, then spin. Measured here: futex wake-ups are
+  // 50-100 us late at normal priority on an idle machine.
+  std::int64_t spin_ns = 200'000;
+  std::size_t lateness_log_cap = std::size_t{1} << 20;
+};
+
+class Pacer {
+ public:
+  using Callback = std::function<void(const TokenRecord&)>;
+
+  Pacer(std::shared_ptr<TokenRing> input, std::shared_ptr<TokenRing> output,
+        PacerOptions options = {})
+      : input_(std::move(input)), output_(std::move(output)), options_(options),
+        schedule_(options.interval_ns, options.policy), pending_interval_(options.interval_ns) {
+    if (!input_) throw std::invalid_argument("pacer needs an input ring");
+    if (options_.spin_ns < 0) throw std::invalid_argument("spin_ns must be >= 0");
+    event_fd_ = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (event_fd_ < 0) throw std::system_error(errno, std::generic_category(), "eventfd");
+  }
+
+  Pacer(const Pacer&) = delete;
+  Pacer& operator=(const Pacer&) = delete;
+
+  ~Pacer() {
+    stop();
+    ::close(event_fd_);
+  }
+
+  // Deliver to `callback` on the pacer thread instead of the output ring. Set before start().
+  void set_callback(Callback callback) {
+    ensure_stopped("set_callback");
+    callback_ = std::move(callback);
+  }
+
+  // ---- rate control, from any thread; applies from the next token ----
+
+  void set_interval_ns(std::int64_t interval_ns) {
+    if (interval_ns < 0) throw std::invalid_argument("pacing interval must be >= 0");
+    pending_interval_.store(interval_ns, std::memory_order_release);
+    control_.fetch_add(1, std::memory_order_release);
+    futex_wake_all(control_);
+  }
+
+  void set_rate(double tokens_per_second) {
+    if (!(tokens_per_second >= 0.0)) throw std::invalid_argument("rate must be >= 0");
+    set_interval_ns(tokens_per_second == 0.0 ? 0
+                                             : static_cast<std::int64_t>(1e9 / tokens_per_second));
+  }
+
+  std::int64_t interval_ns() const noexcept {
+    return pending_interval_.load(std::memory_order_acquire);
+  }
+
+  // ---- the manual driver (virtual time, tests) ----
+
+  // Deadline of the oldest unreleased token, or nothing when none is committed.
+  std::optional<std::int64_t> next_deadline() {
+    ensure_stopped("next_deadline");
+    apply_pending_interval();
+    const TokenRecord* head = input_->front();
+    if (head == nullptr) return std::nullopt;
+    return schedule_.next(head->arrived_ns).effective;
+  }
+
+  // Releases every token whose deadline is <= now_ns, stamped as released at now_ns.
+  std::size_t release_due(std::int64_t now_ns) {
+    ensure_stopped("release_due");
+    apply_pending_interval();
+    std::size_t n = 0;
+    for (TokenRecord* head = input_->front(); head != nullptr; head = input_->front()) {
+      const Deadline d = schedule_.next(head->arrived_ns);
+      if (d.effective > now_ns || !deliver(*head, d, now_ns)) break;
+      input_->pop_front();
+      ++n;
+    }
+    if (n != 0) signal_consumer();
+    return n;
+  }
+
+  // A new answer: its first token goes out as soon as it is committed.
+  void reset_schedule() {
+    ensure_stopped("reset_schedule");
+    schedule_.reset();
+  }
+
+  // ---- the real-time driver ----
+
+  // Starts the driver thread. With `realtime`, asks for SCHED_FIFO at `priority` and falls
+  // back to normal priority when refused; statistics().realtime says which it got.
+  void start(bool realtime = true, int priority = 50) {
+    std::lock_guard<std::mutex> lock(lifecycle_);
+    if (running_.load()) throw std::logic_error("pacer already running");
+    stop_.store(false);
+    running_.store(true);
+    thread_ = std::thread([this] { run(); });
+    realtime_.store(false);
+    if (realtime) {
+      sched_param param{};
+      param.sched_priority = priority;
+      realtime_.store(::pthread_setschedparam(thread_.native_handle(), SCHED_FIFO, &param) == 0);
+    }
+  }
+
+  void stop() {
+    std::lock_guard<std::mutex> lock(lifecycle_);
+    if (!running_.load()) return;
+    stop_.store(true, std::memory_order_release);
+    control_.fetch_add(1, std::memory_order_release);
+    futex_wake_all(control_);
+    input_->wake_consumer();
+    thread_.join();
+    running_.store(false);
+  }
+
+  bool running() const noexcept { return running_.load(); }
+
+  // ---- the consumer side ----
+
+  // Readable (counter > 0) whenever released tokens were delivered to the output ring.
+  int event_fd() const noexcept { return event_fd_; }
+
+  // Resets the eventfd counter. Call before draining the output ring, never after, so a
+  // release that lands in between still leaves it readable.
+  void clear_event() noexcept {
+    std::uint64_t value = 0;
+    [[maybe_unused]] ssize_t rc = ::read(event_fd_, &value, sizeof value);
+  }
+
+  const std::shared_ptr<TokenRing>& input() const noexcept { return input_; }
+  const std::shared_ptr<TokenRing>& output() const noexcept { return output_; }
+
+  // Lateness (ns) of every release since the last call, in release order.
+  std::vector<std::int64_t> take_lateness() {
+    std::lock_guard<std::mutex> lock(lateness_mutex_);
+    std::vector<std::int64_t> out;
+    out.swap(lateness_);
+    return out;
+  }
+
+  PacerStatistics statistics() const {
+    PacerStatistics s;
+    {
+      std::lock_guard<std::mutex> lock(lateness_mutex_);
+      s.released = released_;
+      s.max_lateness_ns = max_lateness_;
+      s.mean_lateness_ns = released_ == 0 ? 0.0
+                                          : static_cast<double>(lateness_sum_) /
+                                                static_cast<double>(released_);
+      s.lateness_samples_dropped = lateness_dropped_;
+    }
+    s.interval_ns = interval_ns();
+    s.running = running_.load();
+    s.realtime = realtime_.load();
+    s.backlog = input_->size();
+    s.unread = output_ ? output_->size() : 0;
+    return s;
+  }
+
+ private:
+  void ensure_stopped(const char* what) const {
+    if (running_.load()) throw std::logic_error(std::string(what) + ": the pacer thread is running");
+  }
+
+  void apply_pending_interval() {
+    const std::int64_t pending = pending_interval_.load(std::memory_order_acquire);
+    if (pending != schedule_.interval_ns()) schedule_.set_interval(pending);
+  }
+
+  void run() {
+    while (!stop_.load(std::memory_order_acquire)) {
+      const std::uint32_t control = control_.load(std::memory_order_acquire);
+      apply_pending_interval();
+      TokenRecord* head = input_->front();
+      if (head == nullptr) {
+        input_->wait_nonempty(-1);
+        continue;
+      }
+      const Deadline d = schedule_.next(head->arrived_ns);
+      std::int64_t now = now_ns();
+      if (now < d.effective - options_.spin_ns) {
+        // Woken early by a rate change or stop: re-evaluate from the top.
+        futex_wait_until(control_, control, d.effective - options_.spin_ns);
+        continue;
+      }
+      while (now < d.effective && control_.load(std::memory_order_relaxed) == control) {
+        cpu_relax();
+        now = now_ns();
+      }
+      if (now < d.effective) continue;
+      if (!deliver_blocking(*head, d, now)) continue;
+      input_->pop_front();
+      signal_consumer();
+    }
+  }
+
+  // Hands one token on. False when the output ring is full (the token stays committed).
+  bool deliver(TokenRecord& token, Deadline d, std::int64_t now) {
+    token.released_ns = now;
+    if (callback_) {
+      callback_(token);
+    } else if (output_ && !output_->try_push_notify(token)) {
+      return false;
+    }
+    schedule_.on_released(d, now);
+    record_lateness(now - d.effective);
+    return true;
+  }
+
+  // The thread's deliver: an application that stops reading makes the pacer wait, polling
+  // for space (rare, and not worth a second doorbell on the consumer's hot path).
+  bool deliver_blocking(TokenRecord& token, Deadline d, std::int64_t now) {
+    while (!deliver(token, d, now)) {
+      if (stop_.load(std::memory_order_acquire)) return false;
+      timespec pause = to_timespec(100'000);
+      ::nanosleep(&pause, nullptr);
+      now = now_ns();
+    }
+    return true;
+  }
+
+  void signal_consumer() noexcept {
+    if (callback_) return;
+    const std::uint64_t one = 1;
+    [[maybe_unused]] ssize_t rc = ::write(event_fd_, &one, sizeof one);
+  }
+
+  void record_lateness(std::int64_t lateness) {
+    std::lock_guard<std::mutex> lock(lateness_mutex_);
+    ++released_;
+    lateness_sum_ += lateness;
+    max_lateness_ = std::max(max_lateness_, lateness);
+    if (lateness_.size() < options_.lateness_log_cap) {
+      lateness_.push_back(lateness);
+    } else {
+      ++lateness_dropped_;
+    }
+  }
+
+  std::shared_ptr<TokenRing> input_;
+  std::shared_ptr<TokenRing> output_;
+  PacerOptions options_;
+  PaceSchedule schedule_;  // owned by whichever driver runs
+  Callback callback_;
+  int event_fd_ = -1;
+
+  std::atomic<std::int64_t> pending_interval_;
+  std::atomic<std::uint32_t> control_{0};  // bumped on rate change and stop
+  std::atomic<bool> stop_{false};
+  std::atomic<bool> running_{false};
+  std::atomic<bool> realtime_{false};
+  std::mutex lifecycle_;
+  std::thread thread_;
+
+  mutable std::mutex lateness_mutex_;
+  std::vector<std::int64_t> lateness_;
+  std::uint64_t released_ = 0;
+  std::int64_t lateness_sum_ = 0;
+  std::int64_t max_lateness_ = 0;
+  std::uint64_t lateness_dropped_ = 0;
+};
+
+}  // namespace pydisco

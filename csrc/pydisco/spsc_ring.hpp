@@ -1,0 +1,206 @@
+// A lock-free single-producer / single-consumer ring (after rigtorp's SPSCQueue and folly's
+// ProducerConsumerQueue).
+//
+// Contract: exactly one thread calls the producer methods (try_push*, wake_consumer) and
+// exactly one thread calls the consumer methods (front, try_pop, pop_many, pop_wait) at any
+// time; statistics() and size() may be called from anywhere. A full ring is reported to the
+// producer (try_push returns false and counts a rejection); nothing is ever overwritten.
+//
+// Indices are free-running 64-bit counters (they never wrap in practice), so size is
+// write - read and "elements ever pushed" is the write index itself.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <new>
+#include <stdexcept>
+#include <type_traits>
+#include <utility>
+
+#include "clock.hpp"
+#include "futex.hpp"
+
+namespace pydisco {
+
+inline constexpr std::size_t kCacheLine = 64;
+
+struct RingStatistics {
+  std::size_t capacity = 0;
+  std::size_t size = 0;         // elements in the ring now
+  std::uint64_t pushed = 0;     // elements ever accepted
+  std::uint64_t popped = 0;     // elements ever taken out
+  std::uint64_t rejected = 0;   // pushes refused because the ring was full
+  std::size_t high_water = 0;   // largest size seen right after a push
+};
+
+template <typename T>
+class SpscRing {
+  static_assert(std::is_nothrow_copy_assignable_v<T> || std::is_nothrow_move_assignable_v<T>,
+                "ring elements must be assignable without throwing");
+
+ public:
+  // `capacity` is rounded up to a power of two (at least 2).
+  explicit SpscRing(std::size_t capacity)
+      : capacity_(round_up_pow2(capacity)), mask_(capacity_ - 1),
+        slots_(std::make_unique<T[]>(capacity_)) {}
+
+  SpscRing(const SpscRing&) = delete;
+  SpscRing& operator=(const SpscRing&) = delete;
+
+  std::size_t capacity() const noexcept { return capacity_; }
+
+  // ---- producer side ----
+
+  [[nodiscard]] bool try_push(const T& value) noexcept {
+    const std::uint64_t w = write_.load(std::memory_order_relaxed);
+    if (w - read_cache_ == capacity_) {
+      read_cache_ = read_.load(std::memory_order_acquire);
+      if (w - read_cache_ == capacity_) {
+        rejected_.store(rejected_.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+        return false;
+      }
+    }
+    slots_[w & mask_] = value;
+    write_.store(w + 1, std::memory_order_release);
+    note_size(w + 1);
+    return true;
+  }
+
+  // try_push, then wakes a consumer blocked in pop_wait / wait_nonempty. The fence makes the
+  // pair (publish, check waiter) race-free against the consumer's (announce, re-check).
+  [[nodiscard]] bool try_push_notify(const T& value) noexcept {
+    if (!try_push(value)) return false;
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    if (consumer_waiting_.load(std::memory_order_relaxed) != 0) wake_consumer();
+    return true;
+  }
+
+  // Wakes a blocked consumer whether or not anything was pushed (used to deliver a stop).
+  void wake_consumer() noexcept {
+    doorbell_.fetch_add(1, std::memory_order_release);
+    futex_wake_all(doorbell_);
+  }
+
+  // ---- consumer side ----
+
+  // The oldest element, or nullptr when empty. Valid until the next pop.
+  T* front() noexcept {
+    const std::uint64_t r = read_.load(std::memory_order_relaxed);
+    if (r == write_cache_) {
+      write_cache_ = write_.load(std::memory_order_acquire);
+      if (r == write_cache_) return nullptr;
+    }
+    return &slots_[r & mask_];
+  }
+
+  // Drops the element front() returned. Precondition: front() != nullptr.
+  void pop_front() noexcept {
+    read_.store(read_.load(std::memory_order_relaxed) + 1, std::memory_order_release);
+  }
+
+  [[nodiscard]] bool try_pop(T& out) noexcept {
+    T* head = front();
+    if (head == nullptr) return false;
+    out = std::move(*head);
+    pop_front();
+    return true;
+  }
+
+  // Takes up to `max` elements, passing each to `sink` in order; one index update for all.
+  template <typename Sink>
+  std::size_t pop_many(std::size_t max, Sink&& sink) {
+    const std::uint64_t r = read_.load(std::memory_order_relaxed);
+    if (write_cache_ - r < max) write_cache_ = write_.load(std::memory_order_acquire);
+    std::uint64_t available = write_cache_ - r;
+    const std::size_t n = available < max ? static_cast<std::size_t>(available) : max;
+    for (std::size_t i = 0; i < n; ++i) sink(slots_[(r + i) & mask_]);
+    if (n != 0) read_.store(r + n, std::memory_order_release);
+    return n;
+  }
+
+  // Blocks until the ring is non-empty, the deadline passes (deadline_ns < 0: no deadline) or
+  // wake_consumer() is called. Returns whether the ring is non-empty.
+  bool wait_nonempty(std::int64_t deadline_ns) noexcept {
+    for (;;) {
+      if (front() != nullptr) return true;
+      const std::uint32_t bell = doorbell_.load(std::memory_order_acquire);
+      consumer_waiting_.store(1, std::memory_order_relaxed);
+      std::atomic_thread_fence(std::memory_order_seq_cst);
+      if (front() != nullptr) {
+        consumer_waiting_.store(0, std::memory_order_relaxed);
+        return true;
+      }
+      const bool woken = futex_wait_until(doorbell_, bell, deadline_ns);
+      consumer_waiting_.store(0, std::memory_order_relaxed);
+      if (doorbell_.load(std::memory_order_acquire) != bell) return front() != nullptr;
+      if (!woken && deadline_ns >= 0 && now_ns() >= deadline_ns) return front() != nullptr;
+    }
+  }
+
+  // Blocking pop for a C++ control loop: false on timeout or wake-up with nothing to take.
+  [[nodiscard]] bool pop_wait(T& out, std::int64_t deadline_ns) noexcept {
+    return wait_nonempty(deadline_ns) && try_pop(out);
+  }
+
+  // ---- anyone ----
+
+  std::size_t size() const noexcept {
+    const std::uint64_t r = read_.load(std::memory_order_acquire);
+    const std::uint64_t w = write_.load(std::memory_order_acquire);
+    return static_cast<std::size_t>(w - r);
+  }
+
+  bool empty() const noexcept { return size() == 0; }
+
+  std::uint64_t pushed() const noexcept { return write_.load(std::memory_order_acquire); }
+  std::uint64_t popped() const noexcept { return read_.load(std::memory_order_acquire); }
+
+  RingStatistics statistics() const noexcept {
+    RingStatistics s;
+    s.capacity = capacity_;
+    s.popped = read_.load(std::memory_order_acquire);
+    s.pushed = write_.load(std::memory_order_acquire);
+    s.size = static_cast<std::size_t>(s.pushed - s.popped);
+    s.rejected = rejected_.load(std::memory_order_relaxed);
+    s.high_water = high_water_.load(std::memory_order_relaxed);
+    return s;
+  }
+
+ private:
+  static std::size_t round_up_pow2(std::size_t n) {
+    if (n > (std::size_t{1} << 40)) throw std::length_error("ring capacity too large");
+    std::size_t c = 2;
+    while (c < n) c <<= 1;
+    return c;
+  }
+
+  // Exact high-water mark: one relaxed load of the consumer's index per push. The consumer
+  // writes that index once per pop_many batch, so the line rarely moves.
+  void note_size(std::uint64_t w) noexcept {
+    const auto size = static_cast<std::size_t>(w - read_.load(std::memory_order_relaxed));
+    if (size > high_water_.load(std::memory_order_relaxed))
+      high_water_.store(size, std::memory_order_relaxed);
+  }
+
+  const std::size_t capacity_;
+  const std::uint64_t mask_;
+  std::unique_ptr<T[]> slots_;
+
+  // Producer's line: its index, its cached view of the consumer's, its counters.
+  alignas(kCacheLine) std::atomic<std::uint64_t> write_{0};
+  std::uint64_t read_cache_ = 0;
+  std::atomic<std::uint64_t> rejected_{0};
+  std::atomic<std::size_t> high_water_{0};
+
+  // Consumer's line.
+  alignas(kCacheLine) std::atomic<std::uint64_t> read_{0};
+  std::uint64_t write_cache_ = 0;
+  std::atomic<std::uint32_t> consumer_waiting_{0};
+
+  alignas(kCacheLine) std::atomic<std::uint32_t> doorbell_{0};
+  char pad_[kCacheLine - sizeof(std::atomic<std::uint32_t>)] = {};
+};
+
+}  // namespace pydisco

@@ -1,0 +1,125 @@
+#include <cstdint>
+#include <thread>
+#include <vector>
+
+#include "check.hpp"
+#include "pydisco/token.hpp"
+
+using pydisco::SpscRing;
+using pydisco::TokenRecord;
+using pydisco::TokenRing;
+
+static void capacity_rounds_up_to_power_of_two() {
+  CHECK(SpscRing<int>(1).capacity() == 2);
+  CHECK(SpscRing<int>(5).capacity() == 8);
+  CHECK(SpscRing<int>(8).capacity() == 8);
+}
+
+static void full_ring_rejects_and_never_overwrites() {
+  SpscRing<int> ring(4);
+  for (int i = 0; i < 4; ++i) CHECK(ring.try_push(i));
+  CHECK(!ring.try_push(99));
+  CHECK(!ring.try_push(100));
+  auto s = ring.statistics();
+  CHECK(s.size == 4 && s.pushed == 4 && s.rejected == 2 && s.high_water == 4);
+  int v = -1;
+  for (int i = 0; i < 4; ++i) {
+    CHECK(ring.try_pop(v));
+    CHECK(v == i);
+  }
+  CHECK(!ring.try_pop(v));
+  CHECK(ring.statistics().popped == 4);
+}
+
+static void wraps_around_many_times() {
+  SpscRing<std::uint64_t> ring(4);
+  std::uint64_t next_out = 0;
+  for (std::uint64_t i = 0; i < 1000; ++i) {
+    CHECK(ring.try_push(i));
+    if (i % 3 == 2) {
+      std::size_t n = ring.pop_many(8, [&](std::uint64_t v) { CHECK(v == next_out++); });
+      CHECK(n == 3);
+    }
+  }
+  CHECK(ring.statistics().high_water == 3);
+}
+
+static void pop_many_respects_max() {
+  SpscRing<int> ring(16);
+  for (int i = 0; i < 10; ++i) CHECK(ring.try_push(i));
+  int seen = 0;
+  CHECK(ring.pop_many(4, [&](int v) { CHECK(v == seen++); }) == 4);
+  CHECK(ring.pop_many(100, [&](int v) { CHECK(v == seen++); }) == 6);
+  CHECK(ring.pop_many(100, [&](int) { CHECK(false); }) == 0);
+}
+
+static void token_text_capacity_is_enforced() {
+  TokenRecord r;
+  CHECK(r.set_text("héllo"));
+  CHECK(r.text_view() == "héllo");
+  std::string long_text(TokenRecord::kTextCapacity + 1, 'x');
+  CHECK(!r.set_text(long_text));
+  CHECK(r.text_view() == "héllo");  // unchanged on refusal
+}
+
+static void two_threads_deliver_everything_in_order() {
+  TokenRing ring(64);
+  constexpr std::uint64_t kCount = 300'000;
+  std::thread producer([&] {
+    TokenRecord r;
+    for (std::uint64_t i = 0; i < kCount; ++i) {
+      r.position = i;
+      r.token_id = static_cast<std::int32_t>(i & 0x7fff);
+      // yield: on a loaded two-core machine a pure spin waits out whole time slices
+      while (!ring.try_push(r)) std::this_thread::yield();
+    }
+  });
+  std::uint64_t expected = 0;
+  while (expected < kCount) {
+    const std::size_t n = ring.pop_many(32, [&](const TokenRecord& r) {
+      CHECK(r.position == expected);
+      CHECK(r.token_id == static_cast<std::int32_t>(expected & 0x7fff));
+      ++expected;
+    });
+    if (n == 0) std::this_thread::yield();
+  }
+  producer.join();
+  auto s = ring.statistics();
+  CHECK(s.pushed == kCount && s.popped == kCount && s.size == 0 && s.high_water <= 64);
+}
+
+static void blocking_pop_wakes_on_push_and_times_out() {
+  TokenRing ring(8);
+  TokenRecord out;
+  const auto t0 = pydisco::now_ns();
+  CHECK(!ring.pop_wait(out, t0 + 20'000'000));  // 20 ms, nothing pushed
+  CHECK(pydisco::now_ns() - t0 >= 20'000'000);
+
+  std::thread producer([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    TokenRecord r;
+    r.position = 7;
+    CHECK(ring.try_push_notify(r));
+  });
+  CHECK(ring.pop_wait(out, -1));  // no deadline: only the push can end this
+  CHECK(out.position == 7);
+  producer.join();
+
+  std::thread waker([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    ring.wake_consumer();
+  });
+  CHECK(!ring.pop_wait(out, -1));  // woken with nothing to take
+  waker.join();
+}
+
+int main() {
+  capacity_rounds_up_to_power_of_two();
+  full_ring_rejects_and_never_overwrites();
+  wraps_around_many_times();
+  pop_many_respects_max();
+  token_text_capacity_is_enforced();
+  two_threads_deliver_everything_in_order();
+  blocking_pop_wakes_on_push_and_times_out();
+  return 0;
+}
