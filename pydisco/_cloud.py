@@ -1,0 +1,441 @@
+"""The client side of the cloud: a :class:`CloudEndpoint` streams answers from a pydisco server.
+
+One endpoint keeps one authenticated connection (a "link"), made on first use and made again
+after it dropped. Each answer is one stream on it. A reader task per link dispatches frames to
+the answers waiting for them and answers the server's pings; the endpoint's nursery (owned by
+:func:`open_cloud_endpoint`) runs it.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import ssl
+import statistics as _stats
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Union
+
+import trio
+
+from ._errors import AuthenticationError, ConfigurationError, EndpointError, EndpointUnavailable
+from ._protocol import (
+    CONNECTION_STREAM,
+    ClientOutput,
+    ClientProtocol,
+    ClientState,
+    CloseConnection,
+    Code,
+    ProtocolError,
+    Ready,
+    Send,
+    StreamDone,
+    StreamFailed,
+    TokenReceived,
+    Welcome,
+)
+from ._types import GenerationRequest, GenerationResult, TokenSink
+
+if TYPE_CHECKING:
+    import transports as _transports
+else:
+    try:  # installed: the transports ship inside the package
+        from pydisco import transports as _transports
+    except ImportError:  # a source tree: they sit next to it
+        import transports as _transports
+
+_CANCEL_SEND_TIMEOUT = 0.5  # a cancelled generate waits at most this long to tell the server
+_LINK_LOST_CODES = frozenset({Code.SHUTTING_DOWN, Code.TIMEOUT})
+
+
+@dataclasses.dataclass(frozen=True)
+class CloudStatistics:
+    """What a :class:`CloudEndpoint` has seen. Times are seconds on the Trio clock."""
+
+    connects: int  # links made (the first and every reconnect)
+    connect_failures: int  # attempts that failed (unreachable, refused, handshake)
+    links_lost: int  # links that dropped while answers were streaming on them
+    requests: int  # generate calls
+    completed: int  # answers that ended with done (stop or length)
+    cancelled: int  # answers the caller cancelled
+    failed: int  # answers that raised (server error, lost link, auth)
+    tokens: int  # tokens delivered to sinks
+    ttft_samples: tuple[float, ...]  # recent fresh (not resumed) answers: generate sent -> first token
+    inter_token_samples: tuple[float, ...]  # recent gaps between consecutive tokens of an answer
+    ttft_p50: float | None
+    inter_token_p50: float | None
+    inter_token_p99: float | None
+    connected: bool  # a link is up now
+    server_model: str | None  # model id the server announced on the last link
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _LinkLost:
+    error: EndpointError
+
+
+_StreamEvent = Union[TokenReceived, StreamDone, StreamFailed, _LinkLost]
+
+
+class _Link:
+    """One connected, authenticated connection and the streams open on it."""
+
+    def __init__(self, connection: _transports.FrameConnection, proto: ClientProtocol, welcome: Welcome) -> None:
+        self.connection = connection
+        self.proto = proto
+        self.welcome = welcome
+        self.streams: dict[int, trio.MemorySendChannel[_StreamEvent]] = {}
+        self.lost: EndpointError | None = None
+        self._send_lock = trio.Lock()
+
+    async def send(self, stream_id: int, data: bytes) -> None:
+        async with self._send_lock:
+            await self.connection.send_frame(stream_id, data)
+
+    def fail(self, error: EndpointError) -> None:
+        """Mark the link dead and tell every open answer."""
+        if self.lost is None:
+            self.lost = error
+        for channel in self.streams.values():
+            channel.send_nowait(_LinkLost(self.lost))
+        self.streams.clear()
+
+
+class CloudEndpoint:
+    """An :class:`~pydisco._types.Endpoint` backed by a pydisco server.
+
+    Errors from :meth:`generate`: :class:`EndpointUnavailable` when the server cannot be reached
+    or the link drops mid-answer (tokens already given to the sink stay valid; resume from them),
+    :class:`AuthenticationError` when the token is refused, :class:`EndpointError` with the
+    server's code for an error frame.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        token: str,
+        nursery: trio.Nursery,
+        ssl_context: ssl.SSLContext | None = None,
+        name: str | None = None,
+        connect_timeout: float = 10.0,
+        ping_after: float = 2.0,
+        dead_after: float = 10.0,
+        max_frame_size: int = _transports.DEFAULT_MAX_FRAME_SIZE,
+        samples: int = 256,
+    ) -> None:
+        try:
+            scheme, _, _ = _transports.split_url(url)
+        except ValueError as e:
+            raise ConfigurationError(str(e)) from e
+        if not 0 < ping_after < dead_after:
+            raise ConfigurationError("need 0 < ping_after < dead_after")
+        self._url = url
+        self._scheme = scheme
+        self._token = token
+        self._nursery = nursery
+        self._ssl_context = ssl_context
+        self._name = name or f"cloud:{url}"
+        self._connect_timeout = connect_timeout
+        self._ping_after = ping_after
+        self._dead_after = dead_after
+        self._max_frame_size = max_frame_size
+        self._link: _Link | None = None
+        self._link_lock = trio.Lock()
+        self._closed = False
+        self._ttft: collections.deque[float] = collections.deque(maxlen=samples)
+        self._gaps: collections.deque[float] = collections.deque(maxlen=samples)
+        self._counts = collections.Counter[str]()
+        self._server_model: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def url(self) -> str:
+        return self._url
+
+    # -- answers -----------------------------------------------------------------------------
+
+    async def generate(self, request: GenerationRequest, sink: TokenSink) -> GenerationResult:
+        """Stream ``request`` from the server into ``sink``; return how it ended.
+
+        Connects first if there is no live link. On cancellation a cancel frame is sent (waiting
+        at most half a second for the link to take it) and trio.Cancelled propagates; the link
+        stays up for the next answer.
+        """
+        if self._closed:
+            raise trio.ClosedResourceError("this CloudEndpoint is closed")
+        self._counts["requests"] += 1
+        try:
+            link = await self._ensure_link()
+            return await self._stream(link, request, sink)
+        except trio.Cancelled:
+            self._counts["cancelled"] += 1
+            raise
+        except BaseException:
+            self._counts["failed"] += 1
+            raise
+
+    async def _stream(self, link: _Link, request: GenerationRequest, sink: TokenSink) -> GenerationResult:
+        try:
+            sid, data = link.proto.open_stream(request)
+        except ProtocolError as e:
+            raise EndpointError(str(e), code=e.code) from None
+        events_in, events = trio.open_memory_channel[_StreamEvent](math.inf)
+        link.streams[sid] = events_in
+        delivered = 0
+        fresh = not request.resume_token_ids and request.resume_text is None
+        finished = False
+        try:
+            started = trio.current_time()
+            try:
+                await link.send(sid, data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                raise self._lost(link, f"sending the request failed: {e}") from None
+            last = started
+            while True:
+                event = await events.receive()
+                if isinstance(event, TokenReceived):
+                    now = trio.current_time()
+                    if delivered == 0:
+                        if fresh:
+                            self._ttft.append(now - started)
+                    else:
+                        self._gaps.append(now - last)
+                    last = now
+                    delivered += 1
+                    self._counts["tokens"] += 1
+                    sink(event.piece)
+                elif isinstance(event, StreamDone):
+                    finished = True
+                    self._counts["completed"] += 1
+                    return event.result
+                elif isinstance(event, StreamFailed):
+                    finished = True
+                    raise EndpointError(f"server error on {self._url}: {event.message}", code=event.code)
+                else:
+                    finished = True
+                    error = event.error
+                    raise type(error)(f"{error} (after {delivered} tokens of this answer)", code=error.code)
+        finally:
+            link.streams.pop(sid, None)
+            cancel = link.proto.forget(sid)
+            if cancel is not None and not finished and link.lost is None:
+                with trio.CancelScope(shield=True), trio.move_on_after(_CANCEL_SEND_TIMEOUT):
+                    try:
+                        await link.send(sid, cancel)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass
+
+    # -- the link ------------------------------------------------------------------------------
+
+    async def _ensure_link(self) -> _Link:
+        async with self._link_lock:
+            link = self._link
+            if link is not None and link.lost is None:
+                return link
+            try:
+                link = await self._connect()
+            except BaseException:
+                self._counts["connect_failures"] += 1
+                raise
+            self._counts["connects"] += 1
+            self._link = link
+            self._nursery.start_soon(self._read, link)
+            return link
+
+    async def _connect(self) -> _Link:
+        where = self._url
+        try:
+            with trio.fail_after(self._connect_timeout):
+                connection = await _transports.connect(
+                    self._url, ssl_context=self._ssl_context, max_frame_size=self._max_frame_size
+                )
+                try:
+                    return await self._handshake(connection)
+                except BaseException:
+                    with trio.CancelScope(shield=True), trio.move_on_after(_CANCEL_SEND_TIMEOUT):
+                        await connection.aclose()
+                    raise
+        except _transports.UnknownTransportError as e:
+            raise ConfigurationError(str(e)) from e
+        except trio.TooSlowError:
+            raise EndpointUnavailable(
+                f"{where}: no connection within {self._connect_timeout:g} s", code=Code.TIMEOUT
+            ) from None
+        except (OSError, trio.BrokenResourceError, trio.EndOfChannel, trio.ClosedResourceError) as e:
+            raise EndpointUnavailable(f"{where}: cannot connect: {e or type(e).__name__}", code="unavailable") from e
+
+    async def _handshake(self, connection: _transports.FrameConnection) -> _Link:
+        proto = ClientProtocol(token=self._token, agent="pydisco-client")
+        for data in proto.handshake():
+            await connection.send_frame(CONNECTION_STREAM, data)
+        while True:
+            try:
+                sid, data = await connection.receive_frame()
+            except trio.EndOfChannel:
+                raise trio.BrokenResourceError("the server closed the connection during the handshake") from None
+            for out in proto.receive(sid, data):
+                if isinstance(out, Ready):
+                    self._server_model = out.welcome.model
+                    return _Link(connection, proto, out.welcome)
+                if isinstance(out, Send):
+                    await connection.send_frame(out.stream_id, out.data)
+                elif isinstance(out, CloseConnection):
+                    raise _close_error(self._url, out)
+
+    async def _read(self, link: _Link) -> None:
+        """The link's reader: frames to answers, pings answered, silence detected."""
+        proto, connection = link.proto, link.connection
+        error: EndpointError | None = None
+        silent_since = trio.current_time()
+        try:
+            while error is None:
+                with trio.move_on_after(self._ping_after) as wait:
+                    stream_id, data = await connection.receive_frame()
+                if wait.cancelled_caught:
+                    silence = trio.current_time() - silent_since
+                    if silence >= self._dead_after:
+                        error = EndpointUnavailable(
+                            f"{self._url}: the server sent nothing for {silence:.1f} s", code=Code.TIMEOUT
+                        )
+                    else:
+                        await link.send(CONNECTION_STREAM, proto.ping())
+                    continue
+                silent_since = trio.current_time()
+                error = await self._dispatch(link, proto.receive(stream_id, data))
+        except trio.EndOfChannel:
+            error = EndpointUnavailable(f"{self._url}: the server closed the connection", code="unavailable")
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            error = EndpointUnavailable(f"{self._url}: the link was lost: {e or type(e).__name__}", code="unavailable")
+        except _transports.FrameTooLarge as e:
+            error = EndpointError(f"{self._url}: {e}", code=Code.FRAME_TOO_LARGE)
+        finally:
+            if error is None:  # cancelled: the endpoint is closing
+                error = EndpointUnavailable(f"{self._url}: the endpoint was closed", code="unavailable")
+            if link.streams:
+                self._counts["links_lost"] += 1
+            link.fail(error)
+            with trio.CancelScope(shield=True), trio.move_on_after(_CANCEL_SEND_TIMEOUT):
+                await connection.aclose()
+
+    async def _dispatch(self, link: _Link, outputs: list[ClientOutput]) -> EndpointError | None:
+        for out in outputs:
+            if isinstance(out, (TokenReceived, StreamDone, StreamFailed)):
+                channel = link.streams.get(out.stream_id)
+                if channel is not None:
+                    channel.send_nowait(out)
+            elif isinstance(out, Send):
+                await link.send(out.stream_id, out.data)
+            elif isinstance(out, CloseConnection):
+                return _close_error(self._url, out)
+        return None
+
+    # -- lifecycle and figures ---------------------------------------------------------------
+
+    def _lost(self, link: _Link, why: str) -> EndpointUnavailable:
+        error = EndpointUnavailable(f"{self._url}: {why}", code="unavailable")
+        link.fail(error)
+        return error
+
+    async def aclose(self) -> None:
+        """Close the link (answers still streaming get EndpointUnavailable). Idempotent."""
+        self._closed = True
+        link, self._link = self._link, None
+        if link is not None:
+            link.fail(EndpointUnavailable(f"{self._url}: the endpoint was closed", code="unavailable"))
+            with trio.CancelScope(shield=True), trio.move_on_after(_CANCEL_SEND_TIMEOUT):
+                await link.connection.aclose()
+        await trio.lowlevel.checkpoint()
+
+    def statistics(self) -> CloudStatistics:
+        ttft, gaps = tuple(self._ttft), tuple(self._gaps)
+        c = self._counts
+        link = self._link
+        return CloudStatistics(
+            connects=c["connects"],
+            connect_failures=c["connect_failures"],
+            links_lost=c["links_lost"],
+            requests=c["requests"],
+            completed=c["completed"],
+            cancelled=c["cancelled"],
+            failed=c["failed"],
+            tokens=c["tokens"],
+            ttft_samples=ttft,
+            inter_token_samples=gaps,
+            ttft_p50=_stats.median(ttft) if ttft else None,
+            inter_token_p50=_stats.median(gaps) if gaps else None,
+            inter_token_p99=_quantile(gaps, 0.99),
+            connected=link is not None and link.lost is None and link.proto.state is ClientState.READY,
+            server_model=self._server_model,
+        )
+
+
+def _quantile(values: tuple[float, ...], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _close_error(url: str, close: CloseConnection) -> EndpointError:
+    message = f"{url}: server closed the connection: {close.message} ({close.code})"
+    if close.code == Code.UNAUTHORIZED:
+        return AuthenticationError(message, code=close.code)
+    if close.code in _LINK_LOST_CODES:
+        return EndpointUnavailable(message, code=close.code)
+    return EndpointError(message, code=close.code)
+
+
+@asynccontextmanager
+async def open_cloud_endpoint(
+    url: str,
+    *,
+    token: str,
+    ssl_context: ssl.SSLContext | None = None,
+    name: str | None = None,
+    connect_timeout: float = 10.0,
+    ping_after: float = 2.0,
+    dead_after: float = 10.0,
+    max_frame_size: int = _transports.DEFAULT_MAX_FRAME_SIZE,
+) -> AsyncIterator[CloudEndpoint]:
+    """A :class:`CloudEndpoint` for ``url`` whose link tasks live inside this block.
+
+    Does not connect yet (the first generate does). On exit the link is closed.
+    """
+    endpoint: CloudEndpoint | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            endpoint = CloudEndpoint(
+                url,
+                token=token,
+                nursery=nursery,
+                ssl_context=ssl_context,
+                name=name,
+                connect_timeout=connect_timeout,
+                ping_after=ping_after,
+                dead_after=dead_after,
+                max_frame_size=max_frame_size,
+            )
+            try:
+                yield endpoint
+            finally:
+                await endpoint.aclose()
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        raise _single(group) from None
+
+
+def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    leaves: list[BaseException] = []
+    stack: list[BaseException] = [group]
+    while stack:
+        e = stack.pop()
+        if isinstance(e, BaseExceptionGroup):
+            stack.extend(reversed(e.exceptions))
+        else:
+            leaves.append(e)
+    return leaves[0] if len(leaves) == 1 else group

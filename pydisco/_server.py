@@ -1,0 +1,519 @@
+"""The cloud server: many clients, any registered transports, one backend behind a FCFS queue.
+
+``serve(config)`` listens on every URL of the config; each connection runs one session (a
+reader, a writer and one task per answer) around the sans-IO :class:`ServerProtocol`. A session
+that fails (bad frames, wrong token, a vanished client) ends alone; the server keeps serving
+everyone else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hmac
+import logging
+import math
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import TYPE_CHECKING, Protocol, Union
+
+import trio
+
+from ._backends import Backend
+from ._errors import ConfigurationError, EndpointError, PromptTooLongError
+from ._protocol import (
+    CONNECTION_STREAM,
+    ERROR_CODES,
+    Authenticated,
+    CancelStream,
+    CloseConnection,
+    Code,
+    Send,
+    ServerProtocol,
+    ServerState,
+    StartStream,
+)
+from ._tls import Credentials, server_ssl_context
+from ._types import GenerationRequest, GenerationResult, TokenPiece
+
+if TYPE_CHECKING:
+    import transports as _transports
+else:
+    try:  # installed: the transports ship inside the package
+        from pydisco import transports as _transports
+    except ImportError:  # a source tree: they sit next to it
+        import transports as _transports
+
+log = logging.getLogger("pydisco.server")
+
+PLAIN_SCHEMES = frozenset({"ws", "memory"})  # every other scheme gets the TLS context
+_FLUSH_TIMEOUT = 2.0  # how long a closing session tries to deliver its last frames
+_SHUTDOWN_NOTICE = 0.2  # how long a stopping server spends telling a client why
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    """How to run a server.
+
+    ``tokens`` are the accepted bearer tokens (at least one). TLS, needed by ``wss`` and
+    ``quic`` listeners, comes from ``ssl_context`` or from ``cert_file`` + ``key_file``.
+    ``parallel`` answers run at once (the backend should have as many engines); up to
+    ``max_queue`` more wait in FCFS order, beyond that requests get ``overloaded``.
+    """
+
+    listen: Sequence[str]
+    tokens: Collection[str]
+    backend: Backend
+    ssl_context: ssl.SSLContext | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    parallel: int = 1
+    max_queue: int = 256
+    max_streams_per_connection: int = 16
+    max_frame_size: int = _transports.DEFAULT_MAX_FRAME_SIZE
+    heartbeat_interval: float = 15.0  # the server pings each client this often
+    idle_timeout: float = 60.0  # a connection silent this long (no frame, not even a pong) is closed
+    handshake_timeout: float = 10.0  # hello + auth must arrive within this
+    scheduler: str = "fcfs"  # a name in SCHEDULERS
+    cost_per_prompt_token: float = 0.0  # added to the backend's own cost in each done frame
+    cost_per_generated_token: float = 0.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.listen, str) or not self.listen:
+            raise ConfigurationError("listen must be a non-empty list of URLs")
+        if isinstance(self.tokens, str) or not self.tokens or not all(self.tokens):
+            raise ConfigurationError("tokens must be a non-empty collection of non-empty strings")
+        object.__setattr__(self, "listen", tuple(self.listen))
+        object.__setattr__(self, "tokens", frozenset(self.tokens))
+        for name in ("parallel", "max_streams_per_connection"):
+            if getattr(self, name) < 1:
+                raise ConfigurationError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.max_queue < 0:
+            raise ConfigurationError(f"max_queue must be >= 0, got {self.max_queue!r}")
+        if self.max_frame_size < 1024:
+            raise ConfigurationError(f"max_frame_size must be >= 1024, got {self.max_frame_size!r}")
+        for name in ("heartbeat_interval", "idle_timeout", "handshake_timeout"):
+            if not getattr(self, name) > 0:
+                raise ConfigurationError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigurationError(f"unknown scheduler {self.scheduler!r}; known: {', '.join(sorted(SCHEDULERS))}")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ConfigurationError("give both cert_file and key_file, or neither")
+        if self.ssl_context is not None and self.cert_file is not None:
+            raise ConfigurationError("give ssl_context or cert_file/key_file, not both")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerStatistics:
+    """A snapshot of a server's counters (since it started) and gauges (now)."""
+
+    connections_accepted: int
+    connections_open: int
+    auth_failures: int  # connections refused for a wrong or missing token
+    protocol_errors: int  # connections closed for malformed/oversized frames, bad streams, timeouts
+    streams_started: int  # answers that reached the backend
+    streams_completed: int  # answers that ended with a done frame (finish stop/length)
+    streams_cancelled: int  # answers stopped by a cancel frame or a vanished client
+    streams_failed: int  # answers that ended with an error frame (after or before the backend)
+    tokens_generated: int  # tokens the backend produced, delivered or not
+    queued: int  # answers waiting for the backend now
+    running: int  # answers in the backend now
+
+
+@dataclasses.dataclass
+class _Counters:
+    connections_accepted: int = 0
+    connections_open: int = 0
+    auth_failures: int = 0
+    protocol_errors: int = 0
+    streams_started: int = 0
+    streams_completed: int = 0
+    streams_cancelled: int = 0
+    streams_failed: int = 0
+    tokens_generated: int = 0
+
+
+class Scheduler(Protocol):
+    """Decides when an answer may enter the backend (the server-side scheduling seam)."""
+
+    def admit(self, request: GenerationRequest) -> AbstractAsyncContextManager[None]:
+        """Wait for ``request``'s turn and hold it for the block. Raises
+        EndpointError(code="overloaded") when too many wait. Cancellation leaves the queue."""
+        ...
+
+    @property
+    def queued(self) -> int: ...
+
+    @property
+    def running(self) -> int: ...
+
+
+class FcfsScheduler:
+    """First come, first served: ``slots`` answers at a time, at most ``max_queue`` waiting."""
+
+    def __init__(self, slots: int, max_queue: int) -> None:
+        self._limiter = trio.CapacityLimiter(slots)  # wakes waiters in FIFO order
+        self._max_queue = max_queue
+        self._queued = 0
+
+    @property
+    def queued(self) -> int:
+        return self._queued
+
+    @property
+    def running(self) -> int:
+        return int(self._limiter.borrowed_tokens)
+
+    @asynccontextmanager
+    async def admit(self, request: GenerationRequest) -> AsyncIterator[None]:
+        if self._limiter.available_tokens == 0 and self._queued >= self._max_queue:
+            raise EndpointError(f"the server's queue is full ({self._max_queue} waiting)", code=Code.OVERLOADED)
+        self._queued += 1
+        try:
+            await self._limiter.acquire()
+        finally:
+            self._queued -= 1
+        try:
+            yield
+        finally:
+            self._limiter.release()
+
+
+SCHEDULERS: dict[str, Callable[[int, int], Scheduler]] = {"fcfs": FcfsScheduler}
+"""Server-side schedulers by name: ``factory(slots, max_queue)``."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunningServer:
+    """What ``nursery.start(serve, config)`` returns: where it listens and how it is doing."""
+
+    listeners: tuple[_transports.ListenerInfo, ...]
+    _counters: _Counters = dataclasses.field(repr=False)
+    _scheduler: Scheduler = dataclasses.field(repr=False)
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        return tuple(info.url for info in self.listeners)
+
+    def statistics(self) -> ServerStatistics:
+        c = self._counters
+        return ServerStatistics(
+            **dataclasses.asdict(c), queued=self._scheduler.queued, running=self._scheduler.running
+        )
+
+
+async def serve(config: ServerConfig, *, task_status: trio.TaskStatus[RunningServer] = trio.TASK_STATUS_IGNORED) -> None:
+    """Listen on every URL of ``config`` and serve until cancelled.
+
+    Reports a :class:`RunningServer` once every listener is up. Raises ConfigurationError for
+    a bad config, OSError if a listener cannot bind. On cancellation each connected client is
+    told ``shutting_down`` (best effort, briefly) and dropped.
+    """
+    plans = [_listener_plan(url, config) for url in config.listen]
+    counters = _Counters()
+    scheduler = SCHEDULERS[config.scheduler](config.parallel, config.max_queue)
+    handler = functools.partial(_serve_connection, config, scheduler, counters)
+    try:
+        async with trio.open_nursery() as nursery:
+            listeners = []
+            for url, context in plans:
+                info: _transports.ListenerInfo = await nursery.start(
+                    functools.partial(
+                        _transports.serve,
+                        handler,
+                        url,
+                        ssl_context=context,
+                        max_frame_size=config.max_frame_size,
+                    )
+                )
+                listeners.append(info)
+                log.info("listening on %s", info.url)
+            task_status.started(RunningServer(tuple(listeners), counters, scheduler))
+    except BaseExceptionGroup as group:
+        raise _single(group) from None
+
+
+def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one exception a group carries (the usual story), else the group itself."""
+    leaves: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for inner in e.exceptions:
+                walk(inner)
+        else:
+            leaves.append(e)
+
+    walk(group)
+    return leaves[0] if len(leaves) == 1 else group
+
+
+def _listener_plan(url: str, config: ServerConfig) -> tuple[str, ssl.SSLContext | None]:
+    try:
+        scheme, _, _ = _transports.split_url(url)
+        _transports.get_transport(scheme)
+    except (ValueError, _transports.UnknownTransportError) as e:
+        raise ConfigurationError(f"cannot listen on {url!r}: {e}") from e
+    if scheme in PLAIN_SCHEMES:
+        return url, None
+    context = config.ssl_context
+    if context is None and config.cert_file is not None and config.key_file is not None:
+        context = server_ssl_context(Credentials.from_files(config.cert_file, config.key_file))
+    if context is None:
+        raise ConfigurationError(f"{scheme}:// needs TLS: give ssl_context or cert_file and key_file")
+    return url, context
+
+
+# -- one connection -----------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Frame:
+    stream_id: int
+    data: bytes
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _TokenOut:
+    stream_id: int
+    piece: TokenPiece
+    generated_ns: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _DoneOut:
+    stream_id: int
+    result: GenerationResult
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _ErrorOut:
+    stream_id: int
+    code: str
+    message: str
+
+
+class _Flush:
+    """Writer: everything before this is sent; stop."""
+
+
+_Out = Union[_Frame, _TokenOut, _DoneOut, _ErrorOut, _Flush]
+
+
+async def _serve_connection(
+    config: ServerConfig, scheduler: Scheduler, counters: _Counters, connection: _transports.FrameConnection
+) -> None:
+    counters.connections_accepted += 1
+    counters.connections_open += 1
+    try:
+        await _Session(config, scheduler, counters, connection).run()
+    except Exception:  # a bug in one session must not stop the server
+        log.exception("connection session failed")
+    finally:
+        counters.connections_open -= 1
+        with trio.CancelScope(shield=True), trio.move_on_after(_SHUTDOWN_NOTICE):
+            await connection.aclose()
+
+
+class _Session:
+    """Reader, writer, heartbeat and answer tasks of one connection, sharing one protocol."""
+
+    def __init__(
+        self, config: ServerConfig, scheduler: Scheduler, counters: _Counters, connection: _transports.FrameConnection
+    ) -> None:
+        self._config = config
+        self._scheduler = scheduler
+        self._counters = counters
+        self._conn = connection
+        self._proto = ServerProtocol(
+            check_token=_check_token(config.tokens),
+            model=config.backend.model_id,
+            max_frame_size=config.max_frame_size,
+            max_streams=config.max_streams_per_connection,
+            heartbeat_interval=config.heartbeat_interval,
+            agent="pydisco-server",
+        )
+        # Unbounded on purpose: backends call the sink without waiting, and every answer is
+        # bounded by max_tokens; a slow client only delays its own connection.
+        self._out_send, self._out_receive = trio.open_memory_channel[_Out](math.inf)
+        self._answers: dict[int, trio.CancelScope] = {}
+        self._flushed = trio.Event()
+        self._peer_gone = False
+        self._cancel_all = trio.CancelScope()  # replaced by the session nursery's scope in run()
+
+    async def run(self) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._cancel_all = nursery.cancel_scope
+                nursery.start_soon(self._writer)
+                nursery.start_soon(self._heartbeat)
+                await self._reader(nursery)
+                nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            raise _single(group) from None
+        finally:
+            if not self._peer_gone and self._proto.state is not ServerState.CLOSED:
+                await self._tell_shutdown()
+
+    async def _tell_shutdown(self) -> None:
+        """The server is stopping (we were cancelled): say so on stream 0, briefly."""
+        for out in self._proto.fail(Code.SHUTTING_DOWN, "the server is shutting down"):
+            if isinstance(out, Send):
+                with trio.CancelScope(shield=True), trio.move_on_after(_SHUTDOWN_NOTICE):
+                    try:
+                        await self._conn.send_frame(out.stream_id, out.data)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass
+
+    # Reading -----------------------------------------------------------------------------
+
+    async def _reader(self, nursery: trio.Nursery) -> None:
+        while True:
+            ready = self._proto.state is ServerState.READY
+            timeout = self._config.idle_timeout if ready else self._config.handshake_timeout
+            outputs: list[object] = []
+            with trio.move_on_after(timeout) as idle:
+                try:
+                    stream_id, data = await self._conn.receive_frame()
+                except _transports.FrameTooLarge as e:
+                    outputs.extend(self._proto.frame_too_large())
+                    log.info("closing a connection: %s", e)
+                except (trio.EndOfChannel, trio.BrokenResourceError, trio.ClosedResourceError):
+                    self._peer_gone = True
+                    return
+                else:
+                    outputs.extend(self._proto.receive(stream_id, data))
+            if idle.cancelled_caught:
+                what = "finish the handshake" if not ready else "send anything (not even a pong)"
+                outputs.extend(self._proto.fail(Code.TIMEOUT, f"the client did not {what} within {timeout:g} s"))
+            for out in outputs:
+                if isinstance(out, Send):
+                    self._out_send.send_nowait(_Frame(out.stream_id, out.data))
+                elif isinstance(out, StartStream):
+                    scope = trio.CancelScope()
+                    self._answers[out.stream_id] = scope
+                    nursery.start_soon(self._answer, out.stream_id, out.request, scope)
+                elif isinstance(out, CancelStream):
+                    scope_to_cancel = self._answers.get(out.stream_id)
+                    if scope_to_cancel is not None:
+                        scope_to_cancel.cancel()
+                elif isinstance(out, CloseConnection):
+                    await self._close(out)
+                    return
+                elif isinstance(out, Authenticated):
+                    pass
+
+    async def _close(self, reason: CloseConnection) -> None:
+        if reason.code == Code.UNAUTHORIZED:
+            self._counters.auth_failures += 1
+            log.warning("refused a client: %s", reason.message)
+        else:
+            self._counters.protocol_errors += 1
+            log.info("closing a connection (%s): %s", reason.code, reason.message)
+        for scope in self._answers.values():
+            scope.cancel()
+        self._out_send.send_nowait(_Flush())
+        with trio.move_on_after(_FLUSH_TIMEOUT):
+            await self._flushed.wait()
+
+    # Writing -----------------------------------------------------------------------------
+
+    async def _writer(self) -> None:
+        proto = self._proto
+        try:
+            async for item in self._out_receive:
+                if isinstance(item, _Flush):
+                    break
+                now = time.monotonic_ns()
+                if isinstance(item, _TokenOut):
+                    data = proto.token(item.stream_id, item.piece, item.generated_ns, now)
+                elif isinstance(item, _DoneOut):
+                    data = proto.done(item.stream_id, item.result, now)
+                elif isinstance(item, _ErrorOut):
+                    data = proto.stream_error(item.stream_id, item.code, item.message)
+                else:
+                    data = item.data
+                if data is None:
+                    continue  # the stream was cancelled or closed meanwhile
+                await self._conn.send_frame(item.stream_id, data)
+                if not isinstance(item, (_TokenOut, _Frame)) and item.stream_id != CONNECTION_STREAM:
+                    await self._conn.end_stream(item.stream_id)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            # The client is gone: stop every answer now rather than at the next read.
+            self._peer_gone = True
+            self._cancel_all.cancel()
+        finally:
+            self._flushed.set()
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await trio.sleep(self._config.heartbeat_interval)
+            if self._proto.state is not ServerState.CLOSED:
+                self._out_send.send_nowait(_Frame(CONNECTION_STREAM, self._proto.ping()))
+
+    # Answering ---------------------------------------------------------------------------
+
+    async def _answer(self, sid: int, request: GenerationRequest, scope: trio.CancelScope) -> None:
+        counters = self._counters
+        produced = 0
+
+        def sink(piece: TokenPiece) -> None:
+            nonlocal produced
+            produced += 1
+            counters.tokens_generated += 1
+            self._out_send.send_nowait(_TokenOut(sid, piece, time.monotonic_ns()))
+
+        out: _Out
+        try:
+            with scope:
+                async with self._scheduler.admit(request):
+                    counters.streams_started += 1
+                    result = await self._config.backend.generate(request, sink)
+                out = _DoneOut(sid, self._priced(result))
+            if scope.cancelled_caught:
+                counters.streams_cancelled += 1
+                out = _DoneOut(sid, GenerationResult("cancelled", 0, 0, produced))
+            elif result.finish_reason == "cancelled":
+                counters.streams_cancelled += 1
+            else:
+                counters.streams_completed += 1
+        except trio.Cancelled:  # the client vanished or the server is stopping
+            counters.streams_cancelled += 1
+            raise
+        except Exception as e:  # the backend's failure ends this answer only
+            counters.streams_failed += 1
+            code, message = _error_code(e)
+            if code == Code.INTERNAL:
+                log.exception("answer on stream %d failed", sid)
+            out = _ErrorOut(sid, code, message)
+        finally:
+            self._answers.pop(sid, None)
+        self._out_send.send_nowait(out)
+
+    def _priced(self, result: GenerationResult) -> GenerationResult:
+        c = self._config
+        extra = c.cost_per_prompt_token * result.prefilled_tokens + c.cost_per_generated_token * result.generated_tokens
+        return dataclasses.replace(result, cost_units=result.cost_units + extra) if extra else result
+
+
+def _check_token(tokens: Collection[str]) -> Callable[[str], bool]:
+    encoded = [t.encode("utf-8") for t in tokens]
+
+    def check(candidate: str) -> bool:
+        given = candidate.encode("utf-8", "surrogateescape")
+        # Compare with every accepted token, so timing says nothing about which one nearly matched.
+        return sum(hmac.compare_digest(given, t) for t in encoded) > 0
+
+    return check
+
+
+def _error_code(e: Exception) -> tuple[str, str]:
+    if isinstance(e, PromptTooLongError):
+        return Code.PROMPT_TOO_LONG, str(e)
+    if isinstance(e, EndpointError):
+        return (e.code if e.code in ERROR_CODES else Code.INTERNAL), str(e)
+    if isinstance(e, (ConfigurationError, ValueError)):
+        return Code.BAD_REQUEST, str(e)
+    return Code.INTERNAL, f"internal error ({type(e).__name__})"
