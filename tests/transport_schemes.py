@@ -1,0 +1,3 @@
+"""The transport schemes the server tests run over (the QUIC transport adds "quic" here)."""
+
+SCHEMES = ["memory", "ws", "wss", "quic"]
