@@ -34,12 +34,13 @@ from aioquic.quic.packet import QuicErrorCode
 from ._base import FrameTooLarge
 from ._quic_config import QuicSettings
 from ._quic_framing import (
-    CONTROL_PREFACE,
+    MAX_VARINT,
     FrameDecoder,
     Oversized,
+    StreamHeader,
+    StreamTable,
     encode_frame,
-    frame_stream_id,
-    quic_stream_id,
+    encode_stream_header,
 )
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,11 @@ def _tls_error(event: events.ConnectionTerminated) -> ssl.SSLError:
     if _tls_alert(event) in _CERTIFICATE_ALERTS:
         return ssl.SSLCertVerificationError(event.reason_phrase)
     return ssl.SSLError(event.reason_phrase)
+
+
+def _check_stream_id(stream_id: int) -> None:
+    if not 0 <= stream_id <= MAX_VARINT:
+        raise ValueError(f"stream ids are integers in [0, 2**62), got {stream_id!r}")
 
 
 def _describe_end(event: events.ConnectionTerminated) -> str:
@@ -112,15 +118,16 @@ class QuicFrameConnection:
         self._is_client = quic.configuration.is_client
         self._inbox: collections.deque[tuple[bytes, NetworkAddress]] = collections.deque()
         self._ready: collections.deque[_Item] = collections.deque()
+        self._outbox: collections.deque[tuple[bytes, NetworkAddress]] = collections.deque()
         self._frames_send, self._frames_recv = trio.open_memory_channel[_Item](
             settings.frame_queue
         )
         self._decoders: dict[int, FrameDecoder] = {}
+        self._streams = StreamTable()
         self._wakeup = trio.Event()
         self._progress = trio.lowlevel.ParkingLot()  # senders waiting for acknowledgements
         self._handshake_done = trio.Event()
-        self._control_opened = trio.Event()  # server: the client's preface arrived
-        self._preface_pending = not self._is_client
+        self._control_opened = trio.Event()  # server: the client opened the control stream
         self._handshake_ok = False
         self._ended: events.ConnectionTerminated | None = None
         self._failure: str | None = None  # the socket failed (e.g. ICMP port unreachable)
@@ -171,20 +178,20 @@ class QuicFrameConnection:
         await self._handshake_done.wait()
         if not self._handshake_ok:
             raise self._broken()
-        self._quic.send_stream_data(0, CONTROL_PREFACE)
-        self._wake()
+        self._open_stream(0)  # QUIC stream 0, so the server can answer on it
+        self._queue_output()
 
     async def wait_control_opened(self) -> bool:
         """Server: wait until the client opened its control stream; False if it never will."""
         await self._control_opened.wait()
-        return not self._preface_pending and self._ended is None and self._failure is None
+        return self._streams.quic_id(0) is not None and not self._gone()
 
     def abort(self, reason: str) -> None:
         """Close now with an error code (the peer sees a broken connection)."""
         self._closing = True
         self._frames_recv.close()
         self._quic.close(error_code=QuicErrorCode.INTERNAL_ERROR, reason_phrase=reason)
-        self._wake()
+        self._queue_output()
 
     async def wait_finished(self) -> None:
         await self._finished.wait()
@@ -199,17 +206,25 @@ class QuicFrameConnection:
         this side closed the connection or can no longer send on the stream (it ended it, or
         the client has not opened it), ``BrokenResourceError`` when the connection has ended.
         """
-        quic_id = quic_stream_id(stream_id)
+        _check_stream_id(stream_id)
         await trio.lowlevel.checkpoint_if_cancelled()
         self._check_usable()
         while _unacked_bytes(self._quic) >= self._settings.send_buffer:
             await self._progress.park()
             self._check_usable()
+        quic_id = self._streams.quic_id(stream_id)
+        if quic_id is None:
+            if not self._is_client:
+                raise trio.ClosedResourceError(
+                    f"stream {stream_id} is not open: the client opens streams, and this one "
+                    "was never opened or has ended both ways"
+                )
+            quic_id = self._open_stream(stream_id)
         try:
             self._quic.send_stream_data(quic_id, encode_frame(frame))
-        except (ValueError, RuntimeError) as exc:  # aioquic: stream finished, reset, unknown
+        except (ValueError, RuntimeError) as exc:  # aioquic: ended by us, or reset on request
             raise trio.ClosedResourceError(f"cannot send on stream {stream_id}: {exc}") from exc
-        self._wake()
+        self._queue_output()
         await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def receive_frame(self) -> tuple[int, bytes]:
@@ -237,17 +252,21 @@ class QuicFrameConnection:
         return item
 
     async def end_stream(self, stream_id: int) -> None:
-        """Send FIN on ``stream_id``: no more frames follow. A no-op when the stream can no
-        longer be sent on. Does not block; raises like ``send_frame`` when the connection is
-        closed or lost."""
-        quic_id = quic_stream_id(stream_id)
+        """Send FIN on ``stream_id``: no more frames follow. Both sides must end a request
+        stream for QUIC to free it (a connection has 128 open at a time). A no-op for a stream
+        never used or already ended. Does not block; raises like ``send_frame`` when the
+        connection is closed or lost."""
+        _check_stream_id(stream_id)
         await trio.lowlevel.checkpoint_if_cancelled()
         self._check_usable()
-        try:
-            self._quic.send_stream_data(quic_id, b"", end_stream=True)
-        except (ValueError, RuntimeError):
-            pass  # already ended, finished or never openable: nothing more goes there anyway
-        self._wake()
+        quic_id = self._streams.quic_id(stream_id)
+        if quic_id is not None:  # else nothing was ever sent there: nothing to end
+            try:
+                self._quic.send_stream_data(quic_id, b"", end_stream=True)
+            except (ValueError, RuntimeError):
+                pass  # already ended, or reset at the peer's request
+            self._streams.sent_fin(quic_id)
+            self._queue_output()
         await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def aclose(self) -> None:
@@ -278,7 +297,7 @@ class QuicFrameConnection:
                 self._quic.close(
                     error_code=QuicErrorCode.INTERNAL_ERROR, reason_phrase="closed abruptly"
                 )
-            self._wake()
+            self._queue_output()
         await trio.lowlevel.checkpoint()
 
     # ----- driver ---------------------------------------------------------------------------
@@ -310,6 +329,9 @@ class QuicFrameConnection:
                 self._stream_data(event.stream_id, event.data, event.end_stream)
             elif isinstance(event, events.StreamReset):
                 self._decoders.pop(event.stream_id, None)
+                self._streams.received_fin(event.stream_id)
+            elif isinstance(event, events.StopSendingReceived):
+                self._streams.sent_fin(event.stream_id)  # aioquic resets our side
             elif isinstance(event, events.HandshakeCompleted):
                 self._handshake_ok = True
                 self._handshake_done.set()
@@ -325,23 +347,24 @@ class QuicFrameConnection:
                 self._control_opened.set()
 
     def _stream_data(self, quic_id: int, data: bytes, fin: bool) -> None:
-        stream_id = frame_stream_id(quic_id)
-        if stream_id is None:
-            return  # a stream kind this transport never opens: ignore it
-        if quic_id == 0 and self._preface_pending and data:
-            if data[:1] != CONTROL_PREFACE:
-                self._quic.close(
-                    error_code=QuicErrorCode.PROTOCOL_VIOLATION,
-                    reason_phrase="bad control stream preface",
-                )
-                return
-            self._preface_pending = False
-            self._control_opened.set()
-            data = data[1:]
+        if quic_id % 4 != 0:
+            return  # not a client-initiated bidirectional stream: never used here, ignore it
         decoder = self._decoders.get(quic_id)
         if decoder is None:
-            decoder = self._decoders[quic_id] = FrameDecoder(self._max_frame_size)
+            decoder = FrameDecoder(self._max_frame_size, stream_header=not self._is_client)
+            self._decoders[quic_id] = decoder
         for piece in decoder.feed(data):
+            if isinstance(piece, StreamHeader):
+                if (piece.stream_id == 0) != (quic_id == 0):
+                    self._protocol_violation(f"QUIC stream {quic_id} claims id {piece.stream_id}")
+                    return
+                self._streams.bind(piece.stream_id, quic_id)
+                if quic_id == 0:
+                    self._control_opened.set()
+                continue
+            stream_id = self._streams.contract_id(quic_id)
+            if stream_id is None:
+                continue  # a stream this side has forgotten (ended both ways): drop
             if isinstance(piece, Oversized):
                 self._ready.append(
                     FrameTooLarge(
@@ -353,8 +376,20 @@ class QuicFrameConnection:
                 self._ready.append((stream_id, piece))
         if fin:
             if decoder.mid_frame:
-                logger.warning("%s: stream %d ended inside a frame", self._peer, stream_id)
+                logger.warning("%s: QUIC stream %d ended inside a frame", self._peer, quic_id)
             del self._decoders[quic_id]
+            self._streams.received_fin(quic_id)
+
+    def _open_stream(self, stream_id: int) -> int:
+        # Client only: the next QUIC stream, announced by its header.
+        quic_id = self._quic.get_next_available_stream_id()
+        self._quic.send_stream_data(quic_id, encode_stream_header(stream_id))
+        self._streams.bind(stream_id, quic_id)
+        return quic_id
+
+    def _protocol_violation(self, reason: str) -> None:
+        logger.warning("%s: %s", self._peer, reason)
+        self._quic.close(error_code=QuicErrorCode.PROTOCOL_VIOLATION, reason_phrase=reason)
 
     def _deliver_ready(self) -> None:
         while self._ready:
@@ -367,8 +402,17 @@ class QuicFrameConnection:
                 return
             self._ready.popleft()
 
+    def _queue_output(self) -> None:
+        # Packetise at once, in call order, so frames leave in the order they were sent: QUIC
+        # orders frames within a stream only, and across streams this then still holds unless
+        # packets are lost or the congestion window is full. The driver does the sending.
+        self._outbox.extend(self._quic.datagrams_to_send(now=trio.current_time()))
+        self._wake()
+
     async def _transmit(self) -> None:
-        for data, addr in self._quic.datagrams_to_send(now=trio.current_time()):
+        self._outbox.extend(self._quic.datagrams_to_send(now=trio.current_time()))
+        while self._outbox:  # senders may add more while this awaits: send those too
+            data, addr = self._outbox.popleft()
             await self._send_datagram(data, addr)
 
     def _abort_on_exit(self) -> None:

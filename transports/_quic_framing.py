@@ -1,14 +1,17 @@
-"""Wire format of the QUIC transport: which QUIC stream carries a frame stream, and how frames
-are delimited on it. Pure functions and a sans-IO decoder, no I/O.
+"""Wire format of the QUIC transport: how a contract stream rides on a QUIC stream, and how
+frames are delimited on it. Pure functions and a sans-IO decoder, no I/O.
 
-Stream ids: the contract numbers streams 0 (connection control) and 1, 3, 5, ... (requests,
-chosen by the client). All of them ride on client-initiated bidirectional QUIC streams, whose
-ids are 0, 4, 8, ...; the mapping is dense (0 -> 0, 1 -> 4, 3 -> 8, 5 -> 12), so request *k*
-uses QUIC stream *k* and no QUIC stream is skipped. A skipped QUIC stream would be opened
-implicitly by the peer and hold one of its stream credits for the life of the connection.
+Streams: every contract stream (0 for connection control, then the client's request ids) is
+its own client-initiated bidirectional QUIC stream, opened by the client in order of first use:
+the control stream is QUIC stream 0 (opened right after the handshake), and each new request
+id takes the next free one (4, 8, 12, ...). The client starts each QUIC stream with a *stream
+header*, the contract's id as a QUIC varint, and the server maps the QUIC stream back to that
+id. The ids are not turned into QUIC stream numbers arithmetically because QUIC opens every
+lower-numbered stream implicitly and limits how many may be open: a request id such as
+2**31 - 1 would otherwise need a billion streams. A server cannot open streams of its own.
 
-Frames: a QUIC variable-length integer (RFC 9000 section 16) giving the body's length, then the
-body. Token frames are tens of bytes, so the 1-2 byte prefix matters more than a fixed u32.
+Frames: a QUIC varint (RFC 9000 section 16) giving the body's length, then the body. Token
+frames are tens of bytes, so the 1-2 byte prefix matters more than a fixed u32 would.
 """
 
 from __future__ import annotations
@@ -16,28 +19,6 @@ from __future__ import annotations
 import dataclasses
 
 MAX_VARINT = (1 << 62) - 1
-
-CONTROL_PREFACE = b"\x01"
-"""Sent by the client as the first byte of QUIC stream 0. A server cannot send on a
-client-initiated stream the client has not opened yet, so the client opens the control stream
-straight after the handshake; the byte also versions this framing."""
-
-
-def quic_stream_id(stream_id: int) -> int:
-    """The QUIC stream that carries the contract's ``stream_id`` (0 or odd)."""
-    if stream_id == 0:
-        return 0
-    if stream_id < 0 or stream_id % 2 == 0:
-        raise ValueError(f"stream ids are 0 (control) or odd (requests), got {stream_id!r}")
-    return 2 * (stream_id + 1)
-
-
-def frame_stream_id(quic_id: int) -> int | None:
-    """The contract's stream id carried by QUIC stream ``quic_id``, or None when that QUIC
-    stream is not a client-initiated bidirectional one (the transport never uses those)."""
-    if quic_id % 4 != 0:
-        return None
-    return 0 if quic_id == 0 else quic_id // 2 - 1
 
 
 def encode_varint(value: int) -> bytes:
@@ -57,6 +38,18 @@ def encode_frame(frame: bytes) -> bytes:
     return encode_varint(len(frame)) + frame
 
 
+def encode_stream_header(stream_id: int) -> bytes:
+    """What the client writes first on a QUIC stream it opens for contract stream ``stream_id``."""
+    return encode_varint(stream_id)
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamHeader:
+    """The decoder's first output on a stream that starts with a stream header."""
+
+    stream_id: int
+
+
 @dataclasses.dataclass(frozen=True)
 class Oversized:
     """Stands in the decoder's output for a frame that was over the limit and skipped."""
@@ -64,16 +57,21 @@ class Oversized:
     size: int
 
 
+Decoded = bytes | Oversized | StreamHeader
+
+
 class FrameDecoder:
     """Splits one stream's bytes into frames, in order, whatever the chunking.
 
-    A frame whose length prefix exceeds ``max_frame_size`` is reported as ``Oversized`` as soon
-    as the prefix is read, and its body is then discarded as it arrives, never buffered; the
-    frames after it decode normally.
+    With ``stream_header``, the stream's first varint is reported as a ``StreamHeader``. A frame
+    whose length prefix exceeds ``max_frame_size`` is reported as ``Oversized`` as soon as the
+    prefix is read, and its body is then discarded as it arrives, never buffered; the frames
+    after it decode normally.
     """
 
-    def __init__(self, max_frame_size: int) -> None:
+    def __init__(self, max_frame_size: int, *, stream_header: bool = False) -> None:
         self._max = max_frame_size
+        self._header_pending = stream_header
         self._header = bytearray()  # a length prefix split across chunks
         self._body = bytearray()
         self._need: int | None = None  # body bytes still missing; None while reading a prefix
@@ -84,8 +82,8 @@ class FrameDecoder:
         """True when a frame has started but not ended (a FIN now would cut it)."""
         return bool(self._header) or self._need is not None or self._skip > 0
 
-    def feed(self, data: bytes) -> list[bytes | Oversized]:
-        out: list[bytes | Oversized] = []
+    def feed(self, data: bytes) -> list[Decoded]:
+        out: list[Decoded] = []
         view = memoryview(data)
         while view:
             if self._skip:
@@ -105,7 +103,7 @@ class FrameDecoder:
                     self._need = None
         return out
 
-    def _read_prefix(self, view: memoryview, out: list[bytes | Oversized]) -> memoryview:
+    def _read_prefix(self, view: memoryview, out: list[Decoded]) -> memoryview:
         first = self._header[0] if self._header else view[0]
         width = 1 << (first >> 6)  # the top two bits give the prefix's length
         if not self._header and len(view) >= width:  # common case: the whole prefix is here
@@ -120,7 +118,10 @@ class FrameDecoder:
             prefix = bytes(self._header)
             self._header.clear()
         size = int.from_bytes(prefix, "big") & ((1 << (8 * width - 2)) - 1)
-        if size > self._max:
+        if self._header_pending:
+            self._header_pending = False
+            out.append(StreamHeader(size))
+        elif size > self._max:
             out.append(Oversized(size))
             self._skip = size
         elif size == 0:
@@ -128,3 +129,47 @@ class FrameDecoder:
         else:
             self._need = size
         return view
+
+
+class StreamTable:
+    """Which QUIC stream carries which contract stream, on one side of a connection.
+
+    An entry lives until both directions of its QUIC stream have ended (FIN or reset each way),
+    which is also when QUIC frees the stream.
+    """
+
+    def __init__(self) -> None:
+        self._quic_of: dict[int, int] = {}  # contract id -> QUIC id (the latest, if reused)
+        self._contract_of: dict[int, int] = {}  # QUIC id -> contract id
+        self._fin_sent: set[int] = set()
+        self._fin_received: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self._contract_of)
+
+    def quic_id(self, stream_id: int) -> int | None:
+        return self._quic_of.get(stream_id)
+
+    def contract_id(self, quic_id: int) -> int | None:
+        return self._contract_of.get(quic_id)
+
+    def bind(self, stream_id: int, quic_id: int) -> None:
+        self._quic_of[stream_id] = quic_id
+        self._contract_of[quic_id] = stream_id
+
+    def sent_fin(self, quic_id: int) -> None:
+        self._fin_sent.add(quic_id)
+        self._forget_if_done(quic_id)
+
+    def received_fin(self, quic_id: int) -> None:
+        self._fin_received.add(quic_id)
+        self._forget_if_done(quic_id)
+
+    def _forget_if_done(self, quic_id: int) -> None:
+        if quic_id not in self._fin_sent or quic_id not in self._fin_received:
+            return
+        self._fin_sent.discard(quic_id)
+        self._fin_received.discard(quic_id)
+        stream_id = self._contract_of.pop(quic_id, None)
+        if stream_id is not None and self._quic_of.get(stream_id) == quic_id:
+            del self._quic_of[stream_id]
