@@ -1,3 +1,4 @@
+#include <pybind11/native_enum.h>
 #include <pybind11/stl.h>
 
 #include <memory>
@@ -19,7 +20,7 @@ std::int64_t or_now(std::optional<std::int64_t> t) { return t ? *t : now_ns(); }
 }  // namespace
 
 void register_migration(py::module_& m) {
-  py::enum_<MigrationState>(m, "MigrationState")
+  py::native_enum<MigrationState>(m, "MigrationState", "enum.Enum")
       .value("IDLE", MigrationState::kIdle)
       .value("RACING", MigrationState::kRacing)
       .value("STREAMING", MigrationState::kStreaming)
@@ -28,9 +29,10 @@ void register_migration(py::module_& m) {
       .value("RECOVERING", MigrationState::kRecovering)
       .value("FINISHED", MigrationState::kFinished)
       .value("FAILED", MigrationState::kFailed)
-      .value("CANCELLED", MigrationState::kCancelled);
+      .value("CANCELLED", MigrationState::kCancelled)
+      .finalize();
 
-  py::enum_<MigrationEvent>(m, "MigrationEvent")
+  py::native_enum<MigrationEvent>(m, "MigrationEvent", "enum.Enum")
       .value("START", MigrationEvent::kStart)
       .value("RACE", MigrationEvent::kRace)
       .value("WON", MigrationEvent::kWon)
@@ -44,24 +46,27 @@ void register_migration(py::module_& m) {
       .value("RESUME", MigrationEvent::kResume)
       .value("FINISH", MigrationEvent::kFinish)
       .value("CANCEL", MigrationEvent::kCancel)
-      .value("GIVE_UP", MigrationEvent::kGiveUp);
+      .value("GIVE_UP", MigrationEvent::kGiveUp)
+      .finalize();
 
-  py::enum_<EndpointRole>(m, "EndpointRole")
+  py::native_enum<EndpointRole>(m, "EndpointRole", "enum.Enum")
       .value("NONE", EndpointRole::kNone)
       .value("RACER", EndpointRole::kRacer)
       .value("SOURCE", EndpointRole::kSource)
       .value("TARGET", EndpointRole::kTarget)
       .value("STANDBY", EndpointRole::kStandby)
       .value("STOPPED", EndpointRole::kStopped)
-      .value("FAILED", EndpointRole::kFailed);
+      .value("FAILED", EndpointRole::kFailed)
+      .finalize();
 
-  py::enum_<OfferResult>(m, "OfferResult")
+  py::native_enum<OfferResult>(m, "OfferResult", "enum.Enum")
       .value("COMMITTED", OfferResult::kCommitted)
       .value("DUPLICATE", OfferResult::kDuplicate)
       .value("AHEAD", OfferResult::kAhead)
       .value("NOT_ACTIVE", OfferResult::kNotActive)
       .value("CLOSED", OfferResult::kClosed)
-      .value("BACKPRESSURE", OfferResult::kBackpressure);
+      .value("BACKPRESSURE", OfferResult::kBackpressure)
+      .finalize();
 
   py::register_exception<IllegalTransition>(m, "IllegalTransition", PyExc_RuntimeError);
 

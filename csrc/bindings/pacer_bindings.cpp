@@ -1,3 +1,4 @@
+#include <pybind11/native_enum.h>
 #include <pybind11/stl.h>
 
 #include <memory>
@@ -13,10 +14,12 @@ namespace py = pybind11;
 namespace pydisco::bindings {
 
 void register_pacer(py::module_& m) {
-  py::enum_<MissPolicy>(m, "MissPolicy", "What the schedule does after a missed deadline.")
+  py::native_enum<MissPolicy>(m, "MissPolicy", "enum.Enum",
+                              "What the schedule does after a missed deadline.")
       .value("DELAY", MissPolicy::kDelay, "re-anchor on the effective deadline (no burst)")
-      .value("CATCH_UP", MissPolicy::kCatchUp, "keep the grid; burst until caught up")
-      .value("SKIP", MissPolicy::kSkip, "keep the grid; skip missed slots");
+      .value("CATCH_UP", MissPolicy::kCatchUp, "keep the grid, burst until caught up")
+      .value("SKIP", MissPolicy::kSkip, "keep the grid, skip missed slots")
+      .finalize();
 
   py::class_<PaceSchedule>(m, "PaceSchedule",
                            "Pure pacing arithmetic: the deadline of each token, no clock inside.")
