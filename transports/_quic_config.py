@@ -30,8 +30,10 @@ against the platform's trust store and check its name, as ``wss`` does.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import ssl
+import warnings
 from typing import Any
 
 from aioquic.quic.configuration import QuicConfiguration
@@ -143,6 +145,24 @@ def server_configuration(
     return config
 
 
+@functools.lru_cache(maxsize=8)
+def _pem_bundle(der_certs: tuple[bytes, ...]) -> bytes:
+    """The certificates as one PEM bundle for aioquic, leaving out those ``cryptography``
+    refuses or warns about (some system bundles hold CAs with non-positive serial numbers):
+    aioquic parses the whole bundle on every handshake, so one such certificate would
+    fail every verification once ``cryptography`` turns the warning into an error."""
+    pems = []
+    for der in der_certs:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            try:
+                x509.load_der_x509_certificate(der)
+            except (ValueError, Warning):
+                continue
+        pems.append(ssl.DER_cert_to_PEM_cert(der))
+    return "".join(pems).encode("ascii")
+
+
 def client_configuration(
     settings: QuicSettings, ssl_context: ssl.SSLContext | None, host: str
 ) -> QuicConfiguration:
@@ -162,8 +182,7 @@ def client_configuration(
     else:
         der_certs = ctx.get_ca_certs(binary_form=True)
         if der_certs:
-            pem = "".join(ssl.DER_cert_to_PEM_cert(der) for der in der_certs)
-            config.cadata = pem.encode("ascii")
+            config.cadata = _pem_bundle(tuple(der_certs))
         else:
             paths = ssl.get_default_verify_paths()
             config.cafile, config.capath = paths.cafile, paths.capath

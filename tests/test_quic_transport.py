@@ -1,0 +1,410 @@
+"""The QUIC transport on loopback: real UDP sockets, throwaway certificates (trustme), port 0,
+every test under an absolute time limit."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import trio
+import trio.testing
+import trustme
+
+from pydisco._errors import ConfigurationError
+from pydisco._linkemu import LinkControl, LinkProfile, serve_udp_proxy
+
+if TYPE_CHECKING:  # mypy reads the source tree
+    from transports import _base, _quic_config, quic
+else:
+    try:
+        from pydisco.transports import _base, _quic_config, quic
+    except ImportError:  # a source tree without the installed package
+        from transports import _base, _quic_config, quic
+
+LOCAL = "127.0.0.1"
+Handler = Callable[[Any], Awaitable[None]]
+
+CA = trustme.CA()
+OTHER_CA = trustme.CA()
+CERT = CA.issue_cert(LOCAL)
+SERVER = quic.QuicSettings(certificate_chain=CERT.private_key_and_cert_chain_pem.bytes())
+
+
+def client_context(ca: trustme.CA = CA) -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    return ctx
+
+
+def run(test: Callable[[], Awaitable[None]], limit: float = 10.0, clock: Any = None) -> None:
+    async def main() -> None:
+        with trio.fail_after(limit):
+            await test()
+
+    trio.run(main, clock=clock)
+
+
+async def start_server(
+    nursery: trio.Nursery, handler: Handler, settings: quic.QuicSettings = SERVER, **kw: Any
+) -> _base.ListenerInfo:
+    info: _base.ListenerInfo = await nursery.start(
+        functools.partial(quic.transport.serve, handler, LOCAL, 0, settings=settings, **kw)
+    )
+    return info
+
+
+async def connect(url: str, **kw: Any) -> quic.QuicFrameConnection:
+    kw.setdefault("ssl_context", client_context())
+    return await quic.transport.connect(url, **kw)
+
+
+async def echo(conn: Any) -> None:
+    """Echo frames; say "too large" on stream 0 for an oversized one; end a stream on b"end"."""
+    while True:
+        try:
+            sid, frame = await conn.receive_frame()
+        except _base.FrameTooLarge:
+            await conn.send_frame(0, b"too large")
+            continue
+        except (trio.EndOfChannel, trio.BrokenResourceError):
+            return
+        await conn.send_frame(sid, frame)
+        if frame == b"end":
+            await conn.end_stream(sid)
+
+
+def test_the_transport_object_meets_the_contract() -> None:
+    transport: _base.Transport = quic.transport
+    assert transport.schemes == ("quic",)
+
+
+def test_frames_round_trip_on_concurrent_streams() -> None:
+    streams, per_stream = [1, 3, 5, 7, 9, 11], 40
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            info = await start_server(nursery, echo)
+            assert info.scheme == "quic" and info.port > 0
+            conn = await connect(info.url)
+            got: dict[int, list[bytes]] = {sid: [] for sid in streams}
+
+            async def sender(sid: int) -> None:
+                for i in range(per_stream):
+                    await conn.send_frame(sid, b"%d:%d" % (sid, i) * (i % 7))
+                    await trio.sleep(0)
+
+            async with trio.open_nursery() as senders:
+                for sid in streams:
+                    senders.start_soon(sender, sid)
+                for _ in range(len(streams) * per_stream):
+                    sid, frame = await conn.receive_frame()
+                    got[sid].append(frame)
+            for sid in streams:
+                assert got[sid] == [b"%d:%d" % (sid, i) * (i % 7) for i in range(per_stream)]
+            await conn.aclose()
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_request_streams_are_recycled_past_quics_stream_credit() -> None:
+    # QUIC grants 128 open streams at a time; ending each stream both ways must free it.
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            info = await start_server(nursery, echo)
+            conn = await connect(info.url)
+            for sid in range(1, 2 * 300, 2):
+                await conn.send_frame(sid, b"end")
+                assert await conn.receive_frame() == (sid, b"end")
+                await conn.end_stream(sid)
+            await conn.aclose()
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_frames_at_the_limit_pass_and_one_byte_over_is_refused() -> None:
+    limit = 150_000
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            info = await start_server(nursery, echo, max_frame_size=limit)
+            conn = await connect(info.url, max_frame_size=limit)
+            big = bytes(range(256)) * (limit // 256) + b"x" * (limit % 256)
+            await conn.send_frame(1, big)
+            assert await conn.receive_frame() == (1, big)
+            await conn.send_frame(3, big + b"!")  # refused by the server...
+            await conn.send_frame(3, b"after")  # ...which skips it and reads on
+            assert await conn.receive_frame() == (0, b"too large")
+            assert await conn.receive_frame() == (3, b"after")
+            await conn.aclose()
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_the_client_refuses_oversized_frames_too() -> None:
+    async def shout(conn: Any) -> None:
+        await conn.send_frame(0, b"x" * 5000)
+        await conn.send_frame(0, b"small")
+        await trio.sleep_forever()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            info = await start_server(nursery, shout)
+            conn = await connect(info.url, max_frame_size=4096)
+            with pytest.raises(_base.FrameTooLarge, match="5000-byte frame on stream 0"):
+                await conn.receive_frame()
+            assert await conn.receive_frame() == (0, b"small")
+            await conn.aclose()
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+@pytest.mark.parametrize(
+    ("trusted", "cert", "reason"),
+    [(OTHER_CA, CERT, "unable to get local issuer"), (CA, CA.issue_cert("example.org"), "hostname")],
+    ids=["unknown CA", "wrong name"],
+)
+def test_a_certificate_the_client_does_not_trust_fails_the_handshake(
+    trusted: trustme.CA, cert: trustme.LeafCert, reason: str
+) -> None:
+    settings = quic.QuicSettings(certificate_chain=cert.private_key_and_cert_chain_pem.bytes())
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            info = await start_server(nursery, echo, settings=settings)
+            with pytest.raises(trio.BrokenResourceError, match="TLS handshake failed") as failed:
+                await connect(info.url, ssl_context=client_context(trusted))
+            assert reason in str(failed.value)
+            assert isinstance(failed.value.__cause__, ssl.SSLCertVerificationError)
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_nothing_listening_is_broken_at_once() -> None:
+    async def main() -> None:
+        sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+        await sock.bind((LOCAL, 0))
+        port = sock.getsockname()[1]
+        sock.close()  # the port is free now: the kernel answers with ICMP port unreachable
+        with trio.fail_after(2):
+            with pytest.raises(trio.BrokenResourceError, match="unreachable"):
+                await connect(f"quic://{LOCAL}:{port}")
+
+    run(main)
+
+
+def test_a_peer_that_vanishes_is_broken_within_the_idle_timeout() -> None:
+    # The link is cut by the link emulator, so nothing (not even a close) reaches the client.
+    # Virtual time: the clock jumps whenever all tasks wait, so a 6 s timeout takes well under
+    # a second, and the bound below is exact rather than padded for a slow machine.
+    idle = 6.0
+    settings = quic.QuicSettings(idle_timeout=idle)
+
+    async def main() -> None:
+        control = LinkControl()
+        async with trio.open_nursery() as nursery:
+            server_settings = quic.QuicSettings(
+                certificate_chain=SERVER.certificate_chain, idle_timeout=idle
+            )
+            info = await start_server(nursery, echo, settings=server_settings)
+            proxy_port = await nursery.start(functools.partial(
+                serve_udp_proxy, LOCAL, 0, LOCAL, info.port, LinkProfile(), LinkProfile(),
+                control=control))  # fmt: skip
+            conn = await connect(f"quic://{LOCAL}:{proxy_port}", settings=settings)
+            await conn.send_frame(1, b"ping")
+            assert await conn.receive_frame() == (1, b"ping")
+            control.cut()
+            cut_at = trio.current_time()
+            with pytest.raises(trio.BrokenResourceError, match="idle timeout"):
+                await conn.receive_frame()
+            elapsed = trio.current_time() - cut_at
+            assert idle - 0.5 <= elapsed <= idle + 0.1
+            with pytest.raises(trio.BrokenResourceError):
+                await conn.send_frame(1, b"late")
+            await conn.aclose()
+            nursery.cancel_scope.cancel()
+
+    run(main, limit=30, clock=trio.testing.MockClock(autojump_threshold=0.05))
+
+
+def test_a_clean_close_is_end_of_channel_and_a_local_close_is_closed() -> None:
+    server_saw: list[str] = []
+
+    async def say_bye(conn: Any) -> None:
+        sid, frame = await conn.receive_frame()
+        if frame == b"hang up":
+            await conn.send_frame(sid, b"bye")
+            return  # the transport closes cleanly when the handler returns
+        try:
+            await conn.receive_frame()
+        except trio.EndOfChannel:
+            server_saw.append("end")
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            info = await start_server(nursery, say_bye)
+            # The server closes:
+            conn = await connect(info.url)
+            await conn.send_frame(1, b"hang up")
+            assert await conn.receive_frame() == (1, b"bye")
+            for _ in range(2):
+                with pytest.raises(trio.EndOfChannel):
+                    await conn.receive_frame()
+            with pytest.raises(trio.BrokenResourceError):
+                await conn.send_frame(1, b"too late")
+            await conn.aclose()
+            # The client closes, while one of its tasks waits for a frame:
+            conn = await connect(info.url)
+            await conn.send_frame(1, b"stay")
+
+            async def wait_for_frame() -> None:
+                with pytest.raises(trio.ClosedResourceError):
+                    await conn.receive_frame()
+
+            async with trio.open_nursery() as waiters:
+                waiters.start_soon(wait_for_frame)
+                await trio.testing.wait_all_tasks_blocked()
+                await conn.aclose()
+            await conn.aclose()  # idempotent
+            with pytest.raises(trio.ClosedResourceError):
+                await conn.send_frame(1, b"x")
+            with pytest.raises(trio.ClosedResourceError):
+                await conn.receive_frame()
+            with trio.fail_after(2):
+                while not server_saw:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        assert server_saw == ["end"]
+
+    run(main)
+
+
+def test_a_handler_that_fails_breaks_only_its_connection(caplog: pytest.LogCaptureFixture) -> None:
+    async def fragile(conn: Any) -> None:
+        while True:
+            sid, frame = await conn.receive_frame()
+            if frame == b"boom":
+                raise RuntimeError("handler bug")
+            await conn.send_frame(sid, frame)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            info = await start_server(nursery, fragile)
+            victim, bystander = await connect(info.url), await connect(info.url)
+            await victim.send_frame(1, b"boom")
+            with pytest.raises(trio.BrokenResourceError, match="handler failed"):
+                await victim.receive_frame()
+            await bystander.send_frame(1, b"still here")
+            assert await bystander.receive_frame() == (1, b"still here")
+            for conn in (victim, bystander):
+                await conn.aclose()
+            nursery.cancel_scope.cancel()
+
+    with caplog.at_level(logging.ERROR):
+        run(main)
+    assert "handler failed" in caplog.text
+
+
+def test_many_concurrent_connections() -> None:
+    clients = 24
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            info = await start_server(nursery, echo)
+
+            async def client(n: int) -> None:
+                conn = await connect(info.url)
+                for sid in (1, 3):
+                    await conn.send_frame(sid, b"client %d" % n)
+                got = {await conn.receive_frame(), await conn.receive_frame()}
+                assert got == {(1, b"client %d" % n), (3, b"client %d" % n)}
+                await conn.aclose()
+
+            async with trio.open_nursery() as crowd:
+                for n in range(clients):
+                    crowd.start_soon(client, n)
+            nursery.cancel_scope.cancel()
+
+    run(main, limit=15)
+
+
+def test_a_reader_that_stalls_slows_the_sender_and_loses_nothing() -> None:
+    frames, size = 120, 4096
+    resume = trio.Event()
+    received: list[bytes] = []
+    server_settings = quic.QuicSettings(certificate_chain=SERVER.certificate_chain, frame_queue=4)
+
+    async def slow_reader(conn: Any) -> None:
+        await resume.wait()
+        while len(received) < frames:
+            received.append((await conn.receive_frame())[1])
+        await conn.send_frame(0, b"got all")
+        await trio.sleep_forever()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            info = await start_server(nursery, slow_reader, settings=server_settings)
+            conn = await connect(info.url, settings=quic.QuicSettings(send_buffer=64 * 1024))
+            payloads = [bytes([i]) * size for i in range(frames)]
+            sent = 0
+            with trio.move_on_after(0.5):
+                for payload in payloads:
+                    await conn.send_frame(1, payload)
+                    sent += 1
+            assert sent < frames  # the sender was held back, not buffered without bound
+            resume.set()
+            for payload in payloads[sent:]:
+                await conn.send_frame(1, payload)
+            assert await conn.receive_frame() == (0, b"got all")
+            await conn.aclose()
+            nursery.cancel_scope.cancel()
+        assert received == [bytes([i]) * size for i in range(frames)]
+
+    run(main, limit=15)
+
+
+# ----- TLS settings -------------------------------------------------------------------------------
+
+
+def test_ssl_context_settings_map_onto_the_quic_configuration() -> None:
+    ctx = client_context()
+    config = _quic_config.client_configuration(quic.QuicSettings(), ctx, "host.example")
+    assert config.verify_mode == ssl.CERT_REQUIRED and config.server_name == "host.example"
+    assert config.cadata is not None and CA.cert_pem.bytes().strip() in config.cadata
+    assert config.alpn_protocols == ["pydisco/1"] and config.is_client
+
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    config = _quic_config.client_configuration(quic.QuicSettings(), ctx, "host.example")
+    assert config.verify_mode == ssl.CERT_NONE and config.server_name is None
+
+    settings = quic.QuicSettings(verify_peer=True, server_name="other", ca_certificates=b"PEM")
+    config = _quic_config.client_configuration(settings, ctx, "host.example")
+    assert (config.verify_mode, config.server_name, config.cadata) == (ssl.CERT_REQUIRED, "other", b"PEM")
+
+
+def test_a_server_without_its_key_says_how_to_give_it() -> None:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    CERT.configure_cert(ctx)  # loaded into OpenSSL, where QUIC cannot read it back
+    with pytest.raises(ConfigurationError, match="server_ssl_context"):
+        _quic_config.server_configuration(quic.QuicSettings(), ctx)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    with pytest.raises(ConfigurationError, match="client certificates"):
+        _quic_config.server_configuration(SERVER, ctx)
+
+
+def test_a_server_context_from_pydisco_tls_carries_its_key() -> None:
+    from pydisco._tls import self_signed, server_ssl_context
+
+    config = _quic_config.server_configuration(
+        quic.QuicSettings(), server_ssl_context(self_signed([LOCAL]))
+    )
+    assert config.certificate is not None and config.private_key is not None
