@@ -304,16 +304,20 @@ class QuicFrameConnection:
         while self._ended is None and self._failure is None:
             self._wakeup = trio.Event()  # first, so no wake-up during this round is lost
             now = trio.current_time()
+            fed = False  # did QUIC get input that may call for output (acks, retransmits)?
             while self._inbox and not self._ready:  # a full channel pauses intake
                 data, addr = self._inbox.popleft()
                 self._quic.receive_datagram(data, addr, now)
                 self._handle_events()
+                fed = True
             timer = self._quic.get_timer()
             if timer is not None and now >= timer:
                 self._quic.handle_timer(now)
                 self._handle_events()
+                fed = True
             self._deliver_ready()
-            await self._transmit()
+            # Senders packetised their own data already; asking QUIC again costs ~100 us.
+            await self._transmit(collect=fed)
             self._progress.unpark_all()
             if self._ended is not None or self._failure is not None:
                 break
@@ -407,8 +411,9 @@ class QuicFrameConnection:
         self._outbox.extend(self._quic.datagrams_to_send(now=trio.current_time()))
         self._wake()
 
-    async def _transmit(self) -> None:
-        self._outbox.extend(self._quic.datagrams_to_send(now=trio.current_time()))
+    async def _transmit(self, *, collect: bool = True) -> None:
+        if collect:
+            self._outbox.extend(self._quic.datagrams_to_send(now=trio.current_time()))
         while self._outbox:  # senders may add more while this awaits: send those too
             data, addr = self._outbox.popleft()
             await self._send_datagram(data, addr)
