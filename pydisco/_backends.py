@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import httpx
@@ -221,6 +221,8 @@ class OpenAIUpstreamBackend:
         send_top_k: bool = True,
         model_id: str | None = None,
         verify: bool | str = True,
+        extra_body: Mapping[str, Any] | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         if not base_url.startswith(("http://", "https://")):
             raise ConfigurationError(f"the upstream URL must be http(s)://..., got {base_url!r}")
@@ -231,6 +233,8 @@ class OpenAIUpstreamBackend:
         self._chat_resume = chat_resume
         self._send_top_k = send_top_k
         self._verify = verify
+        self._extra_body = dict(extra_body or {})  # server-specific knobs (vLLM, llama.cpp) sent as-is
+        self._transport = transport  # httpx's own seam: a MockTransport in tests
         self._model_id = model_id or f"upstream:{model}"
         self._client: httpx.AsyncClient | None = None
         self._client_run: object = None
@@ -244,7 +248,10 @@ class OpenAIUpstreamBackend:
         if self._client is None or self._client_run is not run:
             headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
             self._client = httpx.AsyncClient(
-                headers=headers, timeout=httpx.Timeout(self._timeout, connect=10.0), verify=self._verify
+                headers=headers,
+                timeout=httpx.Timeout(self._timeout, connect=10.0),
+                verify=self._verify,
+                transport=self._transport,
             )
             self._client_run = run
         return self._client
@@ -261,6 +268,7 @@ class OpenAIUpstreamBackend:
             )
         s = request.sampling
         body: dict[str, Any] = {
+            **self._extra_body,
             "model": self.model,
             "stream": True,
             "max_tokens": request.max_tokens - request.start_position,
@@ -297,7 +305,7 @@ class OpenAIUpstreamBackend:
         position = request.start_position
         if body["max_tokens"] <= 0:
             return GenerationResult("length", 0, 0, 0)
-        finish = "stop"
+        finish: str | None = None
         usage: dict[str, Any] = {}
         parser = SSEParser()
         try:
@@ -327,15 +335,22 @@ class OpenAIUpstreamBackend:
                     if done:
                         break
                 for data in parser.close():
-                    if data.strip() != "[DONE]":
-                        raise EndpointError("the upstream stream ended mid-event", code=Code.UPSTREAM_ERROR)
+                    done = done or data.strip() == "[DONE]"
+                if not done and finish is None:
+                    # llama-cpp-python does this for a prompt over its context: 200, then nothing.
+                    raise EndpointError(
+                        "the upstream ended the stream without finishing it (no finish_reason, no [DONE])",
+                        code=Code.UPSTREAM_ERROR,
+                    )
         except httpx.TimeoutException as e:
             raise EndpointError(f"the upstream timed out: {e!r}", code=Code.UPSTREAM_UNAVAILABLE) from e
         except httpx.TransportError as e:
             raise EndpointError(f"the upstream is unreachable: {e!r}", code=Code.UPSTREAM_UNAVAILABLE) from e
         generated = position - request.start_position
-        prompt_tokens = int(usage.get("prompt_tokens", 0) or 0)
-        return GenerationResult(finish, prompt_tokens, prompt_tokens, generated)
+        # Servers that ignore stream_options.include_usage (llama-cpp-python) report no usage: 0.
+        prompt_tokens = usage.get("prompt_tokens")
+        prompt_tokens = prompt_tokens if type(prompt_tokens) is int and prompt_tokens >= 0 else 0
+        return GenerationResult(finish or "stop", prompt_tokens, prompt_tokens, generated)
 
 
 def _choice_text(choice: Any) -> str:
@@ -358,14 +373,19 @@ def _json(data: str) -> dict[str, Any]:
 
 def _http_error(response: httpx.Response) -> Exception:
     """Map an upstream HTTP error to the error the client should see."""
+    detail: Any = None
     try:
         detail = response.json()
-        message = str(detail.get("error", {}).get("message") or detail.get("detail") or detail)
+        error = detail.get("error") if isinstance(detail.get("error"), dict) else {}
+        message = str(error.get("message") or detail.get("detail") or detail)
     except (ValueError, AttributeError):
         message = response.text[:200]
     status = response.status_code
     text = f"upstream HTTP {status}: {message}"
-    if status == 400 and any(w in message.lower() for w in ("context", "too long", "exceed")):
+    error_code = ""
+    if isinstance(detail, dict) and isinstance(detail.get("error"), dict):
+        error_code = str(detail["error"].get("code", ""))
+    if error_code == "context_length_exceeded" or (status == 400 and "context length" in message.lower()):
         return PromptTooLongError(text)
     if status in (400, 404, 422):
         return EndpointError(text, code=Code.BAD_REQUEST)

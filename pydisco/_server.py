@@ -438,7 +438,9 @@ class _Session:
                 if data is None:
                     continue  # the stream was cancelled or closed meanwhile
                 await self._conn.send_frame(item.stream_id, data)
-                if not isinstance(item, (_TokenOut, _Frame)) and item.stream_id != CONNECTION_STREAM:
+                # Anything but a token on an answer's stream is its last frame (done, or an error;
+                # the protocol only emits refusals as plain frames there).
+                if not isinstance(item, _TokenOut) and item.stream_id != CONNECTION_STREAM:
                     await self._conn.end_stream(item.stream_id)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             # The client is gone: stop every answer now rather than at the next read.
