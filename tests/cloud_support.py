@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
+import trio.testing
 
 from pydisco._backends import Backend, LlamaBackend
 from pydisco._server import RunningServer, ServerConfig, serve
@@ -35,8 +36,12 @@ TOKEN = "test-token-1"
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def trio_test(timeout: float = 20.0, *, clock: trio.abc.Clock | None = None) -> Callable[[F], F]:
-    """Run an async test under trio.run, failing it if it takes longer than ``timeout``."""
+def trio_test(timeout: float = 20.0, *, mock_clock: bool = False) -> Callable[[F], F]:
+    """Run an async test under trio.run, failing it if it takes longer than ``timeout``.
+
+    With ``mock_clock`` time is virtual (MockClock, autojump): timeouts of seconds take none, and
+    ``timeout`` still bounds the virtual time the test may use.
+    """
 
     def decorate(fn: F) -> F:
         @functools.wraps(fn)
@@ -45,6 +50,7 @@ def trio_test(timeout: float = 20.0, *, clock: trio.abc.Clock | None = None) -> 
                 with trio.fail_after(timeout):
                     return await fn(*args, **kwargs)
 
+            clock = trio.testing.MockClock(autojump_threshold=0) if mock_clock else None
             return trio.run(main, clock=clock)
 
         # pytest reads the signature for fixtures: keep the wrapped one.
@@ -209,10 +215,15 @@ def server_config(backend: Backend, schemes: Sequence[str], **options: Any) -> S
 async def running_server(backend: Backend, schemes: Sequence[str], **options: Any) -> AsyncIterator[RunningServer]:
     """A server on loopback (port 0) for ``schemes``, stopped when the block ends."""
     config = server_config(backend, schemes, **options)
-    async with trio.open_nursery() as nursery:
-        server: RunningServer = await nursery.start(serve, config)
-        yield server
-        nursery.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as nursery:
+            server: RunningServer = await nursery.start(serve, config)
+            yield server
+            nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:  # let tests see the one exception that happened
+        if len(group.exceptions) == 1 and not isinstance(group.exceptions[0], BaseExceptionGroup):
+            raise group.exceptions[0] from None
+        raise
 
 
 async def start_server(
