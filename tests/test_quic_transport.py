@@ -127,6 +127,33 @@ def test_request_streams_are_recycled_past_quics_stream_credit() -> None:
     run(main)
 
 
+def test_streams_never_ended_hit_the_credit_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            info = await start_server(nursery, echo)
+            conn = await connect(info.url)
+            sids = range(1, 2 * 127, 2)  # with the control stream: all 128 streams of credit
+            for sid in sids:
+                await conn.send_frame(sid, b"open")
+            assert {await conn.receive_frame() for _ in sids} == {(sid, b"open") for sid in sids}
+            assert "end_stream" not in caplog.text
+            await conn.send_frame(1001, b"held back")
+            with trio.move_on_after(0.3) as held:
+                await conn.receive_frame()
+            assert held.cancelled_caught
+            assert "frames on stream 1001 wait" in caplog.text
+            for sid in sids[:2]:  # free two: the echo server ends a stream on b"end"
+                await conn.send_frame(sid, b"end")
+                await conn.end_stream(sid)
+            got = {await conn.receive_frame() for _ in range(3)}
+            assert (1001, b"held back") in got
+            await conn.aclose()
+            nursery.cancel_scope.cancel()
+
+    with caplog.at_level(logging.WARNING):
+        run(main)
+
+
 def test_frames_at_the_limit_pass_and_one_byte_over_is_refused() -> None:
     limit = 150_000
 

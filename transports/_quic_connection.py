@@ -49,6 +49,10 @@ logger = logging.getLogger(__name__)
 INBOX_DATAGRAMS = 256
 """Datagrams queued for one connection before the endpoint drops more (UDP semantics)."""
 
+STREAM_CREDIT = 128
+"""Streams an aioquic peer lets this side have open at once; it grants one more for each
+stream ended both ways (FIN or reset in each direction)."""
+
 LINGER_MAX = 5.0
 """Longest ``aclose`` waits for sent data to be acknowledged (capped by the idle timeout)."""
 
@@ -127,6 +131,7 @@ class QuicFrameConnection:
         )
         self._decoders: dict[int, FrameDecoder] = {}
         self._streams = StreamTable()
+        self._credit_warned = False
         self._wakeup = trio.Event()
         self._progress = trio.lowlevel.ParkingLot()  # senders waiting for acknowledgements
         self._handshake_done = trio.Event()
@@ -384,6 +389,13 @@ class QuicFrameConnection:
 
     def _open_stream(self, stream_id: int) -> int:
         # Client only: the next QUIC stream, announced by its header.
+        if len(self._streams) >= STREAM_CREDIT and not self._credit_warned:
+            self._credit_warned = True  # once: it is the caller's pattern, not a transient
+            logger.warning(
+                "%s: %d streams are open and not ended both ways; QUIC holds new ones back "
+                "until the peer frees one, so frames on stream %d wait. End finished streams "
+                "on both sides with end_stream().", self._peer, len(self._streams), stream_id
+            )
         quic_id = self._quic.get_next_available_stream_id()
         self._quic.send_stream_data(quic_id, encode_stream_header(stream_id))
         self._streams.bind(stream_id, quic_id)
