@@ -223,10 +223,14 @@ class CloudEndpoint:
         finally:
             link.streams.pop(sid, None)
             cancel = link.proto.forget(sid)
-            if cancel is not None and not finished and link.lost is None:
+            if link.lost is None:
+                # Shielded so a cancelled caller still tells the server, and bounded in time. The
+                # stream is ended too: QUIC only grants new streams as old ones end both ways.
                 with trio.CancelScope(shield=True), trio.move_on_after(_CANCEL_SEND_TIMEOUT):
                     try:
-                        await link.send(sid, cancel)
+                        if cancel is not None and not finished:
+                            await link.send(sid, cancel)
+                        await link.connection.end_stream(sid)
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         pass
 

@@ -10,7 +10,18 @@ from collections.abc import Awaitable, Callable
 import pytest
 import trio
 
-from cloud_support import TOKEN, StubBackend, running_server, start_server, text_of, transports, trio_test, wait_until
+from cloud_support import (
+    TOKEN,
+    StubBackend,
+    client_context,
+    running_server,
+    start_server,
+    text_of,
+    transports,
+    trio_test,
+    wait_until,
+)
+from transport_schemes import SCHEMES
 from pydisco import _protocol as P
 from pydisco._cloud import open_cloud_endpoint
 from pydisco._errors import (
@@ -70,6 +81,21 @@ async def test_cancellation_sends_cancel_returns_quickly_and_keeps_the_link() ->
             await cloud.generate(ask(3), got.append)  # same link, still good
             stats = cloud.statistics()
     assert stats.cancelled == 1 and stats.completed == 1 and stats.connects == 1
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@trio_test(60)
+async def test_many_answers_on_one_link_recycle_their_streams(scheme: str) -> None:
+    # More answers than QUIC's initial stream credit (128): streams must be ended when done.
+    async with running_server(StubBackend(period=0), [scheme]) as server:
+        async with open_cloud_endpoint(server.urls[0], token=TOKEN, ssl_context=client_context(scheme)) as cloud:
+            for i in range(140):
+                with trio.fail_after(5):
+                    await cloud.generate(ask(1), lambda p: None)
+                if i % 10 == 0:  # and a few cancelled ones, which end their streams too
+                    with trio.move_on_after(0):
+                        await cloud.generate(ask(1), lambda p: None)
+            assert cloud.statistics().connects == 1
 
 
 # -- errors from a real server --------------------------------------------------------------
