@@ -437,11 +437,12 @@ async def _relay_tcp(
             finished = not relay.reset_requested
     finally:
         link.resets.discard(relay.scope)
-        for stream in (client, upstream):
-            if stream is not None:
-                if not finished:
-                    _set_abortive(stream)
-                await stream.aclose()
+        with trio.CancelScope(shield=True):  # close both even when the proxy is being cancelled
+            for stream in (client, upstream):
+                if stream is not None:
+                    if not finished:
+                        _set_abortive(stream)
+                    await stream.aclose()
 
 
 def _set_abortive(stream: trio.SocketStream) -> None:

@@ -80,7 +80,17 @@ async def start_udp(
         serve_udp_proxy, LOCAL, 0, LOCAL, port, up, down, seed=seed, control=control))
     client = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
     await client.connect((LOCAL, proxy_port))
+    nursery.start_soon(close_at_exit, sink.sock, client)
     return sink, client
+
+
+async def close_at_exit(*socks: trio.socket.SocketType) -> None:
+    """Close the sockets when the test's nursery is cancelled."""
+    try:
+        await trio.sleep_forever()
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 def one_way_delays(sink: UdpSink) -> dict[int, float]:
