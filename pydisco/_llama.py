@@ -11,10 +11,11 @@ or the cloud server's). Concurrent use raises ``RuntimeError`` rather than corru
 from __future__ import annotations
 
 import codecs
+import collections
 import ctypes
 import dataclasses
-import logging
 import os
+import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
 
@@ -43,21 +44,48 @@ def _never() -> bool:
 
 
 def _init_backend(verbose: bool) -> None:
-    global _backend_ready
+    global _backend_ready, _verbose
     with _backend_lock:
+        _verbose = _verbose or verbose
         if not _backend_ready:
             C.llama_backend_init()
+            C.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p())
             _backend_ready = True
-    # llama-cpp-python routes llama.cpp's log through this logger (as Llama(verbose=) does).
-    logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if verbose else logging.ERROR)
+
+
+def _log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    """llama.cpp's log: kept (for error messages) rather than printed, unless verbose.
+
+    An aborted prefill, which the device does on every migration, logs an error line; printing
+    it would alarm for nothing. The callback is process-wide, as llama.cpp's log is.
+    """
+    line = text.decode("utf-8", "replace")
+    _recent_log.append(line)
+    if _verbose:
+        sys.stderr.write(line)
+
+
+def _recent_log_text() -> str:
+    text = "".join(_recent_log).strip()
+    return f"; llama.cpp said: {text[-600:]}" if text else ""
+
+
+_recent_log: collections.deque[str] = collections.deque(maxlen=24)
+_verbose = False
+_LOG_CALLBACK = C.llama_log_callback(_log)
 
 
 def default_threads() -> int:
-    """All CPUs this process may run on (decode on a small model scales to a few cores)."""
+    """Half the CPUs this process may run on (as llama-cpp-python does).
+
+    llama.cpp's threads meet at a barrier after every operation, so one descheduled thread
+    stalls the rest: on a busy 2-core machine, 2 threads decode several times slower than 1.
+    """
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // 2)
 
 
 def _use_extra_buffers() -> bool:
@@ -137,7 +165,7 @@ class LlamaEngine:
         model_params.use_extra_bufts = _use_extra_buffers() if extra_buffers is None else extra_buffers
         model = C.llama_model_load_from_file(os.fsencode(self.path), model_params)
         if not model:
-            raise ModelError(f"llama.cpp could not load the model (corrupt or unsupported): {self.path}")
+            raise ModelError(f"llama.cpp could not load the model (corrupt or unsupported): {self.path}{_recent_log_text()}")
         self._model = model
         self._vocab = C.llama_model_get_vocab(model)
         ctx_params = C.llama_context_default_params()

