@@ -16,6 +16,7 @@ from ._core import Pacer as Pacer
 from ._core import PacerStatistics as PacerStatistics
 from ._core import RingStatistics as RingStatistics
 from ._core import Token as Token
+from ._core import TokenBatch as TokenBatch
 from ._core import TokenRing as TokenRing
 from ._core import TransitionRecord as TransitionRecord
 from ._core import now_ns as now_ns

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import trio
 
-from ._core import Pacer, Token
+from ._core import Pacer, TokenBatch
 
 
 class ReleasedTokens:
@@ -25,7 +25,7 @@ class ReleasedTokens:
         self._pacer = pacer
         self._ring = pacer.output
 
-    async def receive(self, max_tokens: int = 1024) -> list[Token]:
+    async def receive(self, max_tokens: int = 1024) -> TokenBatch:
         """Wait until at least one released token is there, then take up to ``max_tokens``.
 
         On cancellation nothing is lost: tokens not yet returned stay in the ring.

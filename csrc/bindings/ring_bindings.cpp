@@ -1,10 +1,12 @@
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <chrono>
 #include <memory>
 #include <optional>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "bindings.hpp"
 #include "pydisco/clock.hpp"
@@ -36,6 +38,12 @@ TokenRecord make_record(std::uint64_t position, std::int32_t token_id, std::stri
                           std::to_string(TokenRecord::kTextCapacity));
   return r;
 }
+
+// What pop_many returns: one Python object for a whole batch, so moving tokens into Python
+// costs a memcpy each instead of an object each. Tokens materialise only when indexed.
+struct TokenBatch {
+  std::vector<TokenRecord> tokens;
+};
 
 }  // namespace
 
@@ -73,6 +81,41 @@ void register_ring(py::module_& m) {
                ", high_water=" + std::to_string(s.high_water) + ")";
       });
 
+  py::class_<TokenBatch>(m, "TokenBatch",
+                         "Tokens taken from a ring in one call, oldest first. A sequence of Token.")
+      .def("__len__", [](const TokenBatch& b) { return b.tokens.size(); })
+      .def("__bool__", [](const TokenBatch& b) { return !b.tokens.empty(); })
+      .def("__getitem__",
+           [](const TokenBatch& b, std::ptrdiff_t i) {
+             const auto n = static_cast<std::ptrdiff_t>(b.tokens.size());
+             if (i < 0) i += n;
+             if (i < 0 || i >= n) throw py::index_error("token index out of range");
+             return b.tokens[static_cast<std::size_t>(i)];
+           })
+      .def("__iter__",
+           [](const TokenBatch& b) { return py::make_iterator(b.tokens.begin(), b.tokens.end()); },
+           py::keep_alive<0, 1>())
+      .def_property_readonly("text",
+                             [](const TokenBatch& b) {
+                               std::string s;
+                               for (const TokenRecord& r : b.tokens) s.append(r.text_view());
+                               return py::str(s);
+                             },
+                             "The batch's text pieces joined.")
+      .def_property_readonly("positions",
+                             [](const TokenBatch& b) {
+                               std::vector<std::uint64_t> v;
+                               v.reserve(b.tokens.size());
+                               for (const TokenRecord& r : b.tokens) v.push_back(r.position);
+                               return v;
+                             })
+      .def_property_readonly("token_ids", [](const TokenBatch& b) {
+        std::vector<std::int32_t> v;
+        v.reserve(b.tokens.size());
+        for (const TokenRecord& r : b.tokens) v.push_back(r.token_id);
+        return v;
+      });
+
   py::class_<TokenRing, std::shared_ptr<TokenRing>>(
       m, "TokenRing",
       "Lock-free single-producer/single-consumer ring of tokens. One thread pushes, one pops.")
@@ -97,9 +140,10 @@ void register_ring(py::module_& m) {
            })
       .def("pop_many",
            [](TokenRing& ring, std::size_t max) {
-             py::list out;
-             ring.pop_many(max, [&](const TokenRecord& r) { out.append(py::cast(r)); });
-             return out;
+             TokenBatch batch;
+             batch.tokens.reserve(std::min(max, ring.size()));
+             ring.pop_many(max, [&](const TokenRecord& r) { batch.tokens.push_back(r); });
+             return batch;
            },
            py::arg("max") = 1024, "Take up to `max` tokens, oldest first.")
       .def("pop_wait",
@@ -129,10 +173,43 @@ void register_ring(py::module_& m) {
         if (!r.set_text(text)) throw std::length_error("text too long");
         for (std::uint64_t i = 0; i < count; ++i) {
           r.position = i;
-          while (!ring->try_push(r)) cpu_relax();
+          while (!ring->try_push(r)) std::this_thread::yield();
         }
       },
       py::arg("ring"), py::arg("count"), py::arg("text") = "tok");
+
+  // Benchmark support: C++ producer and C++ consumer threads, batching pops; returns seconds.
+  m.def(
+      "_ring_throughput_cpp",
+      [](std::uint64_t count, std::size_t capacity) {
+        py::gil_scoped_release nogil;
+        TokenRing ring(capacity);
+        const std::int64_t t0 = now_ns();
+        // Yield rather than spin on full/empty: on a busy two-core machine the two threads
+        // often share one core, and a spinner would burn the other's time slice.
+        std::thread producer([&] {
+          TokenRecord r;
+          (void)r.set_text("token");
+          for (std::uint64_t i = 0; i < count; ++i) {
+            r.position = i;
+            while (!ring.try_push(r)) std::this_thread::yield();
+          }
+        });
+        std::uint64_t received = 0;
+        std::uint64_t checksum = 0;
+        while (received < count) {
+          const std::size_t n =
+              ring.pop_many(256, [&](const TokenRecord& r) { checksum += r.position; });
+          if (n == 0) std::this_thread::yield();
+          received += n;
+        }
+        producer.join();
+        const double seconds = static_cast<double>(now_ns() - t0) / 1e9;
+        if (count != 0 && checksum != count * (count - 1) / 2)
+          throw std::runtime_error("ring throughput run lost or reordered tokens");
+        return seconds;
+      },
+      py::arg("count"), py::arg("capacity") = 4096);
 }
 
 }  // namespace pydisco::bindings

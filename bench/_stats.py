@@ -1,0 +1,35 @@
+"""Small helpers shared by the benchmarks: percentiles and output."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from typing import Any
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in [0, 100]) of a non-empty sequence."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100.0 * len(ordered)))
+    return float(ordered[rank - 1])
+
+
+def summary_us(values_ns: Sequence[float]) -> dict[str, float]:
+    return {
+        "p50": percentile(values_ns, 50) / 1e3,
+        "p99": percentile(values_ns, 99) / 1e3,
+        "max": max(values_ns) / 1e3 if values_ns else math.nan,
+    }
+
+
+def emit(rows: list[tuple[str, str]], figures: dict[str, Any], as_json: bool) -> None:
+    """Print a two-column table, or the figures as one JSON object."""
+    if as_json:
+        print(json.dumps(figures, indent=2, sort_keys=True))
+        return
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
