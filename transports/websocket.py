@@ -52,12 +52,12 @@ class WebSocketConnection:
         if self._closed_locally:
             raise trio.ClosedResourceError("this connection is closed")
         message = _ENVELOPE.pack(stream_id) + frame
-        with trio.CancelScope(shield=True):
-            with trio.move_on_after(_SEND_TIMEOUT) as scope:
-                try:
-                    await self._ws.send_message(message)
-                except tws.ConnectionClosed as e:
-                    raise self._closed_error(e) from None
+        # One scope, shielded and with a deadline (scopes cost on every token).
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + _SEND_TIMEOUT) as scope:
+            try:
+                await self._ws.send_message(message)
+            except tws.ConnectionClosed as e:
+                raise self._closed_error(e) from None
         if scope.cancelled_caught:
             await self._abort()
             raise trio.BrokenResourceError(f"the peer did not take a frame within {_SEND_TIMEOUT} s")
