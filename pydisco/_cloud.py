@@ -35,7 +35,7 @@ from ._protocol import (
     TokenReceived,
     Welcome,
 )
-from ._types import GenerationRequest, GenerationResult, TokenSink
+from ._types import GenerationRequest, GenerationResult, TokenPiece, TokenSink
 
 if TYPE_CHECKING:
     import transports as _transports
@@ -75,7 +75,49 @@ class _LinkLost:
     error: EndpointError
 
 
-_StreamEvent = Union[TokenReceived, StreamDone, StreamFailed, _LinkLost]
+@dataclasses.dataclass(frozen=True, slots=True)
+class _SinkFailed:
+    error: Exception
+
+
+_End = Union[StreamDone, StreamFailed, _LinkLost, _SinkFailed]
+
+
+class _Answer:
+    """One answer in flight. The link's reader calls :meth:`token` itself (no task hop between
+    the wire and the sink); the answer's own task waits only for how it ends."""
+
+    def __init__(self, sink: TokenSink, fresh: bool, ttft: collections.deque[float],
+                 gaps: collections.deque[float], counts: collections.Counter[str]) -> None:  # fmt: skip
+        self.sink = sink
+        self.fresh = fresh
+        self.delivered = 0
+        self.started = self.last = 0.0
+        self._ttft, self._gaps, self._counts = ttft, gaps, counts
+        self._end_in, self.end = trio.open_memory_channel[_End](1)
+        self._ended = False
+
+    def token(self, piece: TokenPiece) -> None:
+        if self._ended:
+            return
+        now = trio.current_time()
+        if self.delivered == 0:
+            if self.fresh:
+                self._ttft.append(now - self.started)
+        else:
+            self._gaps.append(now - self.last)
+        self.last = now
+        self.delivered += 1
+        self._counts["tokens"] += 1
+        try:
+            self.sink(piece)
+        except Exception as e:  # the caller's bug: end this answer, not the link
+            self.finish(_SinkFailed(e))
+
+    def finish(self, event: _End) -> None:
+        if not self._ended:
+            self._ended = True
+            self._end_in.send_nowait(event)
 
 
 class _Link:
@@ -85,8 +127,9 @@ class _Link:
         self.connection = connection
         self.proto = proto
         self.welcome = welcome
-        self.streams: dict[int, trio.MemorySendChannel[_StreamEvent]] = {}
+        self.answers: dict[int, _Answer] = {}
         self.lost: EndpointError | None = None
+        self.last_received = trio.current_time()
         self._send_lock = trio.Lock()
 
     async def send(self, stream_id: int, data: bytes) -> None:
@@ -97,9 +140,9 @@ class _Link:
         """Mark the link dead and tell every open answer."""
         if self.lost is None:
             self.lost = error
-        for channel in self.streams.values():
-            channel.send_nowait(_LinkLost(self.lost))
-        self.streams.clear()
+        for answer in self.answers.values():
+            answer.finish(_LinkLost(self.lost))
+        self.answers.clear()
 
 
 class CloudEndpoint:
@@ -184,44 +227,29 @@ class CloudEndpoint:
             sid, data = link.proto.open_stream(request)
         except ProtocolError as e:
             raise EndpointError(str(e), code=e.code) from None
-        events_in, events = trio.open_memory_channel[_StreamEvent](math.inf)
-        link.streams[sid] = events_in
-        delivered = 0
         fresh = not request.resume_token_ids and request.resume_text is None
+        answer = _Answer(sink, fresh, self._ttft, self._gaps, self._counts)
+        link.answers[sid] = answer
         finished = False
         try:
-            started = trio.current_time()
+            answer.started = trio.current_time()
             try:
                 await link.send(sid, data)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
                 raise self._lost(link, f"sending the request failed: {e}") from None
-            last = started
-            while True:
-                event = await events.receive()
-                if isinstance(event, TokenReceived):
-                    now = trio.current_time()
-                    if delivered == 0:
-                        if fresh:
-                            self._ttft.append(now - started)
-                    else:
-                        self._gaps.append(now - last)
-                    last = now
-                    delivered += 1
-                    self._counts["tokens"] += 1
-                    sink(event.piece)
-                elif isinstance(event, StreamDone):
-                    finished = True
-                    self._counts["completed"] += 1
-                    return event.result
-                elif isinstance(event, StreamFailed):
-                    finished = True
-                    raise EndpointError(f"server error on {self._url}: {event.message}", code=event.code)
-                else:
-                    finished = True
-                    error = event.error
-                    raise type(error)(f"{error} (after {delivered} tokens of this answer)", code=error.code)
+            end = await answer.end.receive()
+            finished = not isinstance(end, _SinkFailed)
+            if isinstance(end, StreamDone):
+                self._counts["completed"] += 1
+                return end.result
+            if isinstance(end, StreamFailed):
+                raise EndpointError(f"server error on {self._url}: {end.message}", code=end.code)
+            if isinstance(end, _SinkFailed):
+                raise end.error
+            error = end.error
+            raise type(error)(f"{error} (after {answer.delivered} tokens of this answer)", code=error.code)
         finally:
-            link.streams.pop(sid, None)
+            link.answers.pop(sid, None)
             cancel = link.proto.forget(sid)
             if link.lost is None:
                 # Shielded so a cancelled caller still tells the server, and bounded in time. The
@@ -249,6 +277,7 @@ class CloudEndpoint:
             self._counts["connects"] += 1
             self._link = link
             self._nursery.start_soon(self._read, link)
+            self._nursery.start_soon(self._watch, link)
             return link
 
     async def _connect(self) -> _Link:
@@ -292,24 +321,13 @@ class CloudEndpoint:
                     raise _close_error(self._url, out)
 
     async def _read(self, link: _Link) -> None:
-        """The link's reader: frames to answers, pings answered, silence detected."""
+        """The link's reader: frames to answers (tokens straight to their sinks), pings answered."""
         proto, connection = link.proto, link.connection
         error: EndpointError | None = None
-        silent_since = trio.current_time()
         try:
             while error is None:
-                with trio.move_on_after(self._ping_after) as wait:
-                    stream_id, data = await connection.receive_frame()
-                if wait.cancelled_caught:
-                    silence = trio.current_time() - silent_since
-                    if silence >= self._dead_after:
-                        error = EndpointUnavailable(
-                            f"{self._url}: the server sent nothing for {silence:.1f} s", code=Code.TIMEOUT
-                        )
-                    else:
-                        await link.send(CONNECTION_STREAM, proto.ping())
-                    continue
-                silent_since = trio.current_time()
+                stream_id, data = await connection.receive_frame()
+                link.last_received = trio.current_time()
                 error = await self._dispatch(link, proto.receive(stream_id, data))
         except trio.EndOfChannel:
             error = EndpointUnavailable(f"{self._url}: the server closed the connection", code="unavailable")
@@ -320,18 +338,50 @@ class CloudEndpoint:
         finally:
             if error is None:  # cancelled: the endpoint is closing
                 error = EndpointUnavailable(f"{self._url}: the endpoint was closed", code="unavailable")
-            if link.streams:
-                self._counts["links_lost"] += 1
-            link.fail(error)
+            self._drop(link, error)
             with trio.CancelScope(shield=True), trio.move_on_after(_CANCEL_SEND_TIMEOUT):
                 await connection.aclose()
 
+    async def _watch(self, link: _Link) -> None:
+        """Pings a server that has gone quiet, and drops the link once it is silent too long.
+
+        A separate task rather than a timeout around each receive: a cancel scope per frame
+        costs more than the rest of the client's per-token work.
+        """
+        pinged_for = -math.inf  # the quiet spell already pinged about
+        while link.lost is None:
+            quiet_since = link.last_received
+            silence = trio.current_time() - quiet_since
+            if silence >= self._dead_after:
+                self._drop(link, EndpointUnavailable(f"{self._url}: the server sent nothing for {silence:.1f} s",
+                                                     code=Code.TIMEOUT))  # fmt: skip
+                with trio.CancelScope(shield=True), trio.move_on_after(_CANCEL_SEND_TIMEOUT):
+                    await link.connection.aclose()  # ends the reader
+                return
+            if silence >= self._ping_after and pinged_for != quiet_since:
+                pinged_for = quiet_since
+                try:
+                    await link.send(CONNECTION_STREAM, link.proto.ping())
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return  # the reader sees the same and reports it
+            pinged = pinged_for == quiet_since
+            await trio.sleep_until(quiet_since + (self._dead_after if pinged else self._ping_after))
+
+    def _drop(self, link: _Link, error: EndpointError) -> None:
+        if link.lost is None and link.answers:
+            self._counts["links_lost"] += 1
+        link.fail(error)
+
     async def _dispatch(self, link: _Link, outputs: list[ClientOutput]) -> EndpointError | None:
         for out in outputs:
-            if isinstance(out, (TokenReceived, StreamDone, StreamFailed)):
-                channel = link.streams.get(out.stream_id)
-                if channel is not None:
-                    channel.send_nowait(out)
+            if isinstance(out, TokenReceived):
+                answer = link.answers.get(out.stream_id)
+                if answer is not None:
+                    answer.token(out.piece)
+            elif isinstance(out, (StreamDone, StreamFailed)):
+                answer = link.answers.get(out.stream_id)
+                if answer is not None:
+                    answer.finish(out)
             elif isinstance(out, Send):
                 await link.send(out.stream_id, out.data)
             elif isinstance(out, CloseConnection):
@@ -342,7 +392,7 @@ class CloudEndpoint:
 
     def _lost(self, link: _Link, why: str) -> EndpointUnavailable:
         error = EndpointUnavailable(f"{self._url}: {why}", code="unavailable")
-        link.fail(error)
+        self._drop(link, error)
         return error
 
     async def aclose(self) -> None:

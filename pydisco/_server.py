@@ -341,6 +341,7 @@ class _Session:
         self._answers: dict[int, trio.CancelScope] = {}
         self._flushed = trio.Event()
         self._peer_gone = False
+        self._last_received = trio.current_time()
         self._cancel_all = trio.CancelScope()  # replaced by the session nursery's scope in run()
 
     async def run(self) -> None:
@@ -348,7 +349,7 @@ class _Session:
             async with trio.open_nursery() as nursery:
                 self._cancel_all = nursery.cancel_scope
                 nursery.start_soon(self._writer)
-                nursery.start_soon(self._heartbeat)
+                nursery.start_soon(self._watchdog)
                 await self._reader(nursery)
                 nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
@@ -371,23 +372,18 @@ class _Session:
 
     async def _reader(self, nursery: trio.Nursery) -> None:
         while True:
-            ready = self._proto.state is ServerState.READY
-            timeout = self._config.idle_timeout if ready else self._config.handshake_timeout
             outputs: list[object] = []
-            with trio.move_on_after(timeout) as idle:
-                try:
-                    stream_id, data = await self._conn.receive_frame()
-                except _transports.FrameTooLarge as e:
-                    outputs.extend(self._proto.frame_too_large())
-                    log.info("closing a connection: %s", e)
-                except (trio.EndOfChannel, trio.BrokenResourceError, trio.ClosedResourceError):
-                    self._peer_gone = True
-                    return
-                else:
-                    outputs.extend(self._proto.receive(stream_id, data))
-            if idle.cancelled_caught:
-                what = "finish the handshake" if not ready else "send anything (not even a pong)"
-                outputs.extend(self._proto.fail(Code.TIMEOUT, f"the client did not {what} within {timeout:g} s"))
+            try:
+                stream_id, data = await self._conn.receive_frame()
+            except _transports.FrameTooLarge as e:
+                outputs.extend(self._proto.frame_too_large())
+                log.info("closing a connection: %s", e)
+            except (trio.EndOfChannel, trio.BrokenResourceError, trio.ClosedResourceError):
+                self._peer_gone = True
+                return
+            else:
+                self._last_received = trio.current_time()
+                outputs.extend(self._proto.receive(stream_id, data))
             for out in outputs:
                 if isinstance(out, Send):
                     self._out_send.send_nowait(_Frame(out.stream_id, out.data))
@@ -449,11 +445,31 @@ class _Session:
         finally:
             self._flushed.set()
 
-    async def _heartbeat(self) -> None:
-        while True:
-            await trio.sleep(self._config.heartbeat_interval)
-            if self._proto.state is not ServerState.CLOSED:
+    async def _watchdog(self) -> None:
+        """Pings the client every heartbeat interval and closes the connection when the
+        handshake takes too long or the client goes silent (a separate task: a timeout around
+        every receive would cost a cancel scope per frame)."""
+        config = self._config
+        opened = trio.current_time()
+        next_ping = opened + config.heartbeat_interval
+        while self._proto.state is not ServerState.CLOSED:
+            ready = self._proto.state is ServerState.READY
+            deadline = (self._last_received + config.idle_timeout) if ready else (opened + config.handshake_timeout)
+            now = trio.current_time()
+            if now >= deadline:
+                what = "send anything (not even a pong)" if ready else "finish the handshake"
+                limit = config.idle_timeout if ready else config.handshake_timeout
+                for out in self._proto.fail(Code.TIMEOUT, f"the client did not {what} within {limit:g} s"):
+                    if isinstance(out, Send):
+                        self._out_send.send_nowait(_Frame(out.stream_id, out.data))
+                    elif isinstance(out, CloseConnection):
+                        await self._close(out)
+                self._cancel_all.cancel()  # the reader is still waiting for a frame
+                return
+            if now >= next_ping:
                 self._out_send.send_nowait(_Frame(CONNECTION_STREAM, self._proto.ping()))
+                next_ping = now + config.heartbeat_interval
+            await trio.sleep_until(min(next_ping, deadline))
 
     # Answering ---------------------------------------------------------------------------
 

@@ -83,6 +83,24 @@ async def test_cancellation_sends_cancel_returns_quickly_and_keeps_the_link() ->
     assert stats.cancelled == 1 and stats.completed == 1 and stats.connects == 1
 
 
+@trio_test(60, mock_clock=True)
+async def test_a_failing_sink_ends_its_answer_cancels_it_on_the_server_and_keeps_the_link() -> None:
+    backend = StubBackend(period=0.1)
+    async with running_server(backend, ["memory"]) as server:
+        async with open_cloud_endpoint(server.urls[0], token=TOKEN) as cloud:
+
+            def sink(piece: TokenPiece) -> None:
+                if piece.position == 2:
+                    raise ValueError("the application choked")
+
+            with pytest.raises(ValueError, match="choked"):
+                await cloud.generate(ask(100), sink)
+            await wait_until(lambda: backend.cancelled == 1)
+            assert backend.produced == 3
+            await cloud.generate(ask(2), lambda p: None)
+            assert cloud.statistics().connects == 1
+
+
 @pytest.mark.parametrize("scheme", SCHEMES)
 @trio_test(60)
 async def test_many_answers_on_one_link_recycle_their_streams(scheme: str) -> None:
