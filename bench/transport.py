@@ -1,0 +1,373 @@
+"""Benchmark of the cloud transports on loopback, next to bare trio-websocket measured in the same run.
+
+    python bench/transport.py            # a table
+    python bench/transport.py --json     # the figures as one JSON object
+    python bench/transport.py --quick    # fewer tokens and a lower stream cap (a smoke run)
+
+Every network scheme the transport registry can load is measured (ws, wss, quic, third-party
+ones); a registered scheme that does not load here is reported as missing (null), never guessed.
+
+1. Per-token overhead, server emit -> client receive. A pydisco server runs in a child process
+   with a stub backend that emits a token every ``--period-ms`` and writes the emit instant
+   (``time.monotonic_ns``, one clock for both processes on one host) into the token's text; a
+   ``CloudEndpoint`` in this process receives it. So the figure is the whole stack: server
+   protocol and writer task, transport, client reader and dispatch, up to the sink. The baseline
+   is the same pacing over bare trio-websocket: one small msgpack message per token.
+2. Sustained concurrent streams. The stub emits ``--rate`` tokens/s per stream on absolute
+   deadlines; K streams (16 per connection) run at once for ``--stream-tokens`` tokens. Delivery
+   "falls behind" when the p99 lag (receive - scheduled emit) exceeds one token period or a token
+   is missing; K doubles until it does (or ``--max-cap``), then bisects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import msgpack  # type: ignore[import-untyped]
+import trio
+import trio_websocket
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # a source tree works too
+try:  # installed: the transports ship inside the package
+    from pydisco import transports
+except ImportError:  # a source tree: they sit next to it
+    import transports  # type: ignore[no-redef]
+
+from pydisco._cloud import open_cloud_endpoint
+from pydisco._server import RunningServer, ServerConfig, serve
+from pydisco._tls import Credentials, client_ssl_context, self_signed, server_ssl_context
+from pydisco._types import GenerationRequest, GenerationResult, TokenPiece, TokenSink
+
+TOKEN = "bench"
+PLAIN = ("ws",)  # schemes without TLS; every other network scheme gets the throwaway certificate
+STREAMS_PER_CONNECTION = 16
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile, q in [0, 100]."""
+    ordered = sorted(values)
+    return float(ordered[max(1, math.ceil(q / 100 * len(ordered))) - 1])
+
+
+# -- the child process: a server with a stub token source ----------------------------------------
+
+
+class PacedStub:
+    """Tokens on absolute deadlines; the request's prompt says the period. Each token's text is
+    ``"<emit monotonic ns> <scheduled monotonic ns>"``."""
+
+    model_id = "bench-stub"
+
+    async def generate(self, request: GenerationRequest, sink: TokenSink) -> GenerationResult:
+        period = json.loads(request.prompt or "{}").get("period", 0.001)
+        start = trio.current_time()
+        for k in range(request.max_tokens):
+            deadline = start + k * period
+            await trio.sleep_until(deadline)
+            now_ns = time.monotonic_ns()
+            scheduled_ns = now_ns - int((trio.current_time() - deadline) * 1e9)
+            sink(TokenPiece(k, k, f"{now_ns} {scheduled_ns}"))
+        return GenerationResult("length", 0, 0, request.max_tokens)
+
+
+async def child_server(scheme: str, cert_dir: str) -> None:
+    ssl_context = None
+    if scheme not in PLAIN:
+        credentials = self_signed()
+        credentials.write(cert_dir)
+        ssl_context = server_ssl_context(credentials)
+    config = ServerConfig(
+        listen=[f"{scheme}://127.0.0.1:0"],
+        tokens=[TOKEN],
+        backend=PacedStub(),
+        ssl_context=ssl_context,
+        parallel=100_000,
+        max_queue=0,
+        max_streams_per_connection=STREAMS_PER_CONNECTION,
+    )
+    async with trio.open_nursery() as nursery:
+        server: RunningServer = await nursery.start(serve, config)
+        print(json.dumps({"url": server.urls[0]}), flush=True)
+        await trio.wrap_file(sys.stdin).read()  # until the parent closes our stdin
+        nursery.cancel_scope.cancel()
+
+
+async def child_baseline(count: int, period: float) -> None:
+    """Bare trio-websocket: on each connection, ``count`` small msgpack messages, paced."""
+
+    async def handler(request: trio_websocket.WebSocketRequest) -> None:
+        ws = await request.accept()
+        await ws.get_message()  # "go"
+        start = trio.current_time()
+        for k in range(count):
+            await trio.sleep_until(start + k * period)
+            await ws.send_message(msgpack.packb({"t": "token", "pos": k, "id": k, "text": "x" * 30,
+                                                 "tg": time.monotonic_ns()}))  # fmt: skip
+        await ws.get_message()
+
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(trio_websocket.serve_websocket, handler, "127.0.0.1", 0, None)
+        print(json.dumps({"url": f"ws://127.0.0.1:{server.port}/"}), flush=True)
+        await trio.wrap_file(sys.stdin).read()
+        nursery.cancel_scope.cancel()
+
+
+# -- the parent: clients and measurements ------------------------------------------------------
+
+
+class Child:
+    """A child process that prints one JSON line with its URL, and stops when stdin closes."""
+
+    def __init__(self, *args: str) -> None:
+        self.cert_dir = pathlib.Path(os.environ.get("TMPDIR", "/tmp")) / f"pydisco-bench-{os.getpid()}-{id(self)}"
+        self.cert_dir.mkdir(exist_ok=True)
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, *args, "--cert-dir", str(self.cert_dir)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the benchmark child {args} did not start")
+        self.url: str = json.loads(line)["url"]
+
+    def trust(self) -> Any:
+        cert = self.cert_dir / "cert.pem"
+        return client_ssl_context(Credentials(cert.read_bytes(), b"")) if cert.exists() else None
+
+    def stop(self) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        for f in self.cert_dir.glob("*"):
+            f.unlink()
+        self.cert_dir.rmdir()
+
+
+async def baseline_latency(url: str, count: int) -> list[float]:
+    delays: list[float] = []
+    async with trio_websocket.open_websocket_url(url) as ws:
+        await ws.send_message(b"go")
+        for _ in range(count):
+            message = await ws.get_message()
+            received = time.monotonic_ns()
+            delays.append(received - msgpack.unpackb(message)["tg"])
+        await ws.send_message(b"done")
+    return delays
+
+
+def _request(tokens: int, period: float) -> GenerationRequest:
+    return GenerationRequest(prompt=json.dumps({"period": period}), max_tokens=tokens)
+
+
+async def stack_latency(child: Child, count: int, period: float) -> list[float]:
+    delays: list[float] = []
+
+    def sink(piece: TokenPiece) -> None:
+        received = time.monotonic_ns()
+        delays.append(received - int(piece.text.split()[0]))
+
+    async with open_cloud_endpoint(child.url, token=TOKEN, ssl_context=child.trust()) as cloud:
+        await cloud.generate(_request(8, period), lambda p: None)  # connect and warm up first
+        await cloud.generate(_request(count, period), sink)
+    return delays
+
+
+async def streams_keep_up(child: Child, k: int, rate: float, tokens: int) -> tuple[bool, float, int]:
+    """Run k concurrent streams; (kept up, p99 lag in s, tokens missing)."""
+    period = 1.0 / rate
+    lags: list[float] = []
+    missing = 0
+
+    def sink(piece: TokenPiece) -> None:
+        lags.append((time.monotonic_ns() - int(piece.text.split()[1])) / 1e9)
+
+    async def one(cloud: Any) -> None:
+        nonlocal missing
+        got_before = len(lags)
+        try:
+            await cloud.generate(_request(tokens, period), sink)
+        except Exception:  # a refused or broken stream counts as falling behind
+            missing += tokens - (len(lags) - got_before)
+
+    connections = math.ceil(k / STREAMS_PER_CONNECTION)
+    budget = tokens * period + 10.0
+    with trio.move_on_after(budget):
+        async with trio.open_nursery() as nursery:
+            clouds = []
+            for _ in range(connections):
+                cloud = await nursery.start(_hold_endpoint, child)
+                await cloud.generate(_request(1, period), lambda p: None)  # connected before timing
+                clouds.append(cloud)
+            async with trio.open_nursery() as streams:
+                for i in range(k):
+                    streams.start_soon(one, clouds[i // STREAMS_PER_CONNECTION])
+            nursery.cancel_scope.cancel()
+    missing += max(0, k * tokens - len(lags) - missing)
+    p99 = percentile(lags, 99) if lags else math.inf
+    return (missing == 0 and p99 <= period), p99, missing
+
+
+async def _hold_endpoint(child: Child, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+    async with open_cloud_endpoint(child.url, token=TOKEN, ssl_context=child.trust()) as cloud:
+        task_status.started(cloud)
+        await trio.sleep_forever()
+
+
+async def max_streams(child: Child, rate: float, tokens: int, cap: int) -> tuple[int, list[dict[str, Any]]]:
+    trials: list[dict[str, Any]] = []
+
+    async def trial(k: int) -> bool:
+        ok, p99, missing = await streams_keep_up(child, k, rate, tokens)
+        trials.append({"streams": k, "kept_up": ok, "p99_lag_ms": round(p99 * 1e3, 2), "missing": missing})
+        return ok
+
+    good, bad = 0, None
+    k = 8
+    while k <= cap:
+        if await trial(k):
+            good, k = k, k * 2
+        else:
+            bad = k
+            break
+    if bad is not None:
+        for _ in range(3):  # bisect between the last pass and the first failure
+            if bad - good <= max(1, good // 8):
+                break
+            mid = (good + bad) // 2
+            if await trial(mid):
+                good = mid
+            else:
+                bad = mid
+    return good, trials
+
+
+def network_schemes(requested: Sequence[str] | None) -> tuple[list[str], dict[str, str]]:
+    """Schemes to measure, and the registered ones that do not load here (with why)."""
+    usable, missing = [], {}
+    for scheme in requested or transports.known_schemes():
+        if scheme == "memory":
+            continue  # in-process, not a wire
+        try:
+            transports.get_transport(scheme)
+        except transports.UnknownTransportError as e:
+            missing[scheme] = str(e)
+            continue
+        usable.append(scheme)
+    return usable, missing
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    period = args.period_ms / 1e3
+    figures: dict[str, Any] = {
+        "tokens": args.tokens,
+        "period_ms": args.period_ms,
+        "stream_rate_tok_s": args.rate,
+        "stream_tokens": args.stream_tokens,
+        "max_streams_cap": args.max_cap,
+        "cpus": len(os.sched_getaffinity(0)),
+        "load_avg_1min_before": round(os.getloadavg()[0], 2),
+    }
+    baseline = Child("--child-baseline", str(args.tokens), str(period))
+    try:
+        delays = await baseline_latency(baseline.url, args.tokens)
+    finally:
+        baseline.stop()
+    figures["baseline_ws_p50_us"] = round(percentile(delays, 50) / 1e3, 1)
+    figures["baseline_ws_p99_us"] = round(percentile(delays, 99) / 1e3, 1)
+
+    schemes, missing = network_schemes(args.schemes)
+    figures["missing"] = missing
+    for scheme in ("ws", "quic", *schemes):
+        figures.setdefault(f"{scheme}_p50_us", None)
+        figures.setdefault(f"{scheme}_p99_us", None)
+        figures.setdefault(f"max_streams_{scheme}", None)
+    figures["stream_trials"] = {}
+    for scheme in schemes:
+        child = Child("--child-server", scheme)
+        try:
+            delays = await stack_latency(child, args.tokens, period)
+            figures[f"{scheme}_p50_us"] = round(percentile(delays, 50) / 1e3, 1)
+            figures[f"{scheme}_p99_us"] = round(percentile(delays, 99) / 1e3, 1)
+            if not args.no_streams:
+                best, trials = await max_streams(child, args.rate, args.stream_tokens, args.max_cap)
+                figures[f"max_streams_{scheme}"] = best
+                figures["stream_trials"][scheme] = trials
+        finally:
+            child.stop()
+    base = figures["baseline_ws_p50_us"]
+    for scheme in schemes:
+        if figures[f"{scheme}_p50_us"] is not None and base:
+            figures[f"{scheme}_p50_vs_baseline"] = round(figures[f"{scheme}_p50_us"] / base, 2)
+    figures["load_avg_1min_after"] = round(os.getloadavg()[0], 2)
+    return figures
+
+
+def print_table(figures: dict[str, Any]) -> None:
+    print(f"per-token overhead, server emit -> client receive ({figures['tokens']} tokens, one per "
+          f"{figures['period_ms']} ms; {figures['cpus']} CPUs, load {figures['load_avg_1min_before']})")  # fmt: skip
+    print(f"  {'bare trio-websocket':<22} p50 {figures['baseline_ws_p50_us']:>8} us   p99 {figures['baseline_ws_p99_us']:>8} us")
+    schemes = [k[: -len("_p50_us")] for k in figures if k.endswith("_p50_us") and not k.startswith("baseline")]
+    for s in schemes:
+        p50, p99 = figures[f"{s}_p50_us"], figures[f"{s}_p99_us"]
+        if p50 is None:
+            print(f"  {'pydisco ' + s:<22} missing: {figures['missing'].get(s, 'not measured')}")
+        else:
+            ratio = figures.get(f"{s}_p50_vs_baseline")
+            print(f"  {'pydisco ' + s:<22} p50 {p50:>8} us   p99 {p99:>8} us   (p50 {ratio}x baseline)")
+    print(f"sustained streams at {figures['stream_rate_tok_s']} tok/s each, {figures['stream_tokens']} tokens, "
+          f"p99 lag <= one period (cap {figures['max_streams_cap']})")  # fmt: skip
+    for s in schemes:
+        print(f"  {s:<8} max streams kept up: {figures[f'max_streams_{s}']}")
+        for t in figures["stream_trials"].get(s, []):
+            print(f"           {t['streams']:>5} streams: p99 lag {t['p99_lag_ms']:>8} ms, missing {t['missing']}"
+                  f"{'' if t['kept_up'] else '  <- behind'}")  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: fewer tokens, stream cap 64")
+    parser.add_argument("--tokens", type=int, default=2000, help="tokens for the overhead measurement")
+    parser.add_argument("--period-ms", type=float, default=1.0, help="token period for the overhead measurement")
+    parser.add_argument("--rate", type=float, default=50.0, help="tokens/s per stream in the concurrency test")
+    parser.add_argument("--stream-tokens", type=int, default=50, help="tokens per stream in the concurrency test")
+    parser.add_argument("--max-cap", type=int, default=1024, help="stop doubling streams here")
+    parser.add_argument("--schemes", nargs="*", help="only these schemes (default: every loadable one)")
+    parser.add_argument("--no-streams", action="store_true", help="skip the concurrency test")
+    parser.add_argument("--child-server", help=argparse.SUPPRESS)
+    parser.add_argument("--child-baseline", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--cert-dir", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child_server:
+        trio.run(child_server, args.child_server, args.cert_dir)
+        return 0
+    if args.child_baseline:
+        trio.run(child_baseline, int(args.child_baseline[0]), float(args.child_baseline[1]))
+        return 0
+    if args.quick:
+        args.tokens, args.stream_tokens, args.max_cap = min(args.tokens, 300), min(args.stream_tokens, 25), min(args.max_cap, 64)
+    figures = trio.run(run, args)
+    if args.json:
+        print(json.dumps(figures, indent=2))
+    else:
+        print_table(figures)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
