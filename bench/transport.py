@@ -22,6 +22,7 @@ ones); a registered scheme that does not load here is reported as missing (null)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -101,18 +102,17 @@ async def child_server(scheme: str, cert_dir: str) -> None:
         nursery.cancel_scope.cancel()
 
 
-async def child_baseline(count: int, period: float) -> None:
-    """Bare trio-websocket: on each connection, ``count`` small msgpack messages, paced."""
+async def child_baseline(period: float) -> None:
+    """Bare trio-websocket: for each request "<n>", n small msgpack messages, paced; "done" ends."""
 
     async def handler(request: trio_websocket.WebSocketRequest) -> None:
         ws = await request.accept()
-        await ws.get_message()  # "go"
-        start = trio.current_time()
-        for k in range(count):
-            await trio.sleep_until(start + k * period)
-            await ws.send_message(msgpack.packb({"t": "token", "pos": k, "id": k, "text": "x" * 30,
-                                                 "tg": time.monotonic_ns()}))  # fmt: skip
-        await ws.get_message()
+        while (message := await ws.get_message()) != b"done":
+            start = trio.current_time()
+            for k in range(int(message)):
+                await trio.sleep_until(start + k * period)
+                await ws.send_message(msgpack.packb({"t": "token", "pos": k, "id": k, "text": "x" * 30,
+                                                     "tg": time.monotonic_ns()}))  # fmt: skip
 
     async with trio.open_nursery() as nursery:
         server = await nursery.start(trio_websocket.serve_websocket, handler, "127.0.0.1", 0, None)
@@ -158,33 +158,24 @@ class Child:
         self.cert_dir.rmdir()
 
 
-async def baseline_latency(url: str, count: int) -> list[float]:
-    delays: list[float] = []
-    async with trio_websocket.open_websocket_url(url) as ws:
-        await ws.send_message(b"go")
-        for _ in range(count):
-            message = await ws.get_message()
-            received = time.monotonic_ns()
-            delays.append(received - msgpack.unpackb(message)["tg"])
-        await ws.send_message(b"done")
-    return delays
+async def baseline_round(ws: trio_websocket.WebSocketConnection, count: int, delays: list[float]) -> None:
+    await ws.send_message(str(count).encode())
+    for _ in range(count):
+        message = await ws.get_message()
+        received = time.monotonic_ns()
+        delays.append(received - msgpack.unpackb(message)["tg"])
 
 
 def _request(tokens: int, period: float) -> GenerationRequest:
     return GenerationRequest(prompt=json.dumps({"period": period}), max_tokens=tokens)
 
 
-async def stack_latency(child: Child, count: int, period: float) -> list[float]:
-    delays: list[float] = []
-
+async def stack_round(cloud: Any, count: int, period: float, delays: list[float]) -> None:
     def sink(piece: TokenPiece) -> None:
         received = time.monotonic_ns()
         delays.append(received - int(piece.text.split()[0]))
 
-    async with open_cloud_endpoint(child.url, token=TOKEN, ssl_context=child.trust()) as cloud:
-        await cloud.generate(_request(8, period), lambda p: None)  # connect and warm up first
-        await cloud.generate(_request(count, period), sink)
-    return delays
+    await cloud.generate(_request(count, period), sink)
 
 
 async def streams_keep_up(child: Child, k: int, rate: float, tokens: int) -> tuple[bool, float, int]:
@@ -275,6 +266,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     period = args.period_ms / 1e3
     figures: dict[str, Any] = {
         "tokens": args.tokens,
+        "rounds": args.rounds,
         "period_ms": args.period_ms,
         "stream_rate_tok_s": args.rate,
         "stream_tokens": args.stream_tokens,
@@ -282,44 +274,54 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "cpus": len(os.sched_getaffinity(0)),
         "load_avg_1min_before": round(os.getloadavg()[0], 2),
     }
-    baseline = Child("--child-baseline", str(args.tokens), str(period))
-    try:
-        delays = await baseline_latency(baseline.url, args.tokens)
-    finally:
-        baseline.stop()
-    figures["baseline_ws_p50_us"] = round(percentile(delays, 50) / 1e3, 1)
-    figures["baseline_ws_p99_us"] = round(percentile(delays, 99) / 1e3, 1)
-
     schemes, missing = network_schemes(args.schemes)
     figures["missing"] = missing
     for scheme in ("ws", "quic", *schemes):
-        figures.setdefault(f"{scheme}_p50_us", None)
-        figures.setdefault(f"{scheme}_p99_us", None)
-        figures.setdefault(f"max_streams_{scheme}", None)
-    figures["stream_trials"] = {}
-    for scheme in schemes:
-        child = Child("--child-server", scheme)
-        try:
-            delays = await stack_latency(child, args.tokens, period)
-            figures[f"{scheme}_p50_us"] = round(percentile(delays, 50) / 1e3, 1)
-            figures[f"{scheme}_p99_us"] = round(percentile(delays, 99) / 1e3, 1)
-            if not args.no_streams:
+        figures[f"{scheme}_p50_us"] = figures[f"{scheme}_p99_us"] = figures[f"max_streams_{scheme}"] = None
+    children = {scheme: Child("--child-server", scheme) for scheme in schemes}
+    baseline = Child("--child-baseline", str(period))
+    try:
+        # Overhead: rounds alternate between the baseline and every scheme, so a change in the
+        # machine's load (it is shared) falls on all of them alike.
+        delays: dict[str, list[float]] = {"baseline": [], **{s: [] for s in schemes}}
+        per_round = max(1, args.tokens // args.rounds)
+        async with contextlib.AsyncExitStack() as stack:
+            ws = await stack.enter_async_context(trio_websocket.open_websocket_url(baseline.url))
+            clouds = {}
+            for scheme, child in children.items():
+                clouds[scheme] = await stack.enter_async_context(
+                    open_cloud_endpoint(child.url, token=TOKEN, ssl_context=child.trust())
+                )
+                await clouds[scheme].generate(_request(8, period), lambda p: None)  # connected, warm
+            await baseline_round(ws, 8, [])
+            for _ in range(args.rounds):
+                await baseline_round(ws, per_round, delays["baseline"])
+                for scheme, cloud in clouds.items():
+                    await stack_round(cloud, per_round, period, delays[scheme])
+            await ws.send_message(b"done")
+        figures["baseline_ws_p50_us"] = round(percentile(delays["baseline"], 50) / 1e3, 1)
+        figures["baseline_ws_p99_us"] = round(percentile(delays["baseline"], 99) / 1e3, 1)
+        for scheme in schemes:
+            figures[f"{scheme}_p50_us"] = round(percentile(delays[scheme], 50) / 1e3, 1)
+            figures[f"{scheme}_p99_us"] = round(percentile(delays[scheme], 99) / 1e3, 1)
+            figures[f"{scheme}_p50_vs_baseline"] = round(figures[f"{scheme}_p50_us"] / figures["baseline_ws_p50_us"], 2)
+        figures["stream_trials"] = {}
+        if not args.no_streams:
+            for scheme, child in children.items():
                 best, trials = await max_streams(child, args.rate, args.stream_tokens, args.max_cap)
                 figures[f"max_streams_{scheme}"] = best
                 figures["stream_trials"][scheme] = trials
-        finally:
+    finally:
+        for child in (baseline, *children.values()):
             child.stop()
-    base = figures["baseline_ws_p50_us"]
-    for scheme in schemes:
-        if figures[f"{scheme}_p50_us"] is not None and base:
-            figures[f"{scheme}_p50_vs_baseline"] = round(figures[f"{scheme}_p50_us"] / base, 2)
     figures["load_avg_1min_after"] = round(os.getloadavg()[0], 2)
     return figures
 
 
 def print_table(figures: dict[str, Any]) -> None:
-    print(f"per-token overhead, server emit -> client receive ({figures['tokens']} tokens, one per "
-          f"{figures['period_ms']} ms; {figures['cpus']} CPUs, load {figures['load_avg_1min_before']})")  # fmt: skip
+    print(f"per-token overhead, server emit -> client receive ({figures['tokens']} tokens in {figures['rounds']} "
+          f"alternating rounds, one per {figures['period_ms']} ms; {figures['cpus']} CPUs, load "
+          f"{figures['load_avg_1min_before']} -> {figures['load_avg_1min_after']})")  # fmt: skip
     print(f"  {'bare trio-websocket':<22} p50 {figures['baseline_ws_p50_us']:>8} us   p99 {figures['baseline_ws_p99_us']:>8} us")
     schemes = [k[: -len("_p50_us")] for k in figures if k.endswith("_p50_us") and not k.startswith("baseline")]
     for s in schemes:
@@ -342,7 +344,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     parser.add_argument("--quick", action="store_true", help="a smoke run: fewer tokens, stream cap 64")
-    parser.add_argument("--tokens", type=int, default=2000, help="tokens for the overhead measurement")
+    parser.add_argument("--tokens", type=int, default=2000, help="tokens per scheme for the overhead measurement")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds the tokens are split into")
     parser.add_argument("--period-ms", type=float, default=1.0, help="token period for the overhead measurement")
     parser.add_argument("--rate", type=float, default=50.0, help="tokens/s per stream in the concurrency test")
     parser.add_argument("--stream-tokens", type=int, default=50, help="tokens per stream in the concurrency test")
@@ -350,14 +353,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--schemes", nargs="*", help="only these schemes (default: every loadable one)")
     parser.add_argument("--no-streams", action="store_true", help="skip the concurrency test")
     parser.add_argument("--child-server", help=argparse.SUPPRESS)
-    parser.add_argument("--child-baseline", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--child-baseline", help=argparse.SUPPRESS)
     parser.add_argument("--cert-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child_server:
         trio.run(child_server, args.child_server, args.cert_dir)
         return 0
     if args.child_baseline:
-        trio.run(child_baseline, int(args.child_baseline[0]), float(args.child_baseline[1]))
+        trio.run(child_baseline, float(args.child_baseline))
         return 0
     if args.quick:
         args.tokens, args.stream_tokens, args.max_cap = min(args.tokens, 300), min(args.stream_tokens, 25), min(args.max_cap, 64)
