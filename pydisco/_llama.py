@@ -132,6 +132,10 @@ class LlamaEngine:
     cache afterwards and reuse its longest matching prefix next time, like llama.cpp's server.
     An abort (``should_abort()`` returning True) ends ``generate`` with finish_reason
     ``"cancelled"`` (it does not raise) and leaves the engine usable.
+
+    ``model_path`` None means the default model (:func:`default_model_path`); ``n_threads``
+    None means half the CPUs; ``seed`` is mixed into every request's sampling seed;
+    ``extra_buffers`` None lets :func:`_use_extra_buffers` decide about weight repacking.
     """
 
     model_id: str
@@ -167,24 +171,11 @@ class LlamaEngine:
         if not model:
             raise ModelError(f"llama.cpp could not load the model (corrupt or unsupported): {self.path}{_recent_log_text()}")
         self._model = model
-        self._vocab = C.llama_model_get_vocab(model)
-        ctx_params = C.llama_context_default_params()
-        ctx_params.n_ctx = n_ctx
-        ctx_params.n_batch = ctx_params.n_ubatch = min(_CHUNK, n_ctx)
-        ctx_params.n_threads = ctx_params.n_threads_batch = self.n_threads
-        ctx_params.no_perf = True
-        ctx = C.llama_init_from_model(model, ctx_params)
-        if not ctx:
+        try:
+            self._open_context(model, n_ctx)
+        except BaseException:
             self.close()
-            raise ModelError(f"llama.cpp could not create a context (n_ctx={n_ctx}) for {self.path}")
-        self._ctx = ctx
-        self.n_ctx = C.llama_n_ctx(ctx)
-        self._chunk = min(_CHUNK, self.n_ctx)
-        self._batch = C.llama_batch_init(self._chunk, 0, 1)
-        self.n_vocab = C.llama_vocab_n_tokens(self._vocab)
-        self._add_bos = bool(C.llama_vocab_get_add_bos(self._vocab))
-        self._pieces: dict[int, bytes] = {}
-        self._chat = _ChatTemplate.from_model(model, self._token_text)
+            raise
 
         # KV cache bookkeeping: self._cached[i] is the token whose KV sits at position i, and
         # _logits_ready says the context's last logits belong to self._cached[-1].
@@ -195,6 +186,25 @@ class LlamaEngine:
         # graph node, and taking the GIL that often would slow single-token decoding.
         self._should_abort: Callable[[], bool] = _never
         self._abort_cb = C.ggml_abort_callback(self._abort_requested)
+
+    def _open_context(self, model: int, n_ctx: int) -> None:
+        self._vocab = C.llama_model_get_vocab(model)
+        ctx_params = C.llama_context_default_params()
+        ctx_params.n_ctx = n_ctx
+        ctx_params.n_batch = ctx_params.n_ubatch = min(_CHUNK, n_ctx)
+        ctx_params.n_threads = ctx_params.n_threads_batch = self.n_threads
+        ctx_params.no_perf = True
+        ctx = C.llama_init_from_model(model, ctx_params)
+        if not ctx:
+            raise ModelError(f"llama.cpp could not create a context (n_ctx={n_ctx}) for {self.path}{_recent_log_text()}")
+        self._ctx = ctx
+        self.n_ctx = C.llama_n_ctx(ctx)
+        self._chunk = min(_CHUNK, self.n_ctx)
+        self._batch = C.llama_batch_init(self._chunk, 0, 1)
+        self.n_vocab = C.llama_vocab_n_tokens(self._vocab)
+        self._add_bos = bool(C.llama_vocab_get_add_bos(self._vocab))
+        self._pieces: dict[int, bytes] = {}
+        self._chat = _ChatTemplate.from_model(model, self._token_text)
 
     # -- text <-> tokens -------------------------------------------------------------------
 
