@@ -216,19 +216,34 @@ class _ClientRunner:
     def cancel(self) -> None:
         self._scope.cancel()
 
+    async def _open(self, nursery: trio.Nursery) -> tws.WebSocketConnection:
+        # TCP and TLS are set up here rather than by trio-websocket, which would wait forever
+        # for its opening handshake when TLS fails (a certificate the client does not trust).
+        stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]
+        stream = await trio.open_tcp_stream(self._host, self._port)
+        try:
+            if self._ssl is not None:
+                stream = trio.SSLStream(stream, self._ssl, server_hostname=self._host, https_compatible=True)
+                try:
+                    await stream.do_handshake()
+                except trio.BrokenResourceError as e:
+                    cause = e.__cause__ or e
+                    raise trio.BrokenResourceError(f"TLS handshake with {self._host}:{self._port} failed: {cause}") from e
+            default_port = 443 if self._ssl is not None else 80
+            host = self._host if self._port == default_port else f"{self._host}:{self._port}"
+            return await tws.wrap_client_stream(
+                nursery, stream, host, self._path, max_message_size=_ws_limit(self._limit)
+            )
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+
     async def run(self) -> None:
         # Nothing may escape a system task: failures go to the connecting caller instead.
         try:
             with self._scope:
                 async with trio.open_nursery() as nursery:
-                    ws = await tws.connect_websocket(
-                        nursery,
-                        self._host,
-                        self._port,
-                        self._path,
-                        use_ssl=self._ssl if self._ssl is not None else False,
-                        max_message_size=_ws_limit(self._limit),
-                    )
+                    ws = await self._open(nursery)
                     self.connection = WebSocketConnection(ws, self._limit, self.closed)
                     self.ready.set()
                     await self.closed.wait()
