@@ -16,6 +16,7 @@ import trio
 from ._backends import Backend, LlamaBackend, OpenAIUpstreamBackend
 from ._errors import ConfigurationError, PydiscoError
 from ._server import RunningServer, ServerConfig, serve
+from ._server import _single as single_exception
 from ._tls import LOOPBACK_NAMES, self_signed, server_ssl_context
 
 
@@ -102,11 +103,14 @@ def run(args: argparse.Namespace) -> int:
 
 async def _serve_until_signal(config: ServerConfig) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
-            server: RunningServer = await nursery.start(serve, config)
-            for url in server.urls:
-                print(f"listening on {url}", flush=True)
-            async for _ in signals:
-                print("stopping", flush=True)
-                nursery.cancel_scope.cancel()
-                break
+        try:
+            async with trio.open_nursery() as nursery:
+                server: RunningServer = await nursery.start(serve, config)
+                for url in server.urls:
+                    print(f"listening on {url}", flush=True)
+                async for _ in signals:
+                    print("stopping", flush=True)
+                    nursery.cancel_scope.cancel()
+                    break
+        except BaseExceptionGroup as group:  # a bad config or a taken port: one error, say it plainly
+            raise single_exception(group) from None

@@ -1,0 +1,106 @@
+"""``pydisco serve`` end to end (a real process with the real model) and its argument checks."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import trio
+
+from cloud_support import text_of, trio_test
+from pydisco._cloud import open_cloud_endpoint
+from pydisco._errors import EndpointUnavailable
+from pydisco._tls import Credentials, client_ssl_context
+from pydisco._types import GenerationRequest, TokenPiece
+from pydisco.cli import main
+
+
+def read_until(process: subprocess.Popen[str], pattern: str, count: int, timeout: float = 60) -> list[str]:
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    assert process.stdout is not None
+    while len([line for line in lines if re.search(pattern, line)]) < count:
+        if time.monotonic() > deadline or process.poll() is not None:
+            raise AssertionError(f"pydisco serve did not print {pattern!r}: {lines}")
+        lines.append(process.stdout.readline())
+    return lines
+
+
+@pytest.mark.model
+def test_pydisco_serve_answers_over_ws_and_a_self_signed_wss_then_stops_on_sigint(tmp_path: pathlib.Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("# clients\ncli-token\n\n")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pydisco.cli", "serve", "--listen", "ws://127.0.0.1:0", "--listen",
+         "wss://127.0.0.1:0", "--token-file", str(tokens), "--self-signed", "--threads", "1"],  # fmt: skip
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        lines = read_until(process, r"^listening on ", 2)
+        cert = pathlib.Path(re.search(r"certificate for .*: (\S+)", "".join(lines)).group(1))  # type: ignore[union-attr]
+        urls = [line.split()[-1] for line in lines if line.startswith("listening on ")]
+        trust = client_ssl_context(Credentials(cert.read_bytes(), b""))
+
+        @trio_test(60)
+        async def ask() -> None:
+            request = GenerationRequest(messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+            answers = []
+            for url in urls:
+                got: list[TokenPiece] = []
+                async with open_cloud_endpoint(url, token="cli-token", ssl_context=trust) as cloud:
+                    await cloud.generate(request, got.append)
+                answers.append(text_of(got))
+            assert answers[0] == answers[1] and len(answers[0]) > 0
+            # Without the printed certificate the TLS listener cannot be trusted.
+            async with open_cloud_endpoint(urls[1], token="cli-token") as untrusting:
+                with pytest.raises(EndpointUnavailable):
+                    await untrusting.generate(request, lambda p: None)
+
+        ask()
+        process.send_signal(signal.SIGINT)
+        assert process.wait(15) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--listen", "ws://127.0.0.1:0", "--token", "t", "--model", "m.gguf", "--upstream", "http://h/v1"], "not both"),
+        (["--listen", "ws://127.0.0.1:0", "--token", "t", "--upstream", "http://h/v1"], "--upstream-model"),
+        (["--listen", "pigeon://coop:1", "--token", "t", "--upstream", "http://h/v1", "--upstream-model", "m"], "known schemes"),
+        (["--listen", "wss://127.0.0.1:0", "--token", "t", "--upstream", "http://h/v1", "--upstream-model", "m"], "needs TLS"),
+        (["--listen", "ws://127.0.0.1:0", "--token-file", "/nonexistent/tokens"], "cannot read"),
+    ],
+)
+def test_pydisco_serve_refuses_bad_arguments_with_a_message(argv: list[str], message: str,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    assert main(["serve", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_server_whose_port_is_taken_fails_with_os_error() -> None:
+    import socket
+
+    from cloud_support import StubBackend, server_config
+    from pydisco._server import serve
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+
+        async def run() -> None:
+            with trio.fail_after(10):
+                await serve(server_config(StubBackend(), ["ws"], url=f"ws://127.0.0.1:{port}"))
+
+        with pytest.raises(OSError):
+            trio.run(run)
