@@ -87,18 +87,23 @@ def client_context(scheme: str) -> ssl.SSLContext | None:
 # -- the model ----------------------------------------------------------------------------
 
 
+# One thread per engine: the test machines are shared, and llama.cpp's threads wait for each
+# other at every step, which costs far more than they gain when the cores are busy elsewhere.
+MODEL_THREADS = 1
+
+
 @functools.cache
 def reference_engine() -> Any:
     """A LlamaEngine used only to compute the expected (local, greedy) answers."""
     from pydisco._llama import LlamaEngine
 
-    return LlamaEngine(n_ctx=1024)
+    return LlamaEngine(n_ctx=1024, n_threads=MODEL_THREADS)
 
 
 @functools.cache
 def server_backend() -> LlamaBackend:
     """The backend every model test's server uses: one engine, loaded once per session."""
-    return LlamaBackend(n_ctx=1024)
+    return LlamaBackend(n_ctx=1024, n_threads=MODEL_THREADS)
 
 
 def local_answer(request: GenerationRequest) -> tuple[list[TokenPiece], GenerationResult]:

@@ -53,7 +53,7 @@ def upstream() -> Iterator[str]:
     """Base URL (``.../v1``) of a llama-cpp-python server running the default model."""
     port = _free_port()
     args = [sys.executable, "-c", _SERVER, "--model", str(default_model_path()), "--host", "127.0.0.1",
-            "--port", str(port), "--n_ctx", "512", "--n_threads", "2", "--api_key", UPSTREAM_KEY,
+            "--port", str(port), "--n_ctx", "512", "--n_threads", "1", "--api_key", UPSTREAM_KEY,
             "--verbose", "False"]  # fmt: skip
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}/v1"
