@@ -169,13 +169,12 @@ class CloudEndpoint:
         samples: int = 256,
     ) -> None:
         try:
-            scheme, _, _ = _transports.split_url(url)
+            _transports.split_url(url)
         except ValueError as e:
             raise ConfigurationError(str(e)) from e
         if not 0 < ping_after < dead_after:
             raise ConfigurationError("need 0 < ping_after < dead_after")
         self._url = url
-        self._scheme = scheme
         self._token = token
         self._nursery = nursery
         self._ssl_context = ssl_context
@@ -205,7 +204,9 @@ class CloudEndpoint:
     async def generate(self, request: GenerationRequest, sink: TokenSink) -> GenerationResult:
         """Stream ``request`` from the server into ``sink``; return how it ended.
 
-        Connects first if there is no live link. On cancellation a cancel frame is sent (waiting
+        Connects first if there is no live link. ``sink`` is called in the Trio thread by the
+        link's reader task, as each token arrives; if it raises, the answer is cancelled on the
+        server and the exception propagates from here. On cancellation a cancel frame is sent (waiting
         at most half a second for the link to take it) and trio.Cancelled propagates; the link
         stays up for the next answer.
         """

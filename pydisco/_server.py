@@ -31,6 +31,7 @@ from ._protocol import (
     CloseConnection,
     Code,
     Send,
+    ServerOutput,
     ServerProtocol,
     ServerState,
     StartStream,
@@ -372,7 +373,7 @@ class _Session:
 
     async def _reader(self, nursery: trio.Nursery) -> None:
         while True:
-            outputs: list[object] = []
+            outputs: list[ServerOutput] = []
             try:
                 stream_id, data = await self._conn.receive_frame()
             except _transports.FrameTooLarge as e:
@@ -399,7 +400,7 @@ class _Session:
                     await self._close(out)
                     return
                 elif isinstance(out, Authenticated):
-                    pass
+                    log.debug("a client authenticated")
 
     async def _close(self, reason: CloseConnection) -> None:
         if reason.code == Code.UNAUTHORIZED:
