@@ -185,7 +185,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="llama.cpp threads (default: half the CPUs)")
     parser.add_argument("--ctx", type=int, default=2048, help="context size (default 2048)")
     parser.add_argument("--tokens", type=int, default=64, help="tokens per throughput run (default 64)")
-    parser.add_argument("--rounds", type=int, default=15, help="throughput rounds per side (default 15)")
+    parser.add_argument("--rounds", type=int, default=21, help="throughput rounds per side (default 21)")
     parser.add_argument("--cancels", type=int, default=30, help="cancellation trials (default 30)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args()

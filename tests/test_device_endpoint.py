@@ -54,21 +54,25 @@ async def test_streams_tokens_in_order_in_the_trio_thread() -> None:
 @trio_test(30)
 async def test_cancellation_stops_within_a_decode_step_and_leaves_the_actor_idle() -> None:
     device = endpoint()
+    engine = shared_engine()
     got: list[TokenPiece] = []
+    decoded_at_cancel: list[int] = []
     with trio.CancelScope() as scope:
 
         def sink(piece: TokenPiece) -> None:
             got.append(piece)
             if len(got) == 5:
+                decoded_at_cancel.append(engine.cached_tokens)
                 scope.cancel()
 
         await device.generate(QUESTION, sink)
     assert scope.cancelled_caught
     assert len(got) == 5  # nothing reaches the sink after the cancel
     record = device.cost.last
-    assert record is not None and record.finish_reason == "cancelled"
-    # Counted in tokens, not milliseconds: the worker noticed before decoding a 7th.
-    assert 5 <= record.decoded_tokens <= 6
+    assert record is not None and record.finish_reason == "cancelled" and record.decoded_tokens >= 5
+    # Counted in tokens, not milliseconds (so a slow machine cannot fail it): at most the
+    # decode step in flight when cancel() ran finished afterwards.
+    assert engine.cached_tokens - decoded_at_cancel[0] <= 1
     assert not device.busy
     got.clear()
     assert (await device.generate(QUESTION, got.append)).finish_reason == "length"
