@@ -181,11 +181,12 @@ async def stack_round(cloud: Any, count: int, period: float, delays: list[float]
     await cloud.generate(_request(count, period), sink)
 
 
-async def streams_keep_up(child: Child, k: int, rate: float, tokens: int) -> tuple[bool, float, int]:
-    """Run k concurrent streams; (kept up, p99 lag in s, tokens missing)."""
+async def streams_keep_up(child: Child, k: int, rate: float, tokens: int) -> tuple[bool, float, int, list[str]]:
+    """Run k concurrent streams; (kept up, p99 lag in s, tokens missing, errors seen)."""
     period = 1.0 / rate
     lags: list[float] = []
     missing = 0
+    errors: list[str] = []
 
     def sink(piece: TokenPiece) -> None:
         lags.append((time.monotonic_ns() - int(piece.text.split()[1])) / 1e9)
@@ -195,8 +196,9 @@ async def streams_keep_up(child: Child, k: int, rate: float, tokens: int) -> tup
         got_before = len(lags)
         try:
             await cloud.generate(_request(tokens, period), sink)
-        except Exception:  # a refused or broken stream counts as falling behind
+        except Exception as e:  # a refused or broken stream counts as falling behind
             missing += tokens - (len(lags) - got_before)
+            errors.append(f"{type(e).__name__}: {str(e)[:120]}")
 
     connections = math.ceil(k / STREAMS_PER_CONNECTION)
     budget = tokens * period + 10.0
@@ -213,7 +215,7 @@ async def streams_keep_up(child: Child, k: int, rate: float, tokens: int) -> tup
             nursery.cancel_scope.cancel()
     missing += max(0, k * tokens - len(lags) - missing)
     p99 = percentile(lags, 99) if lags else math.inf
-    return (missing == 0 and p99 <= period), p99, missing
+    return (missing == 0 and p99 <= period), p99, missing, sorted(set(errors))
 
 
 async def _hold_endpoint(child: Child, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
@@ -226,8 +228,9 @@ async def max_streams(child: Child, rate: float, tokens: int, cap: int) -> tuple
     trials: list[dict[str, Any]] = []
 
     async def trial(k: int) -> bool:
-        ok, p99, missing = await streams_keep_up(child, k, rate, tokens)
-        trials.append({"streams": k, "kept_up": ok, "p99_lag_ms": round(p99 * 1e3, 2), "missing": missing})
+        ok, p99, missing, errors = await streams_keep_up(child, k, rate, tokens)
+        trials.append({"streams": k, "kept_up": ok, "p99_lag_ms": round(p99 * 1e3, 2), "missing": missing,
+                       "errors": errors})  # fmt: skip
         return ok
 
     good, bad = 0, None
@@ -344,10 +347,11 @@ def print_table(figures: dict[str, Any]) -> None:
         print("  skipped")
         return
     for s in schemes:
-        print(f"  {s:<8} max streams kept up: {figures[f'max_streams_{s}']}")
+        best = figures[f"max_streams_{s}"]
+        print(f"  {s:<8} max streams kept up: {'not measured' if best is None else best}")
         for t in figures["stream_trials"].get(s, []):
             print(f"           {t['streams']:>5} streams: p99 lag {t['p99_lag_ms']:>8} ms, missing {t['missing']}"
-                  f"{'' if t['kept_up'] else '  <- behind'}")  # fmt: skip
+                  f"{'' if t['kept_up'] else '  <- behind'}{'  ' + '; '.join(t['errors']) if t['errors'] else ''}")  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
