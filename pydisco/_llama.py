@@ -169,7 +169,9 @@ class LlamaEngine:
         model_params.use_extra_bufts = _use_extra_buffers() if extra_buffers is None else extra_buffers
         model = C.llama_model_load_from_file(os.fsencode(self.path), model_params)
         if not model:
-            raise ModelError(f"llama.cpp could not load the model (corrupt or unsupported): {self.path}{_recent_log_text()}")
+            raise ModelError(
+                f"llama.cpp could not load the model (corrupt or unsupported): {self.path}{_recent_log_text()}"
+            )
         self._model = model
         try:
             self._open_context(model, n_ctx)
@@ -196,7 +198,9 @@ class LlamaEngine:
         ctx_params.no_perf = True
         ctx = C.llama_init_from_model(model, ctx_params)
         if not ctx:
-            raise ModelError(f"llama.cpp could not create a context (n_ctx={n_ctx}) for {self.path}{_recent_log_text()}")
+            raise ModelError(
+                f"llama.cpp could not create a context (n_ctx={n_ctx}) for {self.path}{_recent_log_text()}"
+            )
         self._ctx = ctx
         self.n_ctx = C.llama_n_ctx(ctx)
         self._chunk = min(_CHUNK, self.n_ctx)
@@ -255,7 +259,8 @@ class LlamaEngine:
             raise ConfigurationError(f"resume_position must be >= 0, got {request.resume_position!r}")
         if request.messages is not None:
             text = self._chat.render(request.messages)
-            prompt = self.tokenize(text, add_special=self._add_bos and not self._chat.has_bos(text), parse_special=True)
+            add_bos = self._add_bos and not self._chat.has_bos(text)  # the template may write it
+            prompt = self.tokenize(text, add_special=add_bos, parse_special=True)
         else:
             assert request.prompt is not None
             prompt = self.tokenize(request.prompt, add_special=True, parse_special=True)
@@ -364,6 +369,8 @@ class LlamaEngine:
             self._prefill(plan, should_abort, computed)
         except _Aborted:
             return result("cancelled")
+        if should_abort():  # the cache may have held everything: no prefill, no check yet
+            return result("cancelled")
         ctx = self._ctx
         assert ctx is not None
         sampler = _make_sampler(request.sampling, self.seed)
@@ -410,10 +417,11 @@ class LlamaEngine:
             if a != b:
                 break
             common += 1
-        if common == len(target) == len(self._cached) and self._logits_ready and self._cached_prompt == n_prompt:
+        same_schedule = self._cached_prompt == n_prompt
+        if common == len(target) == len(self._cached) and self._logits_ready and same_schedule:
             return
         reuse = min(common, len(target) - 1)  # the last row is decoded again for fresh logits
-        if self._cached_prompt != n_prompt:
+        if not same_schedule:
             # Another prompt length: only whole chunks shared by both schedules agree.
             reuse = min(reuse, min(self._cached_prompt, n_prompt) // chunk * chunk)
         if reuse < n_prompt:
@@ -532,7 +540,8 @@ class _PieceStream:
 
     A token whose bytes end inside a character reports ``""`` and the token that completes the
     character carries it. While the text might be the start of a stop string, tokens are held
-    back (reported later, or dropped if the stop string completes).
+    back: reported later (``flush`` at the end), or dropped if the stop string completes. An
+    aborted answer does not flush; its held tokens are never reported.
     """
 
     def __init__(self, stops: Sequence[str], primer: bytes, primer_text: str) -> None:

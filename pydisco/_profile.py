@@ -118,7 +118,9 @@ def measure_profile(
     """
     usable = sorted({n for n in lengths if 1 <= n <= engine.n_ctx - 2})
     if len(usable) < 2 or repeats < 1 or decode_tokens < 2:
-        raise ConfigurationError("profiling needs two prompt lengths that fit the context, repeats >= 1, decode_tokens >= 2")
+        raise ConfigurationError(
+            "profiling needs two prompt lengths that fit the context, repeats >= 1, decode_tokens >= 2"
+        )
     filler = engine.tokenize(_FILLER * (1 + max(usable) // 20))
     prompts = [engine.detokenize(filler[:n]).decode("utf-8", "replace") for n in usable]
     samples: dict[int, list[float]] = {}
@@ -136,7 +138,8 @@ def measure_profile(
 def _time_first_token(engine: LlamaEngine, prompt: str) -> tuple[int, float]:
     first: list[float] = []
     start = time.perf_counter()
-    result = engine.generate(GenerationRequest(prompt=prompt, max_tokens=1), lambda _: first.append(time.perf_counter()))
+    request = GenerationRequest(prompt=prompt, max_tokens=1)
+    result = engine.generate(request, lambda _: first.append(time.perf_counter()))
     end = first[0] if first else time.perf_counter()
     return result.prompt_tokens, end - start
 
