@@ -1,0 +1,143 @@
+"""The policy interface: pure, synchronous, swappable decisions.
+
+Policies never do I/O and have no clock: the runtime hands them a read-only view (with
+``now_s`` where time matters) and acts on the decision they return. The same policy code runs
+in real time and under Trio's MockClock. Actors never import a concrete policy; they ask the
+registry (``pydisco.policies.create_dispatch_policy(name, **options)``) for one by name.
+
+Endpoints are named ``"device"`` and ``"cloud"``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Literal, Protocol
+
+EndpointName = Literal["device", "cloud"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceSpeed:
+    """What a policy knows of the device: ``TTFT_d(l) = prefill_a_s + prefill_c_s_per_token·l``
+    and the decode time per token (pydisco._profile.DeviceProfile has these fields)."""
+
+    prefill_a_s: float
+    prefill_c_s_per_token: float
+    decode_s_per_token: float
+
+    def ttft(self, prompt_tokens: int) -> float:
+        return self.prefill_a_s + self.prefill_c_s_per_token * prompt_tokens
+
+    def prefill(self, tokens: int) -> float:
+        """Seconds to prefill ``tokens`` tokens (the migration/catch-up time t_m's compute part)."""
+        return self.prefill_a_s + self.prefill_c_s_per_token * tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """DiSCo's budget: the share ``b`` of all tokens that the ``constrained`` endpoint may
+    process over a workload (``E[I(l)·l] ≤ b·E[l]``). ``share=1`` means unconstrained."""
+
+    constrained: EndpointName = "cloud"
+    share: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.share <= 1.0:
+            raise ValueError(f"budget share must be in [0, 1], got {self.share!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Slo:
+    """Per-request service level: a TTFT target and the user's reading rate (tokens/s)."""
+
+    ttft_target_s: float = 1.0
+    reading_rate: float = 4.5  # tokens/s, Andes' reading speed
+
+    def __post_init__(self) -> None:
+        if self.ttft_target_s <= 0 or self.reading_rate <= 0:
+            raise ValueError("SLO targets must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class DispatchView:
+    """Everything a dispatch policy may look at for one request."""
+
+    prompt_tokens: int
+    max_tokens: int
+    slo: Slo
+    budget: Budget
+    device: DeviceSpeed | None  # None when there is no device endpoint
+    cloud_available: bool
+    server_ttft_samples_s: Sequence[float]  # recent cloud TTFTs (DiSCo's online F_s)
+    server_tbt_s: float | None  # recent cloud inter-token time, if known
+    # Tokens processed so far by each endpoint over the workload (for budget accounting).
+    tokens_spent: Mapping[str, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class Handoff:
+    """P/D-Device: the cloud prefills and sends the first ``cloud_tokens`` tokens, released at
+    ``interval_s`` apart; the device prefills prompt + those tokens and takes over."""
+
+    cloud_tokens: int
+    interval_s: float
+
+
+@dataclasses.dataclass(frozen=True)
+class DispatchDecision:
+    """Who starts, and when.
+
+    ``start``: endpoints started at once (two means a race: the first token wins).
+    ``fallback``: (endpoint, wait_s) — start it only if no token has arrived after ``wait_s``
+    (DiSCo-D's ``w(l)``). ``handoff``: a P/D-Device plan (then ``start`` is ``("cloud",)``).
+    """
+
+    start: tuple[EndpointName, ...]
+    fallback: tuple[EndpointName, float] | None = None
+    handoff: Handoff | None = None
+    reason: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class AnswerOutcome:
+    """What happened to one answer, fed back to the policy that dispatched it."""
+
+    prompt_tokens: int
+    tokens_by_endpoint: Mapping[str, int]  # prompt + generated tokens each endpoint processed
+    cloud_ttft_s: float | None  # the cloud's TTFT if it produced a first token
+
+
+class DispatchPolicy(Protocol):
+    name: str
+
+    def decide(self, view: DispatchView) -> DispatchDecision: ...
+
+    def observe(self, outcome: AnswerOutcome) -> None:
+        """Learn from a finished answer (budget spent, server TTFT). No I/O."""
+        ...
+
+
+@dataclasses.dataclass(frozen=True)
+class MigrationView:
+    """An answer in flight, for the migration decision (DiSCo §token-level migration)."""
+
+    now_s: float
+    source: EndpointName
+    target: EndpointName  # the candidate (the other endpoint)
+    prompt_tokens: int
+    committed: int  # tokens committed so far
+    unread: int  # committed but not yet consumed by the reader (the buffer B)
+    reading_rate: float  # tokens/s the reader consumes
+    max_tokens: int
+    expected_total_tokens: float  # E[answer length], for E[l_remaining]
+    target_ready_s: float  # estimated time for the target to catch up (t_m): prefill + transfer
+    cost_per_token: Mapping[str, float]  # decode cost per token on each endpoint
+    migration_overhead_cost: float  # cost of the target's catch-up prefill
+    target_available: bool
+
+
+class MigrationPolicy(Protocol):
+    name: str
+
+    def should_migrate(self, view: MigrationView) -> bool: ...
