@@ -20,6 +20,7 @@ from ._core import TokenBatch as TokenBatch
 from ._core import TokenRing as TokenRing
 from ._core import TransitionRecord as TransitionRecord
 from ._core import now_ns as now_ns
+from ._coordinator import AnswerFailed as AnswerFailed
 from ._errors import AuthenticationError as AuthenticationError
 from ._errors import ConfigurationError as ConfigurationError
 from ._errors import EndpointError as EndpointError
@@ -29,6 +30,14 @@ from ._errors import PromptTooLongError as PromptTooLongError
 from ._errors import PydiscoError as PydiscoError
 from ._pacing import ReleasedTokens as ReleasedTokens
 from ._pacing import VirtualTimePacer as VirtualTimePacer
+from ._report import AnswerReport as AnswerReport
+from ._report import EndpointUsage as EndpointUsage
+from ._report import MigrationRecord as MigrationRecord
+from ._report import Piece as Piece
+from ._runtime import AnswerStream as AnswerStream
+from ._runtime import Runtime as Runtime
+from ._runtime import RuntimeConfig as RuntimeConfig
+from ._runtime import open_runtime as open_runtime
 from ._types import GenerationRequest as GenerationRequest
 from ._types import GenerationResult as GenerationResult
 from ._types import Sampling as Sampling

@@ -45,6 +45,8 @@ class GenerationRequest:
     prefix of the *answer*: the endpoint continues after it, and the first token it reports
     has position ``len(prefix)`` (in tokens). Token ids are used when the vocabulary matches;
     otherwise the text is re-tokenised and positions continue from ``resume_position``.
+    ``max_tokens`` bounds the whole answer, the resumed prefix included: a resumed request
+    ends where the uninterrupted one would have ended.
     """
 
     messages: Sequence[Message] | None = None

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 # Modules that provide subcommands: each has `add_parser(subparsers) -> None`, and the parser it
 # adds sets `func=callable(args) -> int`.
 SUBCOMMAND_MODULES: tuple[str, ...] = (
+    "pydisco._cmd_run",
     "pydisco._cmd_profile",
     "pydisco._cmd_serve",
 )

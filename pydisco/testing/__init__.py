@@ -15,3 +15,4 @@ from ._strategies import EndpointTimeline as EndpointTimeline
 from ._strategies import pacing_scripts as pacing_scripts
 from ._strategies import PacingStep as PacingStep
 from ._strategies import token_texts as token_texts
+from ._scripted import ScriptedEndpoint as ScriptedEndpoint
