@@ -17,7 +17,7 @@ def token_texts(max_bytes: int = 16) -> st.SearchStrategy[str]:
     if not 0 < max_bytes <= _TEXT_CAPACITY:
         raise ValueError(f"max_bytes must be in 1..{_TEXT_CAPACITY}")
     return st.text(
-        alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=max_bytes
+        alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=max_bytes
     ).filter(lambda s: len(s.encode()) <= max_bytes)
 
 
