@@ -44,3 +44,28 @@ from ._types import Sampling as Sampling
 from ._types import TokenPiece as TokenPiece
 
 __version__ = "0.1.0"
+
+# Loading these would load llama.cpp or the transports: resolved on first use instead.
+_LAZY = {
+    "DeviceEndpoint": "pydisco._device",
+    "open_device_endpoint": "pydisco._device",
+    "DeviceProfile": "pydisco._profile",
+    "CostRates": "pydisco._profile",
+    "AnswerCost": "pydisco._profile",
+    "CloudEndpoint": "pydisco._cloud",
+    "open_cloud_endpoint": "pydisco._cloud",
+    "ServerConfig": "pydisco._server",
+    "serve": "pydisco._server",
+    "LlamaBackend": "pydisco._backends",
+    "OpenAIUpstreamBackend": "pydisco._backends",
+    "open_loopback_cloud": "pydisco._loopback",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pydisco' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
