@@ -10,6 +10,7 @@ from ._core import MigrationEvent as MigrationEvent
 from ._core import MigrationMachine as MigrationMachine
 from ._core import MigrationState as MigrationState
 from ._core import MissPolicy as MissPolicy
+from ._core import NativeCollector as NativeCollector
 from ._core import OfferResult as OfferResult
 from ._core import PaceSchedule as PaceSchedule
 from ._core import Pacer as Pacer
@@ -20,6 +21,8 @@ from ._core import TokenBatch as TokenBatch
 from ._core import TokenRing as TokenRing
 from ._core import TransitionRecord as TransitionRecord
 from ._core import now_ns as now_ns
+from ._blocking import BlockingAnswer as BlockingAnswer
+from ._blocking import BlockingRuntime as BlockingRuntime
 from ._coordinator import AnswerFailed as AnswerFailed
 from ._errors import AuthenticationError as AuthenticationError
 from ._errors import ConfigurationError as ConfigurationError

@@ -151,7 +151,6 @@ class AnswerCoordinator:
 
         # the reader's side
         self._receiver = ReleasedTokens(self._pacer)
-        self._consumed = 0
         self._pieces: collections.deque[Piece] = collections.deque()
         self._all: list[Piece] = []
         self._reader_scope: trio.CancelScope | None = None
@@ -320,7 +319,7 @@ class AnswerCoordinator:
             target=target,  # type: ignore[arg-type]
             prompt_tokens=self._prompt_tokens,
             committed=committed,
-            unread=committed - self._consumed,
+            unread=committed - self._consumed(),
             reading_rate=self._settings.slo.reading_rate,
             max_tokens=self._request.max_tokens,
             expected_total_tokens=self._expected_total,
@@ -477,25 +476,60 @@ class AnswerCoordinator:
     def _wake_reader(self) -> None:
         if self._reader_scope is not None:
             self._reader_scope.cancel()
+        self._released.wake_consumer()  # a native consumer blocked in pop_wait looks again
 
-    def _final_count(self) -> int | None:
+    def final_count(self) -> int | None:
+        """How many tokens the answer has, once it has ended (else None)."""
         if _core_terminal(self._machine.state) or self._done.is_set():
             return self._machine.committed
         return None
 
+    def _consumed(self) -> int:
+        """Tokens the reader has taken: popped from the released ring, less any still queued
+        in this object for next_piece."""
+        return self._released.statistics().popped - len(self._pieces)
+
+    @property
+    def released_ring(self) -> _core.TokenRing:
+        """The ring the pacer releases into (its single consumer is the reader)."""
+        return self._released
+
+    @property
+    def error(self) -> BaseException | None:
+        """Why the answer failed, if it did."""
+        return self._error if self._finish_reason == "failed" else None
+
+    def piece_from(self, token: _core.Token) -> Piece:
+        return Piece(
+            position=token.position,
+            text=token.text,
+            token_id=token.token_id,
+            endpoint=ENDPOINT_NAMES.get(token.source, str(token.source)),
+            released_s=(token.released_ns - self._start_ns) / 1e9,
+        )
+
+    def record_delivered(self, pieces: list[Piece]) -> None:
+        """A reader outside this object (the blocking API) reports what it delivered, for the
+        report's timing and QoE."""
+        self._all.extend(pieces)
+
     async def next_piece(self) -> Piece | None:
         """The next released token, or None at the end. Raises AnswerFailed (after every
-        committed token was delivered) when no endpoint could finish."""
+        committed token was delivered) when no endpoint could finish. On cancellation nothing
+        is lost: the token stays queued."""
         while not self._pieces:
-            total = self._final_count()
-            if total is not None and self._consumed >= total:
-                if self._error is not None and self._finish_reason == "failed":
-                    raise self._error
+            total = self.final_count()
+            if total is not None and self._consumed() >= total:
+                if self.error is not None:
+                    raise self.error
                 return None
             with trio.CancelScope() as scope:
                 self._reader_scope = scope
                 try:
-                    if self._final_count() is not None and self._consumed >= (self._final_count() or 0):
+                    # Checked again with no checkpoint before the wait, so a finish that
+                    # happened meanwhile cannot be missed.
+                    total = self.final_count()
+                    if total is not None and self._consumed() >= total:
                         continue
                     batch = await self._receiver.receive()
                 finally:
@@ -503,14 +537,7 @@ class AnswerCoordinator:
             if scope.cancelled_caught:
                 continue
             for token in batch:
-                self._consumed += 1
-                piece = Piece(
-                    position=token.position,
-                    text=token.text,
-                    token_id=token.token_id,
-                    endpoint=ENDPOINT_NAMES.get(token.source, str(token.source)),
-                    released_s=(token.released_ns - self._start_ns) / 1e9,
-                )
+                piece = self.piece_from(token)
                 self._pieces.append(piece)
                 self._all.append(piece)
             self._maybe_migrate(self._clock.now_ns())  # the unread buffer changed

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 
 import trio
 
+from ._core import TokenRing
 from ._coordinator import AnswerCoordinator, AnswerSettings
 from ._errors import ConfigurationError
 from ._report import AnswerReport, Piece
@@ -94,6 +95,18 @@ class AnswerStream:
         if piece is None:
             raise StopAsyncIteration
         return piece
+
+    @property
+    def released_ring(self) -> TokenRing:
+        """The native ring the pacer releases this answer into, for a consumer that is not
+        this object (a C++ thread with TokenRing::pop_wait, pydisco.NativeCollector): use
+        one or the other, never both. ``final_count`` says when it has everything."""
+        return self._coordinator.released_ring
+
+    @property
+    def final_count(self) -> int | None:
+        """How many tokens the answer has, once it has ended (else None)."""
+        return self._coordinator.final_count()
 
     @property
     def report(self) -> AnswerReport:

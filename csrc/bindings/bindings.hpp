@@ -9,5 +9,6 @@ namespace pydisco::bindings {
 void register_ring(pybind11::module_& m);
 void register_pacer(pybind11::module_& m);
 void register_migration(pybind11::module_& m);
+void register_consumer(pybind11::module_& m);
 
 }  // namespace pydisco::bindings

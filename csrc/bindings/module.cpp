@@ -9,4 +9,5 @@ PYBIND11_MODULE(_core, m) {
   pydisco::bindings::register_ring(m);
   pydisco::bindings::register_pacer(m);
   pydisco::bindings::register_migration(m);
+  pydisco::bindings::register_consumer(m);
 }
