@@ -167,3 +167,31 @@ def test_failover_when_the_cloud_link_dies_mid_answer(reference: str, transport:
     (failover,) = report.migrations
     assert (failover.kind, failover.source, failover.target) == ("failover", "cloud", "device")
     assert failover.handover_position >= 5
+
+
+def test_wrong_cloud_credentials_fall_back_to_the_device(reference: str) -> None:
+    async def main() -> tuple[str, pydisco.AnswerReport, int]:
+        backend = await trio.to_thread.run_sync(lambda: LlamaBackend(n_threads=THREADS))
+        with trio.fail_after(120):
+            async with open_loopback_cloud(backend=backend, profile=None) as cloud:
+                config = RuntimeConfig(
+                    device_threads=THREADS,
+                    cloud_url=cloud.url,
+                    cloud_token="not-the-token",
+                    cloud_ssl=cloud.ssl_context,
+                    dispatch="cloud-only",
+                    migration="never",
+                    pace=False,
+                )
+                async with open_runtime(config) as rt:
+                    async with rt.stream(QUESTION, max_tokens=MAX_TOKENS) as answer:
+                        text = "".join([p.text async for p in answer])
+                stats = cloud.server.statistics()
+        backend.close()
+        return text, answer.report, stats.auth_failures + 1000 * stats.tokens_generated
+
+    text, report, auth = trio.run(main)
+    assert text == reference
+    assert report.endpoints_used == ("device",)
+    assert [m.kind for m in report.migrations] == ["failover"]
+    assert auth == 1  # refused once, nothing generated on the server
