@@ -36,6 +36,7 @@ from ._protocol import (
     Welcome,
 )
 from ._types import GenerationRequest, GenerationResult, TokenPiece, TokenSink
+from ._groups import single_exception
 
 if TYPE_CHECKING:
     import transports as _transports
@@ -481,16 +482,6 @@ async def open_cloud_endpoint(
                 await endpoint.aclose()
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        raise _single(group) from None
+        raise single_exception(group) from None
 
 
-def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    leaves: list[BaseException] = []
-    stack: list[BaseException] = [group]
-    while stack:
-        e = stack.pop()
-        if isinstance(e, BaseExceptionGroup):
-            stack.extend(reversed(e.exceptions))
-        else:
-            leaves.append(e)
-    return leaves[0] if len(leaves) == 1 else group

@@ -16,7 +16,7 @@ import trio
 from ._backends import Backend, LlamaBackend, OpenAIUpstreamBackend
 from ._errors import ConfigurationError, PydiscoError
 from ._server import RunningServer, ServerConfig, serve
-from ._server import _single as single_exception
+from ._groups import single_exception
 from ._tls import LOOPBACK_NAMES, self_signed, server_ssl_context
 
 

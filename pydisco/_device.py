@@ -24,6 +24,7 @@ import trio
 from ._llama import LlamaEngine
 from ._profile import AnswerCost, CostRates, DeviceProfile, load_or_measure_profile
 from ._types import GenerationRequest, GenerationResult, TokenPiece, TokenSink
+from ._groups import single_exception
 
 T = TypeVar("T")
 
@@ -196,7 +197,7 @@ class DeviceEndpoint:
                     abort.set()  # the worker is still running: stop it, the nursery waits
                     raise
         except BaseExceptionGroup as group:
-            _raise_single(group)
+            raise single_exception(group) from None
         await trio.lowlevel.checkpoint_if_cancelled()
         return outcome[0]
 
@@ -236,28 +237,6 @@ class DeviceEndpoint:
 
     async def _in_worker(self, fn: Callable[[], T]) -> T:
         return await trio.to_thread.run_sync(fn, abandon_on_cancel=False, limiter=self._limiter)
-
-
-def _raise_single(group: BaseExceptionGroup[BaseException]) -> None:
-    """Re-raise the one exception that tells the story of a failed two-task nursery.
-
-    An outer cancellation reaches both tasks (several Cancelled); any other failure comes from
-    one task while the nursery cancels the other.
-    """
-    leaves = _leaves(group)
-    errors = [e for e in leaves if not isinstance(e, trio.Cancelled)]
-    if len(errors) == 1:
-        raise errors[0] from None
-    if not errors:
-        raise leaves[0] from None
-    raise group
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    out: list[BaseException] = []
-    for exc in group.exceptions:
-        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
-    return out
 
 
 @contextlib.asynccontextmanager

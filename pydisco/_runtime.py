@@ -27,6 +27,7 @@ from ._report import AnswerReport, Piece
 from ._types import Endpoint, GenerationRequest, Message, Sampling
 from .policies import create_dispatch_policy, create_migration_policy
 from .policies._base import Budget, DeviceSpeed, DispatchView, Slo
+from ._groups import single_exception
 
 __all__ = ["AnswerStream", "Runtime", "RuntimeConfig", "open_runtime"]
 
@@ -233,7 +234,7 @@ class Runtime:
                 finally:
                     nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
-            raise _single(group) from None
+            raise single_exception(group) from None
         finally:
             coordinator.close()
             answer._seal()
@@ -286,18 +287,5 @@ async def open_runtime(
             yield Runtime(config, built, nursery)
         finally:
             nursery.cancel_scope.cancel()
-
-
-def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The one real exception inside nested groups (Cancelled aside), else the group."""
-    leaves: list[BaseException] = []
-    stack: list[BaseException] = [group]
-    while stack:
-        e = stack.pop()
-        if isinstance(e, BaseExceptionGroup):
-            stack.extend(e.exceptions)
-        elif not isinstance(e, trio.Cancelled):
-            leaves.append(e)
-    return leaves[0] if len(leaves) == 1 else group
 
 

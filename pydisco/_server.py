@@ -38,6 +38,7 @@ from ._protocol import (
 )
 from ._tls import Credentials, server_ssl_context
 from ._types import GenerationRequest, GenerationResult, TokenPiece
+from ._groups import single_exception
 
 if TYPE_CHECKING:
     import transports as _transports
@@ -233,22 +234,7 @@ async def serve(config: ServerConfig, *, task_status: trio.TaskStatus[RunningSer
                 log.info("listening on %s", info.url)
             task_status.started(RunningServer(tuple(listeners), counters, scheduler))
     except BaseExceptionGroup as group:
-        raise _single(group) from None
-
-
-def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The one exception a group carries (the usual story), else the group itself."""
-    leaves: list[BaseException] = []
-
-    def walk(e: BaseException) -> None:
-        if isinstance(e, BaseExceptionGroup):
-            for inner in e.exceptions:
-                walk(inner)
-        else:
-            leaves.append(e)
-
-    walk(group)
-    return leaves[0] if len(leaves) == 1 else group
+        raise single_exception(group) from None
 
 
 def _listener_plan(url: str, config: ServerConfig) -> tuple[str, ssl.SSLContext | None]:
@@ -354,7 +340,7 @@ class _Session:
                 await self._reader(nursery)
                 nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
-            raise _single(group) from None
+            raise single_exception(group) from None
         finally:
             if not self._peer_gone and self._proto.state is not ServerState.CLOSED:
                 await self._tell_shutdown()
