@@ -168,3 +168,45 @@ def test_pacing_releases_at_the_reading_rate_in_virtual_time() -> None:
     assert all(b - a == pytest.approx(0.2, abs=1e-3) for a, b in zip(times, times[1:]))  # 5 tok/s
     assert report.late_tokens == 0
     assert report.qoe == pytest.approx(1.0)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    share=st.sampled_from([0.2, 0.4, 0.7]),
+    dispatch=st.sampled_from(["disco-s", "disco-d"]),
+    seed=st.integers(0, 1000),
+)
+def test_budget_holds_over_a_workload_through_the_runtime(share: float, dispatch: str, seed: int) -> None:
+    """A workload through one runtime: the constrained endpoint's share of processed tokens,
+    as the runtime reports it (prompt prefill + tokens produced), stays within the budget."""
+    import random
+
+    from pydisco.policies._base import Budget
+
+    rng = random.Random(seed)
+    constrained = "cloud" if dispatch == "disco-s" else "device"
+    answer = make_answer(30)
+    endpoints = {
+        "device": ScriptedEndpoint("device", answer, prefill_s=0.05, prefill_s_per_token=0.0005, gaps_s=[0.01]),
+        "cloud": ScriptedEndpoint("cloud", answer, prefill_s=0.2, gaps_s=[0.005, 0.02]),
+    }
+    cfg = config(dispatch=dispatch, migration="never", budget=Budget(constrained=constrained, share=share))
+    constrained_tokens = 0
+    answer_sizes = 0
+
+    async def main() -> None:
+        async with open_runtime(cfg, endpoints=endpoints) as rt:
+            for _ in range(25):
+                words = rng.randint(5, 400)
+                async with rt.stream(prompt="word " * words, max_tokens=rng.randint(5, 30)) as answer:
+                    async for _piece in answer:
+                        pass
+                processed = {n: u.prefilled_tokens + u.offered_tokens for n, u in answer.report.usage.items()}
+                nonlocal constrained_tokens, answer_sizes
+                constrained_tokens += processed.get(constrained, 0)
+                answer_sizes += max(processed.values(), default=0)  # DiSCo's l for this answer
+
+    run_virtual(main)
+    assert answer_sizes > 0
+    event(f"{dispatch} b={share}: constrained endpoint used" if constrained_tokens else f"{dispatch} b={share}: unused")
+    assert constrained_tokens <= share * answer_sizes + 1e-9, (constrained_tokens, answer_sizes)
