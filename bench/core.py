@@ -201,7 +201,7 @@ def main() -> None:
     # Headline keys: the worse of the two intervals, with the consumer at real-time priority
     # (what the embedding guide prescribes for microsecond delivery); *_normal_* beside them.
     def worst(consumer: str, impl: str, point: str) -> float:
-        return max(v[impl][point]["p99"] for k, v in pacing.items() if k.endswith(consumer))
+        return float(max(v[impl][point]["p99"] for k, v in pacing.items() if k.endswith(consumer)))
 
     figures["pacer_p99_us"] = worst("realtime", "native", "release")
     figures["pacer_trio_received_p99_us"] = worst("realtime", "native", "received")

@@ -21,7 +21,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import statistics
 import sys
@@ -35,7 +34,7 @@ from _stats import emit  # noqa: E402
 
 from pydisco import RuntimeConfig, open_runtime  # noqa: E402
 from pydisco._device import open_device_endpoint  # noqa: E402
-from pydisco._loopback import open_loopback_cloud  # noqa: E402
+from pydisco._loopback import LoopbackCloud, open_loopback_cloud  # noqa: E402
 from pydisco._types import GenerationRequest, TokenPiece  # noqa: E402
 from pydisco.policies._base import Slo  # noqa: E402
 
@@ -47,18 +46,22 @@ def max_gap_s(released: list[float]) -> float:
     return max((b - a for a, b in zip(released, released[1:])), default=0.0)
 
 
+def cloud_first(cloud: LoopbackCloud, migration: str, rate: float, threads: int | None) -> RuntimeConfig:
+    """Answers start on the loopback cloud; the device is there to migrate or fail over to."""
+    return RuntimeConfig(
+        device_threads=threads,
+        cloud_url=cloud.url,
+        cloud_token=cloud.token,
+        cloud_ssl=cloud.ssl_context,
+        dispatch="cloud-only",
+        migration=migration,
+        slo=Slo(ttft_target_s=1.0, reading_rate=rate),
+    )
+
+
 async def migration_round(rate: float, max_tokens: int, threads: int | None) -> dict[str, Any]:
     async with open_loopback_cloud(n_threads=threads) as cloud:
-        config = RuntimeConfig(
-            device_threads=threads,
-            cloud_url=cloud.url,
-            cloud_token=cloud.token,
-            cloud_ssl=cloud.ssl_context,
-            dispatch="cloud-only",
-            migration="disco-migrate",
-            slo=Slo(ttft_target_s=1.0, reading_rate=rate),
-        )
-        async with open_runtime(config) as rt:
+        async with open_runtime(cloud_first(cloud, "disco-migrate", rate, threads)) as rt:
             async with rt.stream(QUESTION, max_tokens=max_tokens) as answer:
                 released = [p.released_s async for p in answer]
             report = answer.report
@@ -73,16 +76,7 @@ async def migration_round(rate: float, max_tokens: int, threads: int | None) -> 
 
 async def failover_round(rate: float, max_tokens: int, threads: int | None, cut_at: int) -> dict[str, Any]:
     async with open_loopback_cloud(n_threads=threads) as cloud:
-        config = RuntimeConfig(
-            device_threads=threads,
-            cloud_url=cloud.url,
-            cloud_token=cloud.token,
-            cloud_ssl=cloud.ssl_context,
-            dispatch="cloud-only",
-            migration="never",
-            slo=Slo(ttft_target_s=1.0, reading_rate=rate),
-        )
-        async with open_runtime(config) as rt:
+        async with open_runtime(cloud_first(cloud, "never", rate, threads)) as rt:
             async with rt.stream(QUESTION, max_tokens=max_tokens) as answer:
                 released = []
                 async for piece in answer:
