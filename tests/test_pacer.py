@@ -135,7 +135,7 @@ def test_virtual_time_pacer_releases_exactly_on_schedule() -> None:
             for i in range(10):  # all ten committed at once, then paced
                 inp.try_push(i, i, "x", arrived_ns=t0)
             driver.notify()
-            await trio.sleep(0.2)
+            await trio.sleep(0.21)  # after the release at 200 ms (never at the same instant)
             pacer.set_interval_ns(100_000_000)  # slow down mid-answer
             driver.notify()
             while len(got) < 10:
@@ -145,7 +145,7 @@ def test_virtual_time_pacer_releases_exactly_on_schedule() -> None:
 
     got = trio.run(main, clock=clock)
     ms = [round(at / 1e6) for _, at in got]
-    # 0, 50, 100, 150, 200 at 20 tok/s; the change at 200 ms applies from the next token on.
+    # 0, 50, 100, 150, 200 at 20 tok/s; the change at 210 ms applies from the next token on.
     assert [p for p, _ in got] == list(range(10))
     assert ms == [0, 50, 100, 150, 200, 300, 400, 500, 600, 700]
     assert pacer.take_lateness() == [0] * 10
