@@ -57,6 +57,9 @@ class AnswerSettings:
     # Do device and cloud share token ids (resume by ids, else by text)? Asked at each resume:
     # the cloud names its model only once connected.
     same_vocabulary: Callable[[], bool]
+    # While the cloud decodes, keep the device's KV cache following the committed prefix, so
+    # a failover or migration to the device computes only the last few tokens.
+    device_standby: bool = True
 
 
 class _Clock:
@@ -85,6 +88,7 @@ class _Run:
     started_ns: int = 0
     result: GenerationResult | None = None
     offered: int = 0
+    active: bool = True
 
 
 @dataclasses.dataclass
@@ -156,6 +160,9 @@ class AnswerCoordinator:
         self._reader_scope: trio.CancelScope | None = None
         self._lateness_log: list[int] = []
         self._cloud_ttft_s: float | None = None
+        self._standby_scope: trio.CancelScope | None = None
+        self._standby_wakeup = trio.Event()
+        self._standby_synced: int | None = None  # answer tokens the device's cache holds
 
     # ------------------------------------------------------------------ the answer's life
 
@@ -255,6 +262,8 @@ class AnswerCoordinator:
         endpoint = self._endpoints[run.name]
         ep_id = ENDPOINT_IDS[run.name]
         request = self._resume_request(run.start_position)
+        if run.name == "device":
+            self._stop_standby()
         with run.scope:
             try:
                 result = await endpoint.generate(request, lambda piece: self._offer(run, ep_id, piece))
@@ -267,6 +276,7 @@ class AnswerCoordinator:
             verdict = self._machine.offer_end(ep_id, end, now_ns=self._clock.now_ns())
             if verdict == _core.OfferResult.COMMITTED:
                 self._finish(result.finish_reason)
+        run.active = False
         if run.scope.cancelled_caught and run.result is None:
             # Stopped by us (lost race, handover, silence): count the prompt it prefilled.
             self._prefilled[run.name] += self._prompt_tokens if run.start_position == 0 else 0
@@ -290,11 +300,53 @@ class AnswerCoordinator:
         elif before == _core.MigrationState.HANDING_OVER:
             self._on_taken_over(run.name, now)
         self._maybe_migrate(now)
+        self._keep_standby(run.name)
 
     def _stop_others(self, winner: str) -> None:
         for name, run in self._runs.items():
             if name != winner and name != self._preparing:
                 run.scope.cancel()
+
+    # ------------------------------------------------------------------ device standby
+
+    def _keep_standby(self, committer: str) -> None:
+        """After a cloud commit: make sure the device follows the committed prefix."""
+        if (
+            not self._settings.device_standby
+            or committer != "cloud"
+            or "device" not in self._endpoints
+            or "device" in self._failed
+            or self._preparing == "device"
+            or self._machine.state != _core.MigrationState.STREAMING
+            or getattr(self._endpoints["device"], "prepare", None) is None
+        ):
+            return
+        device_run = self._runs.get("device")
+        if device_run is not None and device_run.active:
+            return  # still racing (or being cancelled): its own prefill is under way
+        self._standby_wakeup.set()
+        if self._standby_scope is None and self._nursery is not None:
+            self._standby_scope = trio.CancelScope()
+            self._nursery.start_soon(self._follow_on_device, self._standby_scope)
+
+    async def _follow_on_device(self, scope: trio.CancelScope) -> None:
+        """Prefill the device with the committed prefix, again each time it has grown."""
+        prepare = getattr(self._endpoints["device"], "prepare")
+        with scope:
+            while True:
+                await self._standby_wakeup.wait()
+                self._standby_wakeup = trio.Event()
+                position = self._machine.committed
+                try:
+                    self._prefilled["device"] += await prepare(self._resume_request(position))
+                except (EndpointError, trio.BrokenResourceError, OSError):
+                    return  # a failed standby is not a failed answer; the device may still serve
+                self._standby_synced = position
+
+    def _stop_standby(self) -> None:
+        if self._standby_scope is not None:
+            self._standby_scope.cancel()
+            self._standby_scope = None
 
     # ------------------------------------------------------------------ migration
 
@@ -334,6 +386,8 @@ class AnswerCoordinator:
 
     def _target_ready_estimate(self, target: str, committed: int) -> float:
         if target == "device" and self._device_speed is not None:
+            if self._standby_synced is not None:  # the cache holds prompt + synced tokens
+                return self._device_speed.prefill(committed - self._standby_synced)
             return self._device_speed.prefill(self._prompt_tokens + committed)
         return self._cloud_ttft_estimate_s
 
@@ -342,6 +396,8 @@ class AnswerCoordinator:
         if self._machine.state == _core.MigrationState.STREAMING:
             self._machine.prepare(ENDPOINT_IDS[target], now_ns=decided_ns)
         self._preparing = target
+        if target == "device":
+            self._stop_standby()
         self._pending_handover = _Handover("migration", decided_ns)
         self._nursery.start_soon(self._prepare_and_hand_over, target)
 

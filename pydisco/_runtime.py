@@ -66,6 +66,9 @@ class RuntimeConfig:
     first_token_timeout_s: float = 10.0
     silence_timeout_s: float = 2.0
     max_migrations: int = 1
+    # While the cloud decodes, the device prefills the committed prefix as it grows (device
+    # energy for a short failover/migration gap). False: the device computes it all on demand.
+    device_standby: bool = True
     # Cost units per token processed (prefill or decode): DiSCo's $server + λ·J_device.
     cost_per_token: Mapping[str, float] = dataclasses.field(
         default_factory=lambda: {"device": 0.2, "cloud": 1.0}
@@ -219,6 +222,9 @@ class Runtime:
                 max_migrations=config.max_migrations,
                 cost_per_token=config.cost_per_token,
                 same_vocabulary=self._same_vocabulary,
+                # Standby spends device tokens speculatively: not under a device budget.
+                device_standby=config.device_standby
+                and not (config.budget.constrained == "device" and config.budget.share < 1.0),
             ),
             prompt_tokens=prompt_tokens,
             device_speed=device_speed,
