@@ -398,6 +398,81 @@ def test_a_reader_that_stalls_slows_the_sender_and_loses_nothing() -> None:
     run(main, limit=15)
 
 
+class _Wire:
+    """A client and a server ``QuicFrameConnection`` joined in memory, without sockets, so a
+    test decides exactly which datagrams reach the client and when."""
+
+    def __init__(self, client_settings: quic.QuicSettings) -> None:
+        from aioquic.buffer import Buffer
+        from aioquic.quic.connection import QuicConnection
+        from aioquic.quic.packet import pull_quic_header
+
+        self.server_addr, self.client_addr = (LOCAL, 4433), (LOCAL, 50000)
+        client_quic = QuicConnection(configuration=_quic_config.client_configuration(
+            client_settings, client_context(), LOCAL))  # fmt: skip
+        client_quic.connect(self.server_addr, now=trio.current_time())
+        first, _ = client_quic.datagrams_to_send(now=trio.current_time())[0]
+        server_config = _quic_config.server_configuration(SERVER, None)
+        header = pull_quic_header(Buffer(data=first), host_cid_length=server_config.connection_id_length)
+        server_quic = QuicConnection(
+            configuration=server_config, original_destination_connection_id=header.destination_cid
+        )
+        self.held: list[bytes] | None = None  # server -> client datagrams held back, when a list
+        self.client = quic.QuicFrameConnection(
+            client_quic, self._to_server, settings=client_settings, max_frame_size=1 << 20, peer="client"
+        )
+        self.server = quic.QuicFrameConnection(
+            server_quic, self._to_client, settings=SERVER, max_frame_size=1 << 20, peer="server"
+        )
+        self.server.datagram_received(first, self.client_addr)
+
+    async def _to_server(self, data: bytes, addr: Any) -> None:
+        self.server.datagram_received(data, self.client_addr)
+
+    async def _to_client(self, data: bytes, addr: Any) -> None:
+        if self.held is not None:
+            self.held.append(data)
+        else:
+            self.client.datagram_received(data, self.server_addr)
+
+
+@pytest.mark.parametrize("frame_queue", [64, 1], ids=["room in the channel", "channel of one"])
+def test_datagrams_that_arrive_together_are_all_taken_in(frame_queue: int) -> None:
+    # On a busy machine several datagrams reach a connection before its driver runs. The driver
+    # used to take in only the first one that carried a frame, then sleep with the rest queued:
+    # their wake-ups were spent. Nothing but a new datagram woke it, and the peer, whose packets
+    # went unacknowledged, sent less and less (each probe timeout doubles), so an answer at 1 ms
+    # per token stalled for tens of seconds (and the delayed acks made its RTT estimate seconds).
+    # Here the server's datagrams are held back and handed to the client in one burst, then no
+    # datagram ever arrives again: every frame in the burst must come out, with no timer needed.
+    frames = 40
+
+    async def main() -> None:
+        wire = _Wire(quic.QuicSettings(frame_queue=frame_queue))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wire.client.run)
+            nursery.start_soon(wire.server.run)
+            await wire.client.wait_connected()
+            await wire.client.send_frame(1, b"go")
+            assert await wire.server.wait_control_opened()
+            assert await wire.server.receive_frame() == (1, b"go")
+            await trio.testing.wait_all_tasks_blocked()
+            wire.held = []
+            for i in range(frames):
+                await wire.server.send_frame(1, b"token %d" % i)
+            await trio.testing.wait_all_tasks_blocked()  # the server sent all it will for now
+            burst, wire.held = wire.held, []  # from here on the client hears nothing more
+            assert len(burst) >= frames // 2  # (a packet per frame, unless paced together)
+            for data in burst:
+                wire.client.datagram_received(data, wire.server_addr)
+            with trio.fail_after(5):  # ~1 ms when right; forever (the idle timeout) when not
+                for i in range(frames):
+                    assert await wire.client.receive_frame() == (1, b"token %d" % i)
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
 # ----- TLS settings -------------------------------------------------------------------------------
 
 

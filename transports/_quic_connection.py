@@ -309,12 +309,7 @@ class QuicFrameConnection:
         while self._ended is None and self._failure is None:
             self._wakeup = trio.Event()  # first, so no wake-up during this round is lost
             now = trio.current_time()
-            fed = False  # did QUIC get input that may call for output (acks, retransmits)?
-            while self._inbox and not self._ready:  # a full channel pauses intake
-                data, addr = self._inbox.popleft()
-                self._quic.receive_datagram(data, addr, now)
-                self._handle_events()
-                fed = True
+            fed = self._take_in(now)  # input may call for output (acks, retransmits)
             timer = self._quic.get_timer()
             if timer is not None and now >= timer:
                 self._quic.handle_timer(now)
@@ -329,6 +324,26 @@ class QuicFrameConnection:
             timer = self._quic.get_timer()
             with trio.move_on_at(math.inf if timer is None else timer):
                 await self._wakeup.wait()
+
+    def _take_in(self, now: float) -> bool:
+        """Feed QUIC every queued datagram, handing the frames they carry to the channel as
+        they come; True if any was fed.
+
+        Leaves datagrams queued only while the channel is full (frames are left in ``_ready``);
+        ``receive_frame`` then wakes the driver as it makes room. Stopping for any other reason
+        would strand them: their wake-ups are spent, and nothing else comes until the peer, its
+        packets unacknowledged, retransmits after a probe timeout that doubles each time.
+        """
+        fed = False
+        while self._inbox:
+            self._deliver_ready()
+            if self._ready:
+                break
+            data, addr = self._inbox.popleft()
+            self._quic.receive_datagram(data, addr, now)
+            self._handle_events()
+            fed = True
+        return fed
 
     def _handle_events(self) -> None:
         while (event := self._quic.next_event()) is not None:
