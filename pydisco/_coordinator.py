@@ -26,7 +26,6 @@ from .policies._base import (
     AnswerOutcome,
     DeviceSpeed,
     DispatchDecision,
-    DispatchPolicy,
     MigrationPolicy,
     MigrationView,
     Slo,
@@ -108,7 +107,6 @@ class AnswerCoordinator:
         request: GenerationRequest,
         *,
         endpoints: Mapping[str, Endpoint],
-        dispatch: DispatchPolicy,
         decision: DispatchDecision,
         migration: MigrationPolicy,
         settings: AnswerSettings,
@@ -119,7 +117,6 @@ class AnswerCoordinator:
     ) -> None:
         self._request = request
         self._endpoints = dict(endpoints)
-        self._dispatch = dispatch
         self._decision = decision
         self._migration = migration
         self._settings = settings
@@ -239,6 +236,9 @@ class AnswerCoordinator:
         base = self._request
         if position == 0:
             return base
+        # Endpoints always (re)start at the committed position: nothing commits between a
+        # handover decision and the target's first token, so the whole committed text is it.
+        assert position == self._machine.committed, (position, self._machine.committed)
         ids = tuple(self._machine.committed_token_ids[:position])
         if self._settings.same_vocabulary() and all(i >= 0 for i in ids):
             return dataclasses.replace(base, resume_token_ids=ids, resume_text=None, resume_position=None)

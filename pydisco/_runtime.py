@@ -209,7 +209,6 @@ class Runtime:
         coordinator = AnswerCoordinator(
             request,
             endpoints=self._endpoints,
-            dispatch=self._dispatch,
             decision=decision,
             migration=self._migration,
             settings=AnswerSettings(
