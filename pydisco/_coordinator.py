@@ -160,6 +160,7 @@ class AnswerCoordinator:
         self._standby_scope: trio.CancelScope | None = None
         self._standby_wakeup = trio.Event()
         self._standby_synced: int | None = None  # answer tokens the device's cache holds
+        self._commit_wakeup = trio.Event()  # set (and replaced) at every commit
 
     # ------------------------------------------------------------------ the answer's life
 
@@ -295,6 +296,8 @@ class AnswerCoordinator:
             return
         if self._virtual_pacer is not None:
             self._virtual_pacer.notify()
+        self._commit_wakeup.set()
+        self._commit_wakeup = trio.Event()
         if before == _core.MigrationState.RACING:
             self._stop_others(run.name)  # the race is won
         elif before == _core.MigrationState.HANDING_OVER:
@@ -377,18 +380,21 @@ class AnswerCoordinator:
             expected_total_tokens=self._expected_total,
             target_ready_s=self._target_ready_estimate(target, committed),
             cost_per_token=self._settings.cost_per_token,
-            migration_overhead_cost=self._settings.cost_per_token.get(target, 0.0) * (self._prompt_tokens + committed),
+            migration_overhead_cost=self._settings.cost_per_token.get(target, 0.0) * self._catch_up_tokens(target, committed),
             target_available=True,
         )
         if self._migration.should_migrate(view):
-            self._machine.prepare(ENDPOINT_IDS[target], now_ns=now)
             self._begin_prepare(target, decided_ns=now)
+
+    def _catch_up_tokens(self, target: str, committed: int) -> int:
+        """Tokens the target must prefill to take over at ``committed``."""
+        if target == "device" and self._standby_synced is not None:
+            return committed - self._standby_synced  # its cache holds prompt + synced tokens
+        return self._prompt_tokens + committed
 
     def _target_ready_estimate(self, target: str, committed: int) -> float:
         if target == "device" and self._device_speed is not None:
-            if self._standby_synced is not None:  # the cache holds prompt + synced tokens
-                return self._device_speed.prefill(committed - self._standby_synced)
-            return self._device_speed.prefill(self._prompt_tokens + committed)
+            return self._device_speed.prefill(self._catch_up_tokens(target, committed))
         return self._cloud_ttft_estimate_s
 
     def _begin_prepare(self, target: str, *, decided_ns: int) -> None:
@@ -419,7 +425,7 @@ class AnswerCoordinator:
                 self._machine.state == _core.MigrationState.PREPARING
                 and self._machine.committed < handoff.cloud_tokens
             ):
-                await trio.sleep_until(self._clock.trio_deadline(self._clock.now_ns() + 1_000_000))
+                await self._commit_wakeup.wait()
         state = self._machine.state
         now = self._clock.now_ns()
         if state == _core.MigrationState.PREPARING:
