@@ -139,8 +139,13 @@ def test_dispatch_schedules_give_the_uninterrupted_text(reference: str, dispatch
 
 @pytest.mark.parametrize("start", ["cloud-only", "device-only"])
 def test_migration_in_either_direction_gives_the_uninterrupted_text(reference: str, start: str) -> None:
+    # A busy cloud (30 ms a token) so the answer is still running when the device is ready:
+    # otherwise a fast cloud may finish before the handover, which is correct but tests nothing.
     text, report = trio.run(
-        lambda: answer_with(RuntimeConfig(dispatch=start, migration="migrate-at", migration_options={"position": 6}))
+        lambda: answer_with(
+            RuntimeConfig(dispatch=start, migration="migrate-at", migration_options={"position": 6}),
+            slow_cloud_s=0.03,
+        )
     )
     assert text == reference
     (migration,) = report.migrations
