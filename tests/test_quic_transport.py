@@ -398,9 +398,24 @@ def test_a_reader_that_stalls_slows_the_sender_and_loses_nothing() -> None:
     run(main, limit=15)
 
 
+class _WireEnd:
+    """One side's socket on the in-memory wire: it never blocks."""
+
+    def __init__(self, send: Callable[[bytes], None]) -> None:
+        self._send = send
+
+    def send_nowait(self, data: bytes, addr: Any) -> bool:
+        self._send(data)
+        return True
+
+    async def wait_writable(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
 class _Wire:
     """A client and a server ``QuicFrameConnection`` joined in memory, without sockets, so a
-    test decides exactly which datagrams reach the client and when."""
+    test decides exactly which datagrams reach the client and when. ``pump`` delivers them, in
+    bursts as a socket's reader does."""
 
     def __init__(self, client_settings: quic.QuicSettings) -> None:
         from aioquic.buffer import Buffer
@@ -418,29 +433,50 @@ class _Wire:
             configuration=server_config, original_destination_connection_id=header.destination_cid
         )
         self.held: list[bytes] | None = None  # server -> client datagrams held back, when a list
+        self._for_client: list[bytes] = []
+        self._for_server: list[bytes] = [first]
+        self._moved = trio.Event()
         self.client = quic.QuicFrameConnection(
-            client_quic, self._to_server, settings=client_settings, max_frame_size=1 << 20, peer="client"
-        )
+            client_quic, _WireEnd(self._to_server), settings=client_settings,
+            max_frame_size=1 << 20, peer="client")  # fmt: skip
         self.server = quic.QuicFrameConnection(
-            server_quic, self._to_client, settings=SERVER, max_frame_size=1 << 20, peer="server"
+            server_quic, _WireEnd(self._to_client), settings=SERVER, max_frame_size=1 << 20, peer="server"
         )
-        self.server.datagram_received(first, self.client_addr)
 
-    async def _to_server(self, data: bytes, addr: Any) -> None:
-        self.server.datagram_received(data, self.client_addr)
+    def _to_server(self, data: bytes) -> None:
+        self._for_server.append(data)
+        self._moved.set()
 
-    async def _to_client(self, data: bytes, addr: Any) -> None:
+    def _to_client(self, data: bytes) -> None:
         if self.held is not None:
             self.held.append(data)
         else:
-            self.client.datagram_received(data, self.server_addr)
+            self._for_client.append(data)
+            self._moved.set()
+
+    def deliver(self, conn: Any, datagrams: list[bytes], addr: Any) -> None:
+        for data in datagrams:
+            conn.datagram_received(data, addr)
+        conn.datagrams_arrived()
+
+    async def pump(self) -> None:
+        while True:
+            if self._for_server:
+                batch, self._for_server = self._for_server, []
+                self.deliver(self.server, batch, self.client_addr)
+            if self._for_client:
+                batch, self._for_client = self._for_client, []
+                self.deliver(self.client, batch, self.server_addr)
+            if not (self._for_server or self._for_client):
+                await self._moved.wait()
+                self._moved = trio.Event()
 
 
 @pytest.mark.parametrize("frame_queue", [64, 1], ids=["room in the channel", "channel of one"])
 def test_datagrams_that_arrive_together_are_all_taken_in(frame_queue: int) -> None:
-    # On a busy machine several datagrams reach a connection before its driver runs. The driver
-    # used to take in only the first one that carried a frame, then sleep with the rest queued:
-    # their wake-ups were spent. Nothing but a new datagram woke it, and the peer, whose packets
+    # On a busy machine several datagrams reach a connection before it runs. It used to take in
+    # only the first one that carried a frame, then sleep with the rest queued: their wake-ups
+    # were spent. Nothing but a new datagram woke it, and the peer, whose packets
     # went unacknowledged, sent less and less (each probe timeout doubles), so an answer at 1 ms
     # per token stalled for tens of seconds (and the delayed acks made its RTT estimate seconds).
     # Here the server's datagrams are held back and handed to the client in one burst, then no
@@ -450,6 +486,7 @@ def test_datagrams_that_arrive_together_are_all_taken_in(frame_queue: int) -> No
     async def main() -> None:
         wire = _Wire(quic.QuicSettings(frame_queue=frame_queue))
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(wire.pump)
             nursery.start_soon(wire.client.run)
             nursery.start_soon(wire.server.run)
             await wire.client.wait_connected()
@@ -463,8 +500,7 @@ def test_datagrams_that_arrive_together_are_all_taken_in(frame_queue: int) -> No
             await trio.testing.wait_all_tasks_blocked()  # the server sent all it will for now
             burst, wire.held = wire.held, []  # from here on the client hears nothing more
             assert len(burst) >= frames // 2  # (a packet per frame, unless paced together)
-            for data in burst:
-                wire.client.datagram_received(data, wire.server_addr)
+            wire.deliver(wire.client, burst, wire.server_addr)
             with trio.fail_after(5):  # ~1 ms when right; forever (the idle timeout) when not
                 for i in range(frames):
                     assert await wire.client.receive_frame() == (1, b"token %d" % i)

@@ -1,18 +1,31 @@
 """One QUIC connection carrying frames: drives aioquic's sans-IO ``QuicConnection``.
 
-The endpoint (client or server, in ``quic.py``) owns the UDP socket. It hands this object the
-datagrams meant for it (``datagram_received``, never blocking) and runs ``run()``, the
-connection's driver task, which is the only code that feeds ``QuicConnection`` datagrams and
-timers, turns its events into frames, and sends datagrams. Application tasks call the
-``FrameConnection`` methods; they hand data to ``QuicConnection``, packetise it at once (so
-frames leave in call order) and wake the driver to send it.
+The endpoint (client or server, in ``quic.py``) owns the UDP socket, a non-blocking one, and
+the task that reads it. Everything that touches ``QuicConnection`` is synchronous, so it runs in
+whichever task has something to do, and a frame meets no task switch inside the transport other
+than the hand-over to the task calling ``receive_frame``:
+
+* The endpoint's reader drains the socket in bursts. It queues each datagram on its connection
+  (``datagram_received``), then has each connection take its burst in (``datagrams_arrived``):
+  feed QUIC, hand the decoded frames to the receiving channel, and send what QUIC wants to send,
+  asking it once per burst.
+* Application tasks calling the ``FrameConnection`` methods hand data to QUIC, packetise it at
+  once (so frames leave in call order) and send the datagrams themselves.
+* The driver task, ``run()``, does what nobody else will: QUIC's timers (delayed
+  acknowledgements, loss recovery, the idle timeout), intake that waited for room in the
+  channel, and sending once the socket would block. Whoever changes QUIC's state moves the
+  driver's sleep deadline to QUIC's next timer rather than waking it.
+
+Datagrams leave in the order QUIC made them: all go through one outbox, sent at once while the
+socket takes them; when it would block, the rest wait, in order, for the driver.
 
 Backpressure, both ways:
 
 * Receiving: decoded frames wait in a bounded channel (``QuicSettings.frame_queue``). While it
-  is full the driver stops taking datagrams; the endpoint then drops further datagrams for this
-  connection (a bounded inbox), which QUIC's loss recovery treats as loss, so the peer backs off.
-  Timers still run, so acknowledgements and retransmissions of our own data continue.
+  is full, and only then, datagrams stay queued, untaken; the endpoint drops further datagrams
+  for this connection (a bounded inbox), which QUIC's loss recovery treats as loss, so the peer
+  backs off. Timers still run, so acknowledgements and retransmissions of our own data continue.
+  ``receive_frame`` wakes the driver as it makes room.
 * Sending: ``send_frame`` waits while more than ``QuicSettings.send_buffer`` bytes are
   unacknowledged.
 
@@ -25,7 +38,8 @@ import collections
 import logging
 import math
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
+from typing import Protocol
 
 import trio
 from aioquic.quic import events
@@ -56,7 +70,20 @@ stream ended both ways (FIN or reset in each direction)."""
 LINGER_MAX = 5.0
 """Longest ``aclose`` waits for sent data to be acknowledged (capped by the idle timeout)."""
 
-SendDatagram = Callable[[bytes, NetworkAddress], Awaitable[None]]
+
+class DatagramSocket(Protocol):
+    """The endpoint's UDP socket, as a connection sends on it."""
+
+    def send_nowait(self, data: bytes, addr: NetworkAddress) -> bool:
+        """Send one datagram now; False, with nothing sent, if the socket would block. Errors
+        are the endpoint's to handle (a client's connection fails, a server ignores them)."""
+        ...
+
+    async def wait_writable(self) -> None:
+        """Wait until the socket may take a datagram again."""
+        ...
+
+
 _Item = tuple[int, bytes] | FrameTooLarge
 
 # bad_certificate, unsupported_certificate, certificate_revoked, _expired, _unknown, unknown_ca
@@ -107,7 +134,7 @@ class QuicFrameConnection:
     def __init__(
         self,
         quic: QuicConnection,
-        send_datagram: SendDatagram,
+        socket: DatagramSocket,
         *,
         settings: QuicSettings,
         max_frame_size: int,
@@ -116,7 +143,7 @@ class QuicFrameConnection:
         on_cid_retired: Callable[[bytes], None] | None = None,
     ) -> None:
         self._quic = quic
-        self._send_datagram = send_datagram
+        self._socket = socket
         self._settings = settings
         self._max_frame_size = max_frame_size
         self._peer = peer
@@ -133,6 +160,10 @@ class QuicFrameConnection:
         self._streams = StreamTable()
         self._credit_warned = False
         self._wakeup = trio.Event()
+        self._sleep: trio.CancelScope | None = None  # the driver's, while it waits
+        self._deadline = math.inf  # QUIC's next timer, as last computed
+        self._send_blocked = False  # the socket would block: the driver sends the outbox
+        self._stopped = False  # run() has ended: the socket may be gone
         self._progress = trio.lowlevel.ParkingLot()  # senders waiting for acknowledgements
         self._handshake_done = trio.Event()
         self._control_opened = trio.Event()  # server: the client opened the control stream
@@ -144,10 +175,16 @@ class QuicFrameConnection:
     # ----- endpoint side -------------------------------------------------------------------
 
     def datagram_received(self, data: bytes, addr: NetworkAddress) -> None:
-        """Queue a datagram from the peer; drops it when the inbox is full."""
+        """Queue a datagram from the peer (dropped when the inbox is full); call
+        ``datagrams_arrived`` after the last one of a burst."""
         if len(self._inbox) < INBOX_DATAGRAMS:
             self._inbox.append((data, addr))
-            self._wake()
+
+    def datagrams_arrived(self) -> None:
+        """Take in the queued datagrams now (unless the channel is full), handing their frames
+        to the channel, and send what they call for. Never blocks."""
+        if not self._stopped:
+            self._service()
 
     def transport_failed(self, reason: str) -> None:
         """The socket cannot reach the peer any more; ends the connection as broken."""
@@ -168,12 +205,14 @@ class QuicFrameConnection:
             self._frames_send.close()
             raise
         finally:
+            self._stopped = True
+            self._sleep = None
             self._abort_on_exit()
             self._handshake_done.set()
             self._control_opened.set()
             self._progress.unpark_all()
             with trio.CancelScope(shield=True, deadline=trio.current_time() + 0.1):
-                await self._transmit()
+                await self._send_last()
         await self._flush_ready_then_end()
 
     async def wait_connected(self) -> None:
@@ -185,7 +224,7 @@ class QuicFrameConnection:
         if not self._handshake_ok:
             raise self._broken()
         self._open_stream(0)  # QUIC stream 0, so the server can answer on it
-        self._queue_output()
+        self._output()
 
     async def wait_control_opened(self) -> bool:
         """Server: wait until the client opened its control stream; False if it never will."""
@@ -197,7 +236,7 @@ class QuicFrameConnection:
         self._closing = True
         self._frames_recv.close()
         self._quic.close(error_code=QuicErrorCode.INTERNAL_ERROR, reason_phrase=reason)
-        self._queue_output()
+        self._output()
 
     # ----- FrameConnection -----------------------------------------------------------------
 
@@ -227,7 +266,7 @@ class QuicFrameConnection:
             self._quic.send_stream_data(quic_id, encode_frame(frame))
         except (ValueError, RuntimeError) as exc:  # aioquic: ended by us, or reset on request
             raise trio.ClosedResourceError(f"cannot send on stream {stream_id}: {exc}") from exc
-        self._queue_output()
+        self._output()
         await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def receive_frame(self) -> tuple[int, bytes]:
@@ -269,7 +308,7 @@ class QuicFrameConnection:
             except (ValueError, RuntimeError):
                 pass  # already ended, or reset at the peer's request
             self._streams.sent_fin(quic_id)
-            self._queue_output()
+            self._output()
         await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def aclose(self) -> None:
@@ -300,30 +339,44 @@ class QuicFrameConnection:
                 self._quic.close(
                     error_code=QuicErrorCode.INTERNAL_ERROR, reason_phrase="closed abruptly"
                 )
-            self._queue_output()
+            self._output()
         await trio.lowlevel.checkpoint()
 
     # ----- driver ---------------------------------------------------------------------------
 
     async def _drive(self) -> None:
-        while self._ended is None and self._failure is None:
+        self._output()  # a client's first flight
+        while not self._gone():
             self._wakeup = trio.Event()  # first, so no wake-up during this round is lost
-            now = trio.current_time()
-            fed = self._take_in(now)  # input may call for output (acks, retransmits)
-            timer = self._quic.get_timer()
-            if timer is not None and now >= timer:
-                self._quic.handle_timer(now)
-                self._handle_events()
-                fed = True
-            self._deliver_ready()
-            # Senders packetised their own data already; asking QUIC again costs ~100 us.
-            await self._transmit(collect=fed)
-            self._progress.unpark_all()
-            if self._ended is not None or self._failure is not None:
+            self._service()
+            if self._gone():
                 break
-            timer = self._quic.get_timer()
-            with trio.move_on_at(math.inf if timer is None else timer):
-                await self._wakeup.wait()
+            self._sleep = trio.CancelScope(deadline=self._deadline)  # QUIC's next timer
+            with self._sleep:
+                if self._send_blocked:
+                    await self._socket.wait_writable()
+                    self._send_blocked = False
+                else:
+                    await self._wakeup.wait()
+            self._sleep = None
+
+    def _service(self) -> None:
+        # Everything that is due: queued datagrams, QUIC's timer, frames for the channel, and
+        # the datagrams all that calls for.
+        now = trio.current_time()
+        fed = self._take_in(now)
+        # Every other change of QUIC's state is followed by _retime(), which keeps the deadline.
+        timer = self._quic.get_timer() if fed else self._deadline
+        if timer is not None and now >= timer:
+            self._quic.handle_timer(now)
+            self._handle_events()
+            fed = True
+        self._deliver_ready()
+        if fed:  # input may call for output (acks, retransmits); senders packetised theirs
+            self._collect(now)
+        self._send_outbox()
+        self._progress.unpark_all()
+        self._retime()
 
     def _take_in(self, now: float) -> bool:
         """Feed QUIC every queued datagram, handing the frames they carry to the channel as
@@ -431,19 +484,50 @@ class QuicFrameConnection:
                 return
             self._ready.popleft()
 
-    def _queue_output(self) -> None:
+    def _output(self) -> None:
         # Packetise at once, in call order, so frames leave in the order they were sent: QUIC
         # orders frames within a stream only, and across streams this then still holds unless
-        # packets are lost or the congestion window is full. The driver does the sending.
-        self._outbox.extend(self._quic.datagrams_to_send(now=trio.current_time()))
-        self._wake()
+        # packets are lost or the congestion window is full.
+        if self._stopped:
+            return  # the socket may be closed; run() sent the last datagrams
+        self._collect(trio.current_time())
+        self._send_outbox()
+        self._retime()
 
-    async def _transmit(self, *, collect: bool = True) -> None:
-        if collect:
-            self._outbox.extend(self._quic.datagrams_to_send(now=trio.current_time()))
-        while self._outbox:  # senders may add more while this awaits: send those too
-            data, addr = self._outbox.popleft()
-            await self._send_datagram(data, addr)
+    def _collect(self, now: float) -> None:
+        # A server connection has no path to send on before its first datagram is taken in.
+        if self._quic.get_peer_address() is not None:
+            self._outbox.extend(self._quic.datagrams_to_send(now=now))
+
+    def _send_outbox(self) -> None:
+        while self._outbox and not self._send_blocked:
+            data, addr = self._outbox[0]
+            if not self._socket.send_nowait(data, addr):
+                self._send_blocked = True
+                self._wake()  # the driver waits until the socket takes more
+                return
+            self._outbox.popleft()
+
+    def _retime(self) -> None:
+        # QUIC's next timer moves with every change of its state; the driver sleeps until it.
+        timer = self._quic.get_timer()
+        deadline = math.inf if timer is None else timer
+        if deadline != self._deadline:  # moving a Trio deadline costs more than comparing
+            self._deadline = deadline
+            if self._sleep is not None:
+                self._sleep.deadline = deadline
+        if self._gone():
+            self._wake()
+
+    async def _send_last(self) -> None:
+        # The CONNECTION_CLOSE (and anything else QUIC has), waiting for the socket if need be.
+        self._collect(trio.current_time())
+        while True:
+            self._send_blocked = False
+            self._send_outbox()
+            if not self._outbox:
+                return
+            await self._socket.wait_writable()
 
     def _abort_on_exit(self) -> None:
         # Leaving run() early (cancelled, or the endpoint shut down) while QUIC still lives:

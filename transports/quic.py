@@ -20,9 +20,11 @@ Server::
 or pass ``settings=QuicSettings(certificate_chain=..., private_key=...)`` to either side, which
 also sets the idle timeout and buffer sizes.
 
-Structure: one UDP socket per endpoint and a single reader task on it that hands each datagram
-to its connection (the server demultiplexes by destination connection id); each connection has
-one driver task (``_quic_connection``). The server runs a task per connection that starts the
+Structure: one non-blocking UDP socket per endpoint and a single reader task on it. The reader
+drains the socket in bursts, hands each datagram to its connection (the server demultiplexes by
+destination connection id), then has each connection it fed take the burst in and answer, in
+the reader task itself; senders send their own datagrams. Each connection also has a driver task
+for timers and for what had to wait (``_quic_connection``). The server runs a task per connection that starts the
 handler once the client has opened its control stream and removes the connection when QUIC
 has finished closing it. A client connection's reader and driver run as a Trio *system task*,
 because ``connect()`` returns a plain connection object rather than a context manager; the
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import socket
 import ssl
 import urllib.parse
 
@@ -61,6 +64,9 @@ SCHEME = "quic"
 MAX_DATAGRAM = 65535
 MAX_CONNECTIONS = 4096
 """New connections a server refuses (by ignoring their first packet) beyond this many."""
+READ_BURST = 64
+"""Datagrams a reader takes from the socket before its connections process them and other tasks
+get a turn."""
 
 # The server has nobody to report these to; a client treats them as the peer being gone.
 _PEER_GONE_ERRNOS = frozenset({errno.ECONNREFUSED, errno.ECONNRESET, errno.EHOSTUNREACH,
@@ -74,15 +80,22 @@ def _parse_url(url: str) -> tuple[str, int]:
     return parts.hostname, parts.port
 
 
-async def _udp_socket(
-    host: str, port: int, *, passive: bool
-) -> tuple[trio.socket.SocketType, NetworkAddress]:
+async def _udp_socket(host: str, port: int, *, passive: bool) -> tuple[socket.socket, NetworkAddress]:
+    # A plain non-blocking socket rather than a trio.socket: sending and reading then need no
+    # checkpoint per datagram, and Trio only waits for it to become readable or writable.
     flags = trio.socket.AI_PASSIVE if passive else 0
     infos = await trio.socket.getaddrinfo(host, port, type=trio.socket.SOCK_DGRAM, flags=flags)
     if not infos:
         raise OSError(f"cannot resolve {host!r}")
     family, _, _, _, addr = infos[0]
-    return trio.socket.socket(family, trio.socket.SOCK_DGRAM), addr
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock.setblocking(False)
+    return sock, addr
+
+
+def _close(sock: socket.socket) -> None:
+    trio.lowlevel.notify_closing(sock)
+    sock.close()
 
 
 class QuicTransport:
@@ -110,7 +123,7 @@ class QuicTransport:
         config = client_configuration(settings, ssl_context, host)
         sock, addr = await _udp_socket(host, port, passive=False)
         try:
-            await sock.connect(addr)  # connected: ICMP errors surface, strangers are filtered
+            sock.connect(addr)  # connected: ICMP errors surface, strangers are filtered
         except BaseException:
             sock.close()
             raise
@@ -145,13 +158,15 @@ class QuicTransport:
         settings = settings if settings is not None else QuicSettings()
         config = server_configuration(settings, ssl_context)
         sock, addr = await _udp_socket(host, port, passive=True)
-        with sock:
-            await sock.bind(addr)
+        try:
+            sock.bind(addr)
             bound_port = sock.getsockname()[1]
             async with trio.open_nursery() as nursery:
                 server = _ServerEndpoint(sock, config, settings, max_frame_size, handler, nursery)
                 task_status.started(ListenerInfo(SCHEME, host, bound_port))
                 await server.read_datagrams()
+        finally:
+            _close(sock)
 
 
 transport = QuicTransport()
@@ -162,7 +177,7 @@ class _ClientEndpoint:
 
     def __init__(
         self,
-        sock: trio.socket.SocketType,
+        sock: socket.socket,
         addr: NetworkAddress,
         config: QuicConfiguration,
         settings: QuicSettings,
@@ -175,7 +190,7 @@ class _ClientEndpoint:
         quic = QuicConnection(configuration=config)
         quic.connect(addr, now=trio.current_time())
         self.conn = QuicFrameConnection(
-            quic, self._send, settings=settings, max_frame_size=max_frame_size, peer=peer
+            quic, self, settings=settings, max_frame_size=max_frame_size, peer=peer
         )
 
     def cancel(self) -> None:
@@ -184,28 +199,43 @@ class _ClientEndpoint:
     async def run(self) -> None:
         # A system task: must never raise (Trio would crash the whole run).
         try:
-            with self._scope, self._sock:
+            with self._scope:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._read)
                     await self.conn.run()
                     nursery.cancel_scope.cancel()
         except Exception:
             logger.exception("QUIC client connection task failed")
+        finally:
+            _close(self._sock)
 
     async def _read(self) -> None:
         while True:
-            try:
-                data = await self._sock.recv(MAX_DATAGRAM)
-            except OSError as exc:
-                self.conn.transport_failed(f"the peer is unreachable ({exc})")
-                return
-            self.conn.datagram_received(data, self._addr)
+            await trio.lowlevel.wait_readable(self._sock)
+            for _ in range(READ_BURST):
+                try:
+                    data = self._sock.recv(MAX_DATAGRAM)
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    self.conn.transport_failed(f"the peer is unreachable ({exc})")
+                    return
+                self.conn.datagram_received(data, self._addr)
+            self.conn.datagrams_arrived()
 
-    async def _send(self, data: bytes, addr: NetworkAddress) -> None:
+    # The connection's DatagramSocket:
+
+    def send_nowait(self, data: bytes, addr: NetworkAddress) -> bool:
         try:
-            await self._sock.send(data)
+            self._sock.send(data)
+        except BlockingIOError:
+            return False
         except OSError as exc:
             self.conn.transport_failed(f"cannot send to the peer ({exc})")
+        return True
+
+    async def wait_writable(self) -> None:
+        await trio.lowlevel.wait_writable(self._sock)
 
 
 class _ServerEndpoint:
@@ -214,7 +244,7 @@ class _ServerEndpoint:
 
     def __init__(
         self,
-        sock: trio.socket.SocketType,
+        sock: socket.socket,
         config: QuicConfiguration,
         settings: QuicSettings,
         max_frame_size: int,
@@ -229,54 +259,64 @@ class _ServerEndpoint:
         self._nursery = nursery
         self._by_cid: dict[bytes, QuicFrameConnection] = {}
         self._cids: dict[QuicFrameConnection, set[bytes]] = {}
-        self._send_lock = trio.Lock()  # Trio lets only one task wait to write on a socket
+        self._write_lock = trio.Lock()  # Trio lets only one task wait to write on a socket
 
     async def read_datagrams(self) -> None:
+        fed: dict[QuicFrameConnection, None] = {}  # in order of arrival
         while True:
-            try:
-                data, addr = await self._sock.recvfrom(MAX_DATAGRAM)
-            except OSError as exc:
-                if exc.errno in _PEER_GONE_ERRNOS:
-                    continue  # some platforms report a past send's ICMP error here
-                raise
-            self._dispatch(data, addr)
+            await trio.lowlevel.wait_readable(self._sock)
+            for _ in range(READ_BURST):
+                try:
+                    data, addr = self._sock.recvfrom(MAX_DATAGRAM)
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    if exc.errno in _PEER_GONE_ERRNOS:
+                        continue  # some platforms report a past send's ICMP error here
+                    raise
+                conn = self._dispatch(data, addr)
+                if conn is not None:
+                    fed[conn] = None
+            for conn in fed:
+                conn.datagrams_arrived()
+            fed.clear()
 
-    def _dispatch(self, data: bytes, addr: NetworkAddress) -> None:
+    def _dispatch(self, data: bytes, addr: NetworkAddress) -> QuicFrameConnection | None:
         try:
             header = pull_quic_header(
                 Buffer(data=data), host_cid_length=self._config.connection_id_length
             )
         except ValueError:
-            return  # not QUIC
+            return None  # not QUIC
         known = self._by_cid.get(header.destination_cid)
         if known is not None:
             known.datagram_received(data, addr)
-            return
+            return known
         if (
             header.packet_type != QuicPacketType.VERSION_NEGOTIATION
             and header.version is not None
             and header.version not in self._config.supported_versions
         ):
-            self._nursery.start_soon(self._send, encode_quic_version_negotiation(
+            self.send_nowait(encode_quic_version_negotiation(
                 source_cid=header.destination_cid,
                 destination_cid=header.source_cid,
                 supported_versions=self._config.supported_versions,
-            ), addr)
-            return
+            ), addr)  # fmt: skip
+            return None
         # Only a client's first packet (padded to 1200 bytes, RFC 9000 14.1) opens a connection.
         if (
             header.packet_type != QuicPacketType.INITIAL
             or len(data) < 1200
             or len(self._cids) >= MAX_CONNECTIONS
         ):
-            return
+            return None
         quic = QuicConnection(
             configuration=self._config,
             original_destination_connection_id=header.destination_cid,
         )
         conn = QuicFrameConnection(
             quic,
-            self._send,
+            self,
             settings=self._settings,
             max_frame_size=self._max_frame_size,
             peer=f"{addr[0]}:{addr[1]}",
@@ -288,6 +328,7 @@ class _ServerEndpoint:
         self._add_cid(conn, quic.host_cid)
         conn.datagram_received(data, addr)
         self._nursery.start_soon(self._serve_connection, conn)
+        return conn
 
     def _add_cid(self, conn: QuicFrameConnection, cid: bytes) -> None:
         self._by_cid[cid] = conn
@@ -317,9 +358,17 @@ class _ServerEndpoint:
         else:
             await conn.aclose()
 
-    async def _send(self, data: bytes, addr: NetworkAddress) -> None:
-        async with self._send_lock:
-            try:
-                await self._sock.sendto(data, addr)
-            except OSError:
-                pass  # UDP: a lost datagram is QUIC's to recover, a gone peer its to time out
+    # The connections' DatagramSocket:
+
+    def send_nowait(self, data: bytes, addr: NetworkAddress) -> bool:
+        try:
+            self._sock.sendto(data, addr)
+        except BlockingIOError:
+            return False
+        except OSError:
+            pass  # UDP: a lost datagram is QUIC's to recover, a gone peer its to time out
+        return True
+
+    async def wait_writable(self) -> None:
+        async with self._write_lock:
+            await trio.lowlevel.wait_writable(self._sock)
