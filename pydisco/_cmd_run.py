@@ -47,8 +47,6 @@ def add_parser(subparsers: Any) -> None:
 
 
 async def _main(args: argparse.Namespace) -> int:
-    from ._loopback import open_loopback_cloud
-
     pace = args.reading_rate > 0
     config = RuntimeConfig(
         device_model=None if args.no_device else (args.model or "default"),
@@ -61,7 +59,7 @@ async def _main(args: argparse.Namespace) -> int:
     messages = [{"role": "user", "content": args.prompt}]
     async with trio.open_nursery() as nursery:
         if not args.no_cloud and args.cloud is None:
-            cloud = await nursery.start(_loopback, args, open_loopback_cloud)
+            cloud = await nursery.start(_loopback, args)
             config = dataclasses.replace(config, cloud_url=cloud.url, cloud_token=cloud.token, cloud_ssl=cloud.ssl_context)
         elif args.cloud is not None and not args.no_cloud:
             config = dataclasses.replace(config, cloud_url=args.cloud, cloud_token=args.token)
@@ -80,8 +78,11 @@ async def _main(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _loopback(args: argparse.Namespace, opener: Any, *, task_status: trio.TaskStatus[Any]) -> None:
-    async with opener(model_path=args.model, n_threads=args.threads, transport=args.transport) as cloud:
+async def _loopback(args: argparse.Namespace, *, task_status: trio.TaskStatus[Any]) -> None:
+    """The loopback cloud, kept up until the run's nursery is cancelled."""
+    from ._loopback import open_loopback_cloud  # loads llama.cpp: only when it is used
+
+    async with open_loopback_cloud(model_path=args.model, n_threads=args.threads, transport=args.transport) as cloud:
         task_status.started(cloud)
         await trio.sleep_forever()
 

@@ -130,10 +130,9 @@ class AnswerCoordinator:
         self._committed = _core.TokenRing(capacity)
         self._released = _core.TokenRing(capacity)
         self._machine = _core.MigrationMachine(self._committed)
-        interval = round(1e9 / settings.slo.reading_rate) if settings.pace else 0
-        if decision.handoff is not None:
-            interval = round(decision.handoff.interval_s * 1e9)
         self._reading_interval_ns = round(1e9 / settings.slo.reading_rate) if settings.pace else 0
+        # P/D-Device paces the cloud's first tokens at its own interval, then at the reader's.
+        interval = self._reading_interval_ns if decision.handoff is None else round(decision.handoff.interval_s * 1e9)
         self._pacer = _core.Pacer(self._committed, self._released, interval_ns=interval)
         self._virtual_pacer = VirtualTimePacer(self._pacer) if settings.virtual_time else None
 
@@ -658,10 +657,6 @@ class AnswerCoordinator:
             if c.role != _core.EndpointRole.NONE or c.offered:
                 tokens[name] = self._prefilled[name] + c.offered
         return AnswerOutcome(prompt_tokens=self._prompt_tokens, tokens_by_endpoint=tokens, cloud_ttft_s=self._cloud_ttft_s)
-
-    @property
-    def machine(self) -> _core.MigrationMachine:
-        return self._machine
 
 
 def _core_terminal(state: _core.MigrationState) -> bool:

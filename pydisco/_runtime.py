@@ -22,7 +22,7 @@ import trio
 
 from ._core import TokenRing
 from ._coordinator import AnswerCoordinator, AnswerSettings
-from ._errors import ConfigurationError
+from ._errors import ConfigurationError, PydiscoError
 from ._report import AnswerReport, Piece
 from ._types import Endpoint, GenerationRequest, Message, Sampling
 from .policies import create_dispatch_policy, create_migration_policy
@@ -267,22 +267,18 @@ async def open_runtime(
         raise ConfigurationError("a runtime needs a device model, a cloud URL, or both")
     async with contextlib.AsyncExitStack() as stack:
         nursery = await stack.enter_async_context(trio.open_nursery())
-        if endpoints is not None:
-            try:
-                yield Runtime(config, endpoints, nursery)
-            finally:
-                nursery.cancel_scope.cancel()
-            return
-        built: dict[str, Endpoint] = {}
-        if config.device_model is not None:
+        built: dict[str, Endpoint] = dict(endpoints) if endpoints is not None else {}
+        if endpoints is None and config.device_model is not None:
             from ._device import open_device_endpoint
 
             path = None if config.device_model == "default" else config.device_model
             device = await stack.enter_async_context(open_device_endpoint(path, n_threads=config.device_threads))
-            with contextlib.suppress(Exception):  # a profile helps the policies; none is not fatal
+            # A profile helps the policies; an unreadable cache or a failed measurement is not
+            # fatal (they then assume UNPROFILED_DEVICE).
+            with contextlib.suppress(OSError, ValueError, PydiscoError):
                 await device.load_profile()
             built["device"] = device
-        if config.cloud_url is not None:
+        if endpoints is None and config.cloud_url is not None:
             from ._cloud import open_cloud_endpoint
 
             built["cloud"] = await stack.enter_async_context(
