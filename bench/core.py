@@ -48,10 +48,20 @@ def busy_cores(n: int) -> Iterator[None]:
             p.wait()
 
 
-def native_pacer_run(interval_ns: int, count: int) -> dict[str, Any]:
-    """Pacer thread releases `count` tokens committed up front; a Trio task receives them."""
+def start_paced_answer(interval_ns: int, count: int) -> tuple[Pacer, int]:
+    """A running pacer (SCHED_FIFO asked) with `count` tokens all committed at t0, slightly in
+    the future so token 0 is paced too: token i's deadline is t0 + i*interval."""
     inp, out = TokenRing(count * 2), TokenRing(count * 2)
     pacer = Pacer(inp, out, interval_ns=interval_ns)
+    pacer.start(realtime=True)
+    t0 = time.monotonic_ns() + 2_000_000
+    for i in range(count):
+        assert inp.try_push(i, i, "x", arrived_ns=t0)
+    return pacer, t0
+
+
+def native_pacer_run(interval_ns: int, count: int) -> dict[str, Any]:
+    """The pacer thread releases the answer; a Trio task receives it."""
     received_late: list[int] = []
 
     async def consume() -> None:
@@ -61,38 +71,27 @@ def native_pacer_run(interval_ns: int, count: int) -> dict[str, Any]:
             while got < count:
                 batch = await receiver.receive()
                 now = time.monotonic_ns()
-                for token in batch:
-                    # all tokens arrived at t0, so token i's deadline is t0 + i*interval
-                    received_late.append(now - (t0 + token.position * interval_ns))
+                received_late.extend(now - (t0 + token.position * interval_ns) for token in batch)
                 got += len(batch)
 
-    pacer.start(realtime=True)
-    realtime = pacer.statistics().realtime
-    t0 = time.monotonic_ns() + 2_000_000  # a little ahead, so token 0 is paced too
-    for i in range(count):
-        assert inp.try_push(i, i, "x", arrived_ns=t0)
+    pacer, t0 = start_paced_answer(interval_ns, count)
     try:
         trio.run(consume)
     finally:
         pacer.stop()
-    released_late = pacer.take_lateness()
     return {
-        "release": summary_us(released_late),
+        "release": summary_us(pacer.take_lateness()),
         "received": summary_us(received_late),
-        "realtime": realtime,
+        "realtime": pacer.statistics().realtime,
     }
 
 
 def native_consumer_run(interval_ns: int, count: int) -> dict[str, float]:
     """The C++ consumer path: a native thread blocked in pop_wait (NativeCollector), at the
     calling thread's priority; lateness until it has each token."""
-    inp, out = TokenRing(count * 2), TokenRing(count * 2)
-    pacer = Pacer(inp, out, interval_ns=interval_ns)
-    collector = NativeCollector(out)
-    pacer.start(realtime=True)
-    t0 = time.monotonic_ns() + 2_000_000
-    for i in range(count):
-        assert inp.try_push(i, i, "x", arrived_ns=t0)
+    pacer, t0 = start_paced_answer(interval_ns, count)
+    assert pacer.output is not None
+    collector = NativeCollector(pacer.output)
     deadline = time.monotonic() + count * interval_ns / 1e9 * 3 + 10
     while collector.consumed < count and time.monotonic() < deadline:
         time.sleep(0.05)
