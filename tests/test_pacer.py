@@ -3,6 +3,8 @@ policy), the manual and virtual-time drivers, and the real-time thread feeding a
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 
 import pytest
@@ -195,15 +197,36 @@ def test_running_pacer_refuses_the_manual_driver() -> None:
     assert not pacer.running
 
 
+def fifo_permitted() -> bool:
+    """Whether this process may give a thread SCHED_FIFO, asked on a throwaway thread."""
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(50))
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe)
+    thread.start()
+    thread.join()
+    return result[0]
+
+
 def test_realtime_request_reports_what_it_got() -> None:
-    pacer = Pacer(TokenRing(8), TokenRing(8))
-    pacer.start(realtime=True)
-    try:
-        stats = pacer.statistics()
-        assert stats.running
-        assert isinstance(stats.realtime, bool)  # SCHED_FIFO granted or not; both are valid
-    finally:
-        pacer.stop()
+    """The pacer gets SCHED_FIFO exactly when the OS permits it, and says so; without the
+    request it stays at normal priority."""
+    expected = fifo_permitted()
+    for asked in (True, False):
+        pacer = Pacer(TokenRing(8), TokenRing(8))
+        pacer.start(realtime=asked)
+        try:
+            stats = pacer.statistics()
+            assert stats.running
+            assert stats.realtime == (asked and expected)
+        finally:
+            pacer.stop()
 
 
 def test_invalid_rates_are_refused() -> None:
