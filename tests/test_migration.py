@@ -196,3 +196,14 @@ def test_unknown_endpoint_failure_is_a_value_error() -> None:
     machine.start(1)
     with pytest.raises(ValueError, match="never started"):
         machine.endpoint_failed(9)
+
+
+def test_an_overlong_text_piece_is_refused_before_it_counts() -> None:
+    from pydisco._core import TOKEN_TEXT_CAPACITY
+
+    machine = MigrationMachine(TokenRing(8))
+    machine.start(1)
+    with pytest.raises(ValueError, match="exceeds the record capacity"):
+        machine.offer(1, 0, 5, "x" * (TOKEN_TEXT_CAPACITY + 1))
+    assert machine.counters(1).offered == 0 and machine.committed == 0
+    assert machine.offer(1, 0, 5, "x" * TOKEN_TEXT_CAPACITY) == OfferResult.COMMITTED

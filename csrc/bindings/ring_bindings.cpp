@@ -32,10 +32,8 @@ TokenRecord make_record(std::uint64_t position, std::int32_t token_id, std::stri
   r.source = source;
   r.produced_ns = produced_ns;
   r.arrived_ns = arrived_ns ? *arrived_ns : now_ns();
-  if (!r.set_text(text))
-    throw py::value_error("token text of " + std::to_string(text.size()) +
-                          " bytes exceeds the record capacity of " +
-                          std::to_string(TokenRecord::kTextCapacity));
+  TokenRecord::check_text(text);
+  [[maybe_unused]] const bool fits = r.set_text(text);
   return r;
 }
 
@@ -170,7 +168,8 @@ void register_ring(py::module_& m) {
       [](std::shared_ptr<TokenRing> ring, std::uint64_t count, std::string text) {
         py::gil_scoped_release nogil;
         TokenRecord r;
-        if (!r.set_text(text)) throw std::length_error("text too long");
+        TokenRecord::check_text(text);
+        [[maybe_unused]] const bool fits = r.set_text(text);
         for (std::uint64_t i = 0; i < count; ++i) {
           r.position = i;
           while (!ring->try_push(r)) std::this_thread::yield();

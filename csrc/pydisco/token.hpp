@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <stdexcept>
+#include <string>
 #include <string_view>
 
 #include "spsc_ring.hpp"
@@ -26,6 +28,14 @@ struct alignas(64) TokenRecord {
   EndpointId source = 0;          // which endpoint produced it
   std::uint8_t text_len = 0;
   char text[kTextCapacity] = {};
+
+  // Refuses a piece longer than kTextCapacity with std::length_error (Python: ValueError).
+  static void check_text(std::string_view piece) {
+    if (piece.size() > kTextCapacity)
+      throw std::length_error("token text of " + std::to_string(piece.size()) +
+                              " bytes exceeds the record capacity of " +
+                              std::to_string(kTextCapacity));
+  }
 
   [[nodiscard]] bool set_text(std::string_view piece) noexcept {
     if (piece.size() > kTextCapacity) return false;

@@ -6,16 +6,15 @@ import dataclasses
 
 from hypothesis import strategies as st
 
+from .._core import TOKEN_TEXT_CAPACITY
 from .._types import TokenPiece
 
-# The native token record carries at most this many UTF-8 bytes of text (TOKEN_TEXT_CAPACITY).
-_TEXT_CAPACITY = 88
 
 
 def token_texts(max_bytes: int = 16) -> st.SearchStrategy[str]:
     """Text pieces of whole UTF-8 characters, multi-byte ones included, at most ``max_bytes``."""
-    if not 0 < max_bytes <= _TEXT_CAPACITY:
-        raise ValueError(f"max_bytes must be in 1..{_TEXT_CAPACITY}")
+    if not 0 < max_bytes <= TOKEN_TEXT_CAPACITY:
+        raise ValueError(f"max_bytes must be in 1..{TOKEN_TEXT_CAPACITY}")
     return st.text(
         alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=max_bytes
     ).filter(lambda s: len(s.encode()) <= max_bytes)
