@@ -29,7 +29,7 @@ from _stats import emit, summary_us  # noqa: E402
 
 from pydisco import NativeCollector, Pacer, ReleasedTokens, TokenRing  # noqa: E402
 from pydisco._core import _produce_native, _ring_throughput_cpp  # noqa: E402
-from pydisco._realtime import realtime_thread  # noqa: E402
+from pydisco.runtime import realtime_thread  # noqa: E402
 
 BUSY_LOOP = "import time\nend = time.monotonic() + 600\nwhile time.monotonic() < end: pass\n"
 

@@ -33,8 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _stats import emit  # noqa: E402
 
 from pydisco import RuntimeConfig, open_runtime  # noqa: E402
-from pydisco._device import open_device_endpoint  # noqa: E402
-from pydisco._loopback import LoopbackCloud, open_loopback_cloud  # noqa: E402
+from pydisco.device import open_device_endpoint  # noqa: E402
+from pydisco.cloud import LoopbackCloud, open_loopback_cloud  # noqa: E402
 from pydisco._types import GenerationRequest, TokenPiece  # noqa: E402
 from pydisco.policies._base import Slo  # noqa: E402
 

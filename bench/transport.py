@@ -31,24 +31,16 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
 import trio
 import trio_websocket
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # a source tree works too
-if TYPE_CHECKING:
-    import transports
-else:
-    try:  # installed: the transports ship inside the package
-        from pydisco import transports
-    except ImportError:  # a source tree: they sit next to it
-        import transports
-
-from pydisco._cloud import open_cloud_endpoint
-from pydisco._server import RunningServer, ServerConfig, serve
-from pydisco._tls import Credentials, client_ssl_context, self_signed, server_ssl_context
+from pydisco import transports
+from pydisco.cloud import open_cloud_endpoint
+from pydisco.cloud import RunningServer, ServerConfig, serve
+from pydisco.cloud import Credentials, client_ssl_context, self_signed, server_ssl_context
 from pydisco._types import GenerationRequest, GenerationResult, TokenPiece, TokenSink
 
 TOKEN = "bench"

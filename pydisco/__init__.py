@@ -21,9 +21,9 @@ from ._core import TokenBatch as TokenBatch
 from ._core import TokenRing as TokenRing
 from ._core import TransitionRecord as TransitionRecord
 from ._core import now_ns as now_ns
-from ._blocking import BlockingAnswer as BlockingAnswer
-from ._blocking import BlockingRuntime as BlockingRuntime
-from ._coordinator import AnswerFailed as AnswerFailed
+from .runtime import BlockingAnswer as BlockingAnswer
+from .runtime import BlockingRuntime as BlockingRuntime
+from .runtime import AnswerFailed as AnswerFailed
 from ._errors import AuthenticationError as AuthenticationError
 from ._errors import ConfigurationError as ConfigurationError
 from ._errors import EndpointError as EndpointError
@@ -31,16 +31,16 @@ from ._errors import EndpointUnavailable as EndpointUnavailable
 from ._errors import ModelError as ModelError
 from ._errors import PromptTooLongError as PromptTooLongError
 from ._errors import PydiscoError as PydiscoError
-from ._pacing import ReleasedTokens as ReleasedTokens
-from ._pacing import VirtualTimePacer as VirtualTimePacer
-from ._report import AnswerReport as AnswerReport
-from ._report import EndpointUsage as EndpointUsage
-from ._report import MigrationRecord as MigrationRecord
-from ._report import Piece as Piece
-from ._runtime import AnswerStream as AnswerStream
-from ._runtime import Runtime as Runtime
-from ._runtime import RuntimeConfig as RuntimeConfig
-from ._runtime import open_runtime as open_runtime
+from .runtime import ReleasedTokens as ReleasedTokens
+from .runtime import VirtualTimePacer as VirtualTimePacer
+from .runtime import AnswerReport as AnswerReport
+from .runtime import EndpointUsage as EndpointUsage
+from .runtime import MigrationRecord as MigrationRecord
+from .runtime import Piece as Piece
+from .runtime import AnswerStream as AnswerStream
+from .runtime import Runtime as Runtime
+from .runtime import RuntimeConfig as RuntimeConfig
+from .runtime import open_runtime as open_runtime
 from ._types import GenerationRequest as GenerationRequest
 from ._types import GenerationResult as GenerationResult
 from ._types import Sampling as Sampling
@@ -50,18 +50,18 @@ __version__ = "0.1.0"
 
 # Loading these would load llama.cpp or the transports: resolved on first use instead.
 _LAZY = {
-    "DeviceEndpoint": "pydisco._device",
-    "open_device_endpoint": "pydisco._device",
-    "DeviceProfile": "pydisco._profile",
-    "CostRates": "pydisco._profile",
-    "AnswerCost": "pydisco._profile",
-    "CloudEndpoint": "pydisco._cloud",
-    "open_cloud_endpoint": "pydisco._cloud",
-    "ServerConfig": "pydisco._server",
-    "serve": "pydisco._server",
-    "LlamaBackend": "pydisco._backends",
-    "OpenAIUpstreamBackend": "pydisco._backends",
-    "open_loopback_cloud": "pydisco._loopback",
+    "DeviceEndpoint": "pydisco.device",
+    "open_device_endpoint": "pydisco.device",
+    "DeviceProfile": "pydisco.device",
+    "CostRates": "pydisco.device",
+    "AnswerCost": "pydisco.device",
+    "CloudEndpoint": "pydisco.cloud",
+    "open_cloud_endpoint": "pydisco.cloud",
+    "ServerConfig": "pydisco.cloud",
+    "serve": "pydisco.cloud",
+    "LlamaBackend": "pydisco.cloud",
+    "OpenAIUpstreamBackend": "pydisco.cloud",
+    "open_loopback_cloud": "pydisco.cloud",
 }
 
 

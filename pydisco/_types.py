@@ -86,11 +86,16 @@ class TokenPiece:
     ``token_id`` is -1 when the endpoint cannot name one (a text-only upstream). ``text`` is
     always whole UTF-8 characters: an endpoint holds back a partial character and reports it
     with a later token (that token's piece then carries both).
+
+    ``age_ns`` is how long before this piece reached the sink the token was produced (the
+    device's worker thread, the server's backend): a duration, so it needs no clock shared
+    between endpoint and runtime. 0 means "just now" or unknown.
     """
 
     position: int
     token_id: int
     text: str
+    age_ns: int = 0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -17,18 +17,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import trio
 import trio.testing
 
-from pydisco._backends import Backend, LlamaBackend
-from pydisco._server import RunningServer, ServerConfig, serve
-from pydisco._tls import Credentials, client_ssl_context, self_signed, server_ssl_context
+from pydisco.cloud import Backend, LlamaBackend
+from pydisco.cloud import RunningServer, ServerConfig, serve
+from pydisco.cloud import Credentials, client_ssl_context, self_signed, server_ssl_context
 from pydisco._types import GenerationRequest, GenerationResult, TokenPiece, TokenSink
 
-if TYPE_CHECKING:
-    import transports
-else:
-    try:
-        from pydisco import transports
-    except ImportError:
-        import transports
+from pydisco import transports
 
 
 
@@ -95,7 +89,7 @@ MODEL_THREADS = 1
 @functools.cache
 def reference_engine() -> Any:
     """A LlamaEngine used only to compute the expected (local, greedy) answers."""
-    from pydisco._llama import LlamaEngine
+    from pydisco.device import LlamaEngine
 
     return LlamaEngine(n_ctx=1024, n_threads=MODEL_THREADS)
 

@@ -8,7 +8,7 @@ from typing import TypeVar
 
 import trio
 
-from pydisco._llama import LlamaEngine
+from pydisco.device import LlamaEngine
 from pydisco._types import GenerationRequest, GenerationResult, TokenPiece
 
 F = TypeVar("F", bound=Callable[..., Awaitable[None]])

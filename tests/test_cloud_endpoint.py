@@ -22,8 +22,8 @@ from cloud_support import (
     wait_until,
 )
 from transport_schemes import SCHEMES
-from pydisco import _protocol as P
-from pydisco._cloud import open_cloud_endpoint
+from pydisco.cloud import protocol as P
+from pydisco.cloud import open_cloud_endpoint
 from pydisco._errors import (
     AuthenticationError,
     ConfigurationError,

@@ -9,9 +9,9 @@ import pytest
 import trio
 from device_support import chat, run_engine, shared_engine, trio_test
 
-from pydisco._device import DeviceEndpoint, open_device_endpoint
+from pydisco.device import DeviceEndpoint, open_device_endpoint
 from pydisco._errors import ConfigurationError, ModelError, PromptTooLongError
-from pydisco._profile import CostRates
+from pydisco.device import CostRates
 from pydisco._types import Endpoint, GenerationRequest, TokenPiece
 
 pytestmark = pytest.mark.model

@@ -9,8 +9,9 @@ import pathlib
 import pytest
 from device_support import shared_engine
 
-from pydisco import _cmd_profile, cli
-from pydisco._profile import (
+from pydisco import cli
+from pydisco.cli import _profile as _cmd_profile
+from pydisco.device import (
     CostRates,
     DeviceProfile,
     fit_line,
@@ -79,7 +80,7 @@ def test_cost_rates_turn_tokens_into_units(measured: DeviceProfile) -> None:
 def test_the_profile_command_prints_the_cached_profile(
     measured: DeviceProfile, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert "pydisco._cmd_profile" in cli.SUBCOMMAND_MODULES
+    assert "pydisco.cli._profile" in cli.SUBCOMMAND_MODULES
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     save_profile(measured)
     parser = argparse.ArgumentParser()

@@ -19,7 +19,7 @@ import pytest
 import trio
 
 from pydisco._errors import ConfigurationError
-from pydisco._linkemu import (
+from pydisco.linkemu import (
     REALISTIC_LAST_HOP,
     Constant,
     DelayDistribution,

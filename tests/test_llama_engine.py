@@ -8,8 +8,8 @@ import pytest
 from device_support import chat, run_engine, shared_engine
 
 from pydisco._errors import ConfigurationError, ModelError, PromptTooLongError
-from pydisco._llama import LlamaEngine, _PieceStream
-from pydisco._models import default_model_path, model_id
+from pydisco.device._engine import LlamaEngine, _PieceStream
+from pydisco.device import default_model_path, model_id
 from pydisco._types import GenerationRequest, Sampling, TokenPiece
 
 pytestmark = pytest.mark.model

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from pydisco import _protocol as P
+from pydisco.cloud import protocol as P
 from pydisco._types import GenerationRequest, GenerationResult, Sampling, TokenPiece
 
 # -- strategies ---------------------------------------------------------------------------

@@ -9,12 +9,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 if TYPE_CHECKING:  # mypy reads the source tree
-    from transports import _quic_framing as framing
+    from pydisco.transports import _quic_framing as framing
 else:
     try:
         from pydisco.transports import _quic_framing as framing
     except ImportError:  # a source tree without the installed package
-        from transports import _quic_framing as framing
+        from pydisco.transports import _quic_framing as framing
 
 
 def decode_all(data: bytes, cuts: list[int], max_size: int, header: bool = False) -> list[object]:

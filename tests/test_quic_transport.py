@@ -15,15 +15,15 @@ import trio.testing
 import trustme
 
 from pydisco._errors import ConfigurationError
-from pydisco._linkemu import LinkControl, LinkProfile, serve_udp_proxy
+from pydisco.linkemu import LinkControl, LinkProfile, serve_udp_proxy
 
 if TYPE_CHECKING:  # mypy reads the source tree
-    from transports import _base, _quic_config, quic
+    from pydisco.transports import _base, _quic_config, quic
 else:
     try:
         from pydisco.transports import _base, _quic_config, quic
     except ImportError:  # a source tree without the installed package
-        from transports import _base, _quic_config, quic
+        from pydisco.transports import _base, _quic_config, quic
 
 LOCAL = "127.0.0.1"
 Handler = Callable[[Any], Awaitable[None]]
@@ -540,7 +540,7 @@ def test_a_server_without_its_key_says_how_to_give_it() -> None:
 
 
 def test_a_server_context_from_pydisco_tls_carries_its_key() -> None:
-    from pydisco._tls import self_signed, server_ssl_context
+    from pydisco.cloud import self_signed, server_ssl_context
 
     config = _quic_config.server_configuration(
         quic.QuicSettings(), server_ssl_context(self_signed([LOCAL]))

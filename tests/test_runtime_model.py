@@ -14,8 +14,8 @@ import trio
 
 import pydisco
 from pydisco import RuntimeConfig, open_runtime
-from pydisco._backends import LlamaBackend
-from pydisco._loopback import open_loopback_cloud
+from pydisco.cloud import LlamaBackend
+from pydisco.cloud import open_loopback_cloud
 from pydisco._types import GenerationRequest, GenerationResult, TokenPiece, TokenSink
 from pydisco.policies import register_migration_policy
 from pydisco.policies._base import MigrationView, Slo

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import pydisco
 from pydisco import RuntimeConfig, open_runtime
-from pydisco._coordinator import AnswerFailed
+from pydisco.runtime import AnswerFailed
 from pydisco._types import TokenPiece
 from pydisco.policies._base import Slo
 from pydisco.testing import ScriptedEndpoint

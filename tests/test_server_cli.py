@@ -13,9 +13,9 @@ import pytest
 import trio
 
 from cloud_support import text_of, trio_test
-from pydisco._cloud import open_cloud_endpoint
+from pydisco.cloud import open_cloud_endpoint
 from pydisco._errors import EndpointUnavailable
-from pydisco._tls import Credentials, client_ssl_context
+from pydisco.cloud import Credentials, client_ssl_context
 from pydisco._types import GenerationRequest, TokenPiece
 from pydisco.cli import main
 
@@ -91,7 +91,7 @@ def test_a_server_whose_port_is_taken_fails_with_os_error() -> None:
     import socket
 
     from cloud_support import StubBackend, server_config
-    from pydisco._server import serve
+    from pydisco.cloud import serve
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -21,8 +21,8 @@ from cloud_support import (
     trio_test,
     wait_until,
 )
-from pydisco import _protocol as P
-from pydisco._cloud import open_cloud_endpoint
+from pydisco.cloud import protocol as P
+from pydisco.cloud import open_cloud_endpoint
 from pydisco._errors import AuthenticationError, EndpointUnavailable
 from pydisco._types import GenerationRequest, TokenPiece
 from transport_schemes import SCHEMES

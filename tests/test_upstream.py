@@ -17,17 +17,17 @@ import pytest
 import trio
 
 from cloud_support import TOKEN, running_server, text_of, trio_test
-from pydisco._backends import OpenAIUpstreamBackend, SSEParser
-from pydisco._cloud import open_cloud_endpoint
+from pydisco.cloud._backends import OpenAIUpstreamBackend, SSEParser
+from pydisco.cloud import open_cloud_endpoint
 from pydisco._errors import EndpointError, PromptTooLongError
-from pydisco._models import default_model_path
+from pydisco.device import default_model_path
 from pydisco._types import GenerationRequest, TokenPiece
 
 UPSTREAM_KEY = "upstream-key"
 
 # llama-cpp-python's own server, with one workaround: these VMs advertise AMX without enabling
 # it and llama.cpp's AMX matmul then segfaults, so weight repacking (which picks AMX) is off, as
-# pydisco._llama does for its own engine.
+# pydisco.device's engine does for its own engine.
 _SERVER = """
 import llama_cpp.llama_cpp as C
 _default = C.llama_model_default_params

@@ -20,7 +20,7 @@ EndpointName = Literal["device", "cloud"]
 @dataclasses.dataclass(frozen=True)
 class DeviceSpeed:
     """What a policy knows of the device: ``TTFT_d(l) = prefill_a_s + prefill_c_s_per_token·l``
-    and the decode time per token (pydisco._profile.DeviceProfile has these fields)."""
+    and the decode time per token (pydisco.device.DeviceProfile has these fields)."""
 
     prefill_a_s: float
     prefill_c_s_per_token: float

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import trio
 
-from ._core import Pacer, TokenBatch
+from .._core import Pacer, TokenBatch
 
 
 class ReleasedTokens:

@@ -19,9 +19,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from ._errors import ConfigurationError
-from ._llama import LlamaEngine
-from ._types import GenerationRequest, TokenPiece
+from .._errors import ConfigurationError
+from ._engine import LlamaEngine
+from .._types import GenerationRequest, TokenPiece
 
 _PROFILE_VERSION = 1
 # A text the model continues for a long time without stopping: a counting sequence.

@@ -15,10 +15,10 @@ from typing import Any
 
 import trio
 
-from ._errors import PydiscoError
-from ._runtime import RuntimeConfig, open_runtime
-from .policies import dispatch_policy_names
-from .policies._base import Slo
+from .._errors import PydiscoError
+from ..runtime._runtime import RuntimeConfig, open_runtime
+from ..policies import dispatch_policy_names
+from ..policies._base import Slo
 
 
 def add_parser(subparsers: Any) -> None:
@@ -80,7 +80,7 @@ async def _main(args: argparse.Namespace) -> int:
 
 async def _loopback(args: argparse.Namespace, *, task_status: trio.TaskStatus[Any]) -> None:
     """The loopback cloud, kept up until the run's nursery is cancelled."""
-    from ._loopback import open_loopback_cloud  # loads llama.cpp: only when it is used
+    from ..cloud._loopback import open_loopback_cloud  # loads llama.cpp: only when it is used
 
     async with open_loopback_cloud(model_path=args.model, n_threads=args.threads, transport=args.transport) as cloud:
         task_status.started(cloud)

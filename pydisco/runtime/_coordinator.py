@@ -17,12 +17,12 @@ from collections.abc import Callable, Mapping
 
 import trio
 
-from . import _core
-from ._errors import EndpointError, PydiscoError
+from .. import _core
+from .._errors import EndpointError, PydiscoError
 from ._pacing import ReleasedTokens, VirtualTimePacer, trio_time_ns
 from ._report import AnswerReport, EndpointUsage, MigrationRecord, Piece
-from ._types import Endpoint, GenerationRequest, GenerationResult, TokenPiece
-from .policies._base import (
+from .._types import Endpoint, GenerationRequest, GenerationResult, TokenPiece
+from ..policies._base import (
     AnswerOutcome,
     DeviceSpeed,
     DispatchDecision,
@@ -30,7 +30,7 @@ from .policies._base import (
     MigrationView,
     Slo,
 )
-from .qoe import qoe as andes_qoe
+from ..qoe import qoe as andes_qoe
 
 ENDPOINT_IDS: dict[str, int] = {"device": 1, "cloud": 2}
 ENDPOINT_NAMES: dict[int, str] = {v: k for k, v in ENDPOINT_IDS.items()}

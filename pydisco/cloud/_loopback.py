@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 import trio
 
 from ._backends import Backend, LlamaBackend
-from ._linkemu import REALISTIC_LAST_HOP, LinkControl, LinkProfile, serve_tcp_proxy, serve_udp_proxy
+from ..linkemu import REALISTIC_LAST_HOP, LinkControl, LinkProfile, serve_tcp_proxy, serve_udp_proxy
 from ._server import RunningServer, ServerConfig, serve
 from ._tls import client_ssl_context, self_signed, server_ssl_context
 

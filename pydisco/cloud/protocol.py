@@ -19,8 +19,8 @@ from typing import Any, Final, Union
 
 import msgpack  # type: ignore[import-untyped]  # ships no type information
 
-from ._errors import PydiscoError
-from ._types import GenerationRequest, GenerationResult, Message, Sampling, TokenPiece
+from .._errors import PydiscoError
+from .._types import GenerationRequest, GenerationResult, Message, Sampling, TokenPiece
 
 PROTOCOL_VERSIONS: Final = (1,)
 """Versions this implementation speaks, oldest first; the server picks the highest in common."""

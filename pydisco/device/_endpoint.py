@@ -21,10 +21,10 @@ from typing import TypeVar
 
 import trio
 
-from ._llama import LlamaEngine
+from ._engine import LlamaEngine
 from ._profile import AnswerCost, CostRates, DeviceProfile, load_or_measure_profile
-from ._types import GenerationRequest, GenerationResult, TokenPiece, TokenSink
-from ._groups import single_exception
+from .._types import GenerationRequest, GenerationResult, TokenPiece, TokenSink
+from .._groups import single_exception
 
 T = TypeVar("T")
 

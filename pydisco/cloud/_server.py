@@ -17,13 +17,13 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import TYPE_CHECKING, Protocol, Union
+from typing import Protocol, Union
 
 import trio
 
 from ._backends import Backend
-from ._errors import ConfigurationError, EndpointError, PromptTooLongError
-from ._protocol import (
+from .._errors import ConfigurationError, EndpointError, PromptTooLongError
+from .protocol import (
     CONNECTION_STREAM,
     ERROR_CODES,
     Authenticated,
@@ -37,16 +37,10 @@ from ._protocol import (
     StartStream,
 )
 from ._tls import Credentials, server_ssl_context
-from ._types import GenerationRequest, GenerationResult, TokenPiece
-from ._groups import single_exception
+from .._types import GenerationRequest, GenerationResult, TokenPiece
+from .._groups import single_exception
+from .. import transports as _transports
 
-if TYPE_CHECKING:
-    import transports as _transports
-else:
-    try:  # installed: the transports ship inside the package
-        from pydisco import transports as _transports
-    except ImportError:  # a source tree: they sit next to it
-        import transports as _transports
 
 log = logging.getLogger("pydisco.server")
 

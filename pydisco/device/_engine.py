@@ -22,10 +22,10 @@ from collections.abc import Callable, Mapping, Sequence
 import jinja2.sandbox
 from llama_cpp import llama_cpp as C
 
-from ._errors import ConfigurationError, EndpointError, ModelError, PromptTooLongError
+from .._errors import ConfigurationError, EndpointError, ModelError, PromptTooLongError
 from ._models import model_id as _model_id
 from ._models import resolve_model_path
-from ._types import GenerationRequest, GenerationResult, Sampling, TokenPiece
+from .._types import GenerationRequest, GenerationResult, Sampling, TokenPiece
 
 # Prompt tokens per llama_decode call while prefilling; also llama.cpp's batch and ubatch, so a
 # call is one ubatch and an abort never leaves part of a chunk behind.

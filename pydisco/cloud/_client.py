@@ -15,12 +15,12 @@ import ssl
 import statistics as _stats
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Union
+from typing import Union
 
 import trio
 
-from ._errors import AuthenticationError, ConfigurationError, EndpointError, EndpointUnavailable
-from ._protocol import (
+from .._errors import AuthenticationError, ConfigurationError, EndpointError, EndpointUnavailable
+from .protocol import (
     CONNECTION_STREAM,
     ClientOutput,
     ClientProtocol,
@@ -35,16 +35,10 @@ from ._protocol import (
     TokenReceived,
     Welcome,
 )
-from ._types import GenerationRequest, GenerationResult, TokenPiece, TokenSink
-from ._groups import single_exception
+from .._types import GenerationRequest, GenerationResult, TokenPiece, TokenSink
+from .._groups import single_exception
+from .. import transports as _transports
 
-if TYPE_CHECKING:
-    import transports as _transports
-else:
-    try:  # installed: the transports ship inside the package
-        from pydisco import transports as _transports
-    except ImportError:  # a source tree: they sit next to it
-        import transports as _transports
 
 _CANCEL_SEND_TIMEOUT = 0.5  # a cancelled generate waits at most this long to tell the server
 _LINK_LOST_CODES = frozenset({Code.SHUTTING_DOWN, Code.TIMEOUT})

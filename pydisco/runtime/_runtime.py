@@ -20,14 +20,14 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 
 import trio
 
-from ._core import TokenRing
+from .._core import TokenRing
 from ._coordinator import AnswerCoordinator, AnswerSettings
-from ._errors import ConfigurationError, PydiscoError
+from .._errors import ConfigurationError, PydiscoError
 from ._report import AnswerReport, Piece
-from ._types import Endpoint, GenerationRequest, Message, Sampling
-from .policies import create_dispatch_policy, create_migration_policy
-from .policies._base import Budget, DeviceSpeed, DispatchView, Slo
-from ._groups import single_exception
+from .._types import Endpoint, GenerationRequest, Message, Sampling
+from ..policies import create_dispatch_policy, create_migration_policy
+from ..policies._base import Budget, DeviceSpeed, DispatchView, Slo
+from .._groups import single_exception
 
 __all__ = ["AnswerStream", "Runtime", "RuntimeConfig", "open_runtime"]
 
@@ -269,7 +269,7 @@ async def open_runtime(
         nursery = await stack.enter_async_context(trio.open_nursery())
         built: dict[str, Endpoint] = dict(endpoints) if endpoints is not None else {}
         if endpoints is None and config.device_model is not None:
-            from ._device import open_device_endpoint
+            from ..device._endpoint import open_device_endpoint
 
             path = None if config.device_model == "default" else config.device_model
             device = await stack.enter_async_context(open_device_endpoint(path, n_threads=config.device_threads))
@@ -279,7 +279,7 @@ async def open_runtime(
                 await device.load_profile()
             built["device"] = device
         if endpoints is None and config.cloud_url is not None:
-            from ._cloud import open_cloud_endpoint
+            from ..cloud._client import open_cloud_endpoint
 
             built["cloud"] = await stack.enter_async_context(
                 open_cloud_endpoint(config.cloud_url, token=config.cloud_token, ssl_context=config.cloud_ssl)

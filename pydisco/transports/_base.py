@@ -1,7 +1,7 @@
 """The contract every cloud transport meets.
 
 A transport moves opaque msgpack-encoded frames between a client and the server; the protocol
-itself (pydisco._protocol) is sans-IO and shared by all transports. Frames belong to numbered
+itself (pydisco.cloud.protocol) is sans-IO and shared by all transports. Frames belong to numbered
 streams: stream 0 carries connection-level frames (hello, auth, heartbeat, connection errors),
 and each generate request gets its own stream id, chosen by the client (odd numbers, like QUIC
 client-initiated bidirectional streams). A transport that has native streams (QUIC) maps each

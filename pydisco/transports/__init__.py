@@ -1,10 +1,9 @@
-"""Cloud transports, installed as ``pydisco.transports``: the registry of URL schemes.
+"""Cloud transports: the registry of URL schemes.
 
 A transport is found by its URL scheme in the ``pydisco.transports`` entry-point group, so a
-third-party package can add one. The built-in transports are known here too, so everything works
-from a source tree where no entry points are installed. Built-in modules are always imported
-relative to this package, so the source-tree and installed layouts never load two copies (the
-in-memory transport keeps its listener table in module state).
+third-party package can add one. The built-in ones (``ws``, ``wss``, ``quic``, ``memory``) are
+modules of this package, found here even when no entry points are installed (a checkout run
+without ``pip install``).
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ from ._base import (
 ENTRY_POINT_GROUP = "pydisco.transports"
 
 _BUILTIN: dict[str, str] = {"ws": "websocket", "wss": "websocket", "quic": "quic", "memory": "memory"}
-_INSTALLED_PREFIX = "pydisco.transports."
 _cache: dict[str, Transport] = {}
 
 
@@ -53,12 +51,10 @@ def get_transport(scheme: str) -> Transport:
         return cached
     ep = _entry_points().get(scheme)
     try:
-        if ep is not None and not ep.module.startswith(_INSTALLED_PREFIX):
+        if ep is not None:
             found: Transport = ep.load()
-        elif scheme in _BUILTIN or ep is not None:
-            module = ep.module[len(_INSTALLED_PREFIX) :] if ep is not None else _BUILTIN[scheme]
-            attr = ep.attr if ep is not None else "transport"
-            found = getattr(importlib.import_module(f".{module}", __name__), attr)
+        elif scheme in _BUILTIN:
+            found = importlib.import_module(f".{_BUILTIN[scheme]}", __name__).transport
         else:
             raise UnknownTransportError(
                 f"no transport for the URL scheme {scheme!r}; known schemes: {', '.join(known_schemes())}"

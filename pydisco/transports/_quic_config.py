@@ -17,7 +17,7 @@ minimum/maximum version,    ignored: QUIC is TLS 1.3 only, and aioquic picks its
 ciphers                     cipher suites
 the certificate chain and   **cannot be read back**: an ``SSLContext`` never returns its
 private key                 private key. A server gets them from ``QuicSettings``, or from
-                            a context made by ``pydisco._tls.server_ssl_context(credentials)``,
+                            a context made by ``pydisco.cloud.server_ssl_context(credentials)``,
                             which remembers the PEM it was built from
 client certificates         not supported (aioquic does not request them); a server context
                             that requires one is refused with ``ConfigurationError``
@@ -127,14 +127,14 @@ def server_configuration(
     if settings.certificate_chain is not None:
         creds = _parse_credentials(settings.certificate_chain, settings.private_key)
     else:
-        from pydisco._tls import credentials_of  # only servers need it
+        from pydisco.cloud._tls import credentials_of  # only servers need it
 
         pem = credentials_of(ssl_context) if ssl_context is not None else None
         if pem is None:
             raise ConfigurationError(
                 "the QUIC server needs its certificate and private key, and an ssl.SSLContext "
                 "cannot hand its key back: build the context with "
-                "pydisco._tls.server_ssl_context(credentials), or pass "
+                "pydisco.cloud.server_ssl_context(credentials), or pass "
                 "settings=QuicSettings(certificate_chain=..., private_key=...)"
             )
         creds = _parse_credentials(pem.cert_pem, pem.key_pem)

@@ -10,9 +10,9 @@ from collections.abc import Sequence
 # Modules that provide subcommands: each has `add_parser(subparsers) -> None`, and the parser it
 # adds sets `func=callable(args) -> int`.
 SUBCOMMAND_MODULES: tuple[str, ...] = (
-    "pydisco._cmd_run",
-    "pydisco._cmd_profile",
-    "pydisco._cmd_serve",
+    "pydisco.cli._run",
+    "pydisco.cli._profile",
+    "pydisco.cli._serve",
 )
 
 

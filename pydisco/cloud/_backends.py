@@ -1,7 +1,7 @@
 """What the cloud server generates with: a local llama.cpp engine pool, or an OpenAI-compatible
 upstream (vLLM, llama.cpp's server, a hosted API) for users who outgrow one machine.
 
-A backend meets the :class:`Backend` protocol; the server (pydisco._server) puts its FCFS queue
+A backend meets the :class:`Backend` protocol; the server (pydisco.cloud._server) puts its FCFS queue
 in front and maps the exceptions raised here to stable error codes.
 """
 
@@ -16,9 +16,9 @@ from typing import Any, Protocol
 import httpx
 import trio
 
-from ._errors import ConfigurationError, EndpointError, PromptTooLongError
-from ._protocol import Code
-from ._types import GenerationRequest, GenerationResult, TokenPiece, TokenSink
+from .._errors import ConfigurationError, EndpointError, PromptTooLongError
+from .protocol import Code
+from .._types import GenerationRequest, GenerationResult, TokenPiece, TokenSink
 
 
 class Backend(Protocol):
@@ -43,7 +43,7 @@ class Backend(Protocol):
 
 
 class LlamaBackend:
-    """A pool of ``parallel`` :class:`~pydisco._llama.LlamaEngine` s, each driven by one worker
+    """A pool of ``parallel`` :class:`~pydisco.device.LlamaEngine` s, each driven by one worker
     thread at a time. Requests wait in FIFO order for a free engine."""
 
     def __init__(
@@ -55,7 +55,7 @@ class LlamaBackend:
         n_ctx: int = 2048,
         seed: int = 0,
     ) -> None:
-        from ._llama import LlamaEngine  # loads llama.cpp: only when this backend is used
+        from ..device._engine import LlamaEngine  # loads llama.cpp: only when this backend is used
 
         if parallel < 1:
             raise ConfigurationError(f"parallel must be >= 1, got {parallel!r}")

@@ -22,7 +22,7 @@ import trio
 from ._coordinator import AnswerCoordinator
 from ._report import AnswerReport, Piece
 from ._runtime import AnswerStream, Runtime, RuntimeConfig, open_runtime
-from ._types import Endpoint, Message
+from .._types import Endpoint, Message
 
 # A finish is signalled by waking the ring's consumer; this bounds the one race where the wake
 # lands between the consumer's last look and its wait.

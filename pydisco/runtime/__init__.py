@@ -1,0 +1,44 @@
+"""The runtime: ``open_runtime`` and ``BlockingRuntime``, one coordinator per answer, the
+Trio side of the pacer, and the answer's report (docs/architecture.md, docs/embedding.md)."""
+
+from ._blocking import BlockingAnswer as BlockingAnswer
+from ._blocking import BlockingRuntime as BlockingRuntime
+from ._coordinator import ENDPOINT_IDS as ENDPOINT_IDS
+from ._coordinator import AnswerFailed as AnswerFailed
+from ._pacing import ReleasedTokens as ReleasedTokens
+from ._pacing import VirtualTimePacer as VirtualTimePacer
+from ._pacing import trio_time_ns as trio_time_ns
+from ._realtime import realtime_thread as realtime_thread
+from ._realtime import set_thread_normal as set_thread_normal
+from ._realtime import set_thread_realtime as set_thread_realtime
+from ._report import AnswerReport as AnswerReport
+from ._report import EndpointUsage as EndpointUsage
+from ._report import MigrationRecord as MigrationRecord
+from ._report import Piece as Piece
+from ._runtime import UNPROFILED_DEVICE as UNPROFILED_DEVICE
+from ._runtime import AnswerStream as AnswerStream
+from ._runtime import Runtime as Runtime
+from ._runtime import RuntimeConfig as RuntimeConfig
+from ._runtime import open_runtime as open_runtime
+
+__all__ = [
+    "ENDPOINT_IDS",
+    "UNPROFILED_DEVICE",
+    "AnswerFailed",
+    "AnswerReport",
+    "AnswerStream",
+    "BlockingAnswer",
+    "BlockingRuntime",
+    "EndpointUsage",
+    "MigrationRecord",
+    "Piece",
+    "ReleasedTokens",
+    "Runtime",
+    "RuntimeConfig",
+    "VirtualTimePacer",
+    "open_runtime",
+    "realtime_thread",
+    "set_thread_normal",
+    "set_thread_realtime",
+    "trio_time_ns",
+]
