@@ -142,6 +142,11 @@ class DeviceEndpoint:
         """The device's measured profile, once :meth:`load_profile` (or the opener) got it."""
         return self._profile
 
+    def count_prompt_tokens(self, request: GenerationRequest) -> int:
+        """Tokens of ``request``'s prompt for this model (its chat template applied). Cheap
+        (tokenising only) and safe from the Trio thread while the engine works."""
+        return self._engine.count_prompt_tokens(request)
+
     @property
     def busy(self) -> bool:
         """True while a request holds the engine (or waits for its thread to stop)."""

@@ -248,6 +248,20 @@ class LlamaEngine:
         """Raise PromptTooLongError / ConfigurationError if ``request`` cannot run. No work done."""
         self._plan(request)
 
+    def count_prompt_tokens(self, request: GenerationRequest) -> int:
+        """Tokens of ``request``'s prompt as this model sees it (chat template applied), without
+        checking that the request fits."""
+        self._check_open()
+        return len(self._prompt(request))
+
+    def _prompt(self, request: GenerationRequest) -> list[int]:
+        if request.messages is not None:
+            text = self._chat.render(request.messages)
+            add_bos = self._add_bos and not self._chat.has_bos(text)  # the template may write it
+            return self.tokenize(text, add_special=add_bos, parse_special=True)
+        assert request.prompt is not None
+        return self.tokenize(request.prompt, add_special=True, parse_special=True)
+
     def _plan(self, request: GenerationRequest) -> _Plan:
         self._check_open()
         for stop in request.stop:
@@ -257,13 +271,7 @@ class LlamaEngine:
             raise ConfigurationError(f"sampling seed must fit 32 bits, got {request.sampling.seed!r}")
         if request.resume_position is not None and request.resume_position < 0:
             raise ConfigurationError(f"resume_position must be >= 0, got {request.resume_position!r}")
-        if request.messages is not None:
-            text = self._chat.render(request.messages)
-            add_bos = self._add_bos and not self._chat.has_bos(text)  # the template may write it
-            prompt = self.tokenize(text, add_special=add_bos, parse_special=True)
-        else:
-            assert request.prompt is not None
-            prompt = self.tokenize(request.prompt, add_special=True, parse_special=True)
+        prompt = self._prompt(request)
         if not prompt:
             raise ConfigurationError("the prompt is empty: there is nothing to condition on")
         if request.resume_text is not None:
