@@ -3,8 +3,10 @@ working together."""
 
 from __future__ import annotations
 
+from ._core import CommitRecord as CommitRecord
 from ._core import EndpointCounters as EndpointCounters
 from ._core import EndpointRole as EndpointRole
+from ._core import FinishReason as FinishReason
 from ._core import IllegalTransition as IllegalTransition
 from ._core import MigrationEvent as MigrationEvent
 from ._core import MigrationMachine as MigrationMachine
@@ -15,6 +17,7 @@ from ._core import OfferResult as OfferResult
 from ._core import PaceSchedule as PaceSchedule
 from ._core import Pacer as Pacer
 from ._core import PacerStatistics as PacerStatistics
+from ._core import ReleaseRecord as ReleaseRecord
 from ._core import RingStatistics as RingStatistics
 from ._core import Token as Token
 from ._core import TokenBatch as TokenBatch

@@ -73,13 +73,15 @@ def test_a_native_consumer_takes_a_runtime_answer_without_python() -> None:
             async with rt.stream(prompt="hi", max_tokens=15) as answer:
                 collector = NativeCollector(answer.released_ring)
                 with trio.fail_after(30):
-                    while answer.final_count is None or collector.consumed < answer.final_count:
+                    while not collector.finished:  # it has taken the answer's end record
                         await trio.sleep(0.01)
                 collector.stop()
         return collector.tokens(), collector.received_ns()
 
     tokens, received = trio.run(main)
-    assert [t.text for t in tokens] == [a.text for a in ANSWER]
+    *pieces, end = tokens
+    assert [t.text for t in pieces] == [a.text for a in ANSWER]
+    assert end.is_end and end.finish_reason == pydisco.FinishReason.STOP and end.position == len(ANSWER)
     assert all(r >= t.released_ns for t, r in zip(tokens, received))
 
 

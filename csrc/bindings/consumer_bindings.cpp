@@ -25,6 +25,7 @@ class NativeCollector {
 
   void stop() { consumer_.stop(); }
   std::uint64_t consumed() const { return consumer_.consumed(); }
+  bool finished() const { return consumer_.finished(); }
 
   std::vector<TokenRecord> tokens() const {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -48,11 +49,15 @@ class NativeCollector {
 void register_consumer(py::module_& m) {
   py::class_<NativeCollector>(
       m, "NativeCollector",
-      "A C++ thread consuming a ring with blocking pops (no Python, no GIL), keeping tokens.")
+      "A C++ thread consuming a ring with blocking pops (no Python, no GIL), keeping tokens; "
+      "it ends after the answer's end record.")
       .def(py::init<std::shared_ptr<TokenRing>>(), py::arg("ring"))
       .def("stop", &NativeCollector::stop, py::call_guard<py::gil_scoped_release>())
-      .def_property_readonly("consumed", &NativeCollector::consumed)
-      .def("tokens", &NativeCollector::tokens)
+      .def_property_readonly("consumed", &NativeCollector::consumed, "Tokens taken (not the end).")
+      .def_property_readonly("finished", &NativeCollector::finished,
+                             "Whether it has taken the end record.")
+      .def("tokens", &NativeCollector::tokens,
+           "What it took, in order; the last is the end record once finished.")
       .def("received_ns", &NativeCollector::received_ns);
 }
 

@@ -78,6 +78,18 @@ void register_migration(py::module_& m) {
       .def_readonly("duplicates", &EndpointCounters::duplicates)
       .def_readonly("started_at_position", &EndpointCounters::started_at_position);
 
+  py::class_<CommitRecord>(
+      m, "CommitRecord",
+      "One committed token. Its text is committed_text's UTF-8 bytes "
+      "[text_begin, text_begin + text_len): committed_text.encode()[text_begin:][:text_len].")
+      .def_readonly("position", &CommitRecord::position)
+      .def_readonly("token_id", &CommitRecord::token_id)
+      .def_readonly("source", &CommitRecord::source)
+      .def_readonly("produced_ns", &CommitRecord::produced_ns)
+      .def_readonly("arrived_ns", &CommitRecord::arrived_ns)
+      .def_readonly("text_begin", &CommitRecord::text_begin)
+      .def_readonly("text_len", &CommitRecord::text_len);
+
   py::class_<TransitionRecord>(m, "TransitionRecord")
       .def_readonly("at_ns", &TransitionRecord::at_ns)
       .def_readonly("from_state", &TransitionRecord::from)
@@ -90,8 +102,12 @@ void register_migration(py::module_& m) {
   py::class_<MigrationMachine>(
       m, "MigrationMachine",
       "One answer's single writer: commits endpoint offers exactly once and in order.")
-      .def(py::init<std::shared_ptr<TokenRing>, std::uint64_t>(), py::arg("output"),
-           py::arg("start_position") = 0, py::keep_alive<1, 2>())
+      .def(py::init<std::shared_ptr<TokenRing>, std::optional<std::uint64_t>, std::uint64_t>(),
+           py::arg("output"), py::arg("max_tokens") = py::none(), py::arg("start_position") = 0,
+           py::keep_alive<1, 2>(),
+           "max_tokens bounds the whole answer (default: start_position + output.capacity - 1, "
+           "all the ring holds beside the end record); the machine ends the answer with LENGTH "
+           "when it commits position max_tokens - 1.")
       .def_static("transition_table", [] {
         std::vector<std::tuple<MigrationState, MigrationEvent, MigrationState>> rows;
         for (const Transition& t : kTable) rows.emplace_back(t.from, t.event, t.to);
@@ -130,10 +146,15 @@ void register_migration(py::module_& m) {
            py::arg("endpoint"), py::arg("position"), py::arg("token_id"), py::arg("text"),
            py::arg("produced_ns") = 0, now)
       .def("offer_end",
-           [](MigrationMachine& mm, EndpointId ep, std::uint64_t position,
-              std::optional<std::int64_t> t) { return mm.offer_end(ep, position, or_now(t)); },
-           py::arg("endpoint"), py::arg("position"), now)
+           [](MigrationMachine& mm, EndpointId ep, std::uint64_t position, FinishReason reason,
+              std::optional<std::int64_t> t) {
+             return mm.offer_end(ep, position, reason, or_now(t));
+           },
+           py::arg("endpoint"), py::arg("position"), py::arg("reason") = FinishReason::kStop, now,
+           "The committer ends the answer at `position` (reason STOP or LENGTH).")
       .def_property_readonly("state", &MigrationMachine::state)
+      .def_property_readonly("finish_reason", &MigrationMachine::finish_reason)
+      .def_property_readonly("max_tokens", &MigrationMachine::max_tokens)
       .def_property_readonly("committed", &MigrationMachine::committed)
       .def_property_readonly("source", &MigrationMachine::source)
       .def_property_readonly("target", &MigrationMachine::target)
@@ -142,6 +163,7 @@ void register_migration(py::module_& m) {
       .def_property_readonly("committed_token_ids", &MigrationMachine::committed_token_ids)
       .def_property_readonly("committed_text", &MigrationMachine::committed_text)
       .def_property_readonly("output", &MigrationMachine::output)
+      .def("commits", &MigrationMachine::commits, "One record per committed token, in order.")
       .def("transitions", &MigrationMachine::transitions)
       .def("counters", &MigrationMachine::counters, py::arg("endpoint"))
       .def("endpoints", &MigrationMachine::endpoints);

@@ -41,6 +41,14 @@ void register_pacer(py::module_& m) {
       .def("set_interval", &PaceSchedule::set_interval, py::arg("interval_ns"))
       .def("reset", &PaceSchedule::reset);
 
+  py::class_<ReleaseRecord>(m, "ReleaseRecord",
+                            "One release the pacer logged; lateness = released_ns - deadline_ns.")
+      .def_readonly("position", &ReleaseRecord::position)
+      .def_readonly("deadline_ns", &ReleaseRecord::deadline_ns)
+      .def_readonly("released_ns", &ReleaseRecord::released_ns)
+      .def_property_readonly("is_end",
+                             [](const ReleaseRecord& r) { return r.kind == RecordKind::kEnd; });
+
   py::class_<PacerStatistics>(m, "PacerStatistics")
       .def_readonly("released", &PacerStatistics::released)
       .def_readonly("max_lateness_ns", &PacerStatistics::max_lateness_ns)
@@ -55,15 +63,19 @@ void register_pacer(py::module_& m) {
   py::class_<Pacer, std::shared_ptr<Pacer>>(
       m, "Pacer", "Releases tokens from `input` into `output` on a schedule.")
       .def(py::init([](std::shared_ptr<TokenRing> input, std::shared_ptr<TokenRing> output,
-                       std::int64_t interval_ns, MissPolicy policy, std::int64_t spin_ns) {
+                       std::int64_t interval_ns, MissPolicy policy, std::int64_t spin_ns,
+                       std::size_t log_capacity) {
              PacerOptions options;
              options.interval_ns = interval_ns;
              options.policy = policy;
              options.spin_ns = spin_ns;
+             options.log_capacity = log_capacity;
              return std::make_shared<Pacer>(std::move(input), std::move(output), options);
            }),
            py::arg("input"), py::arg("output"), py::arg("interval_ns") = 0,
-           py::arg("policy") = MissPolicy::kDelay, py::arg("spin_ns") = 200'000)
+           py::arg("policy") = MissPolicy::kDelay, py::arg("spin_ns") = 200'000,
+           py::arg("log_capacity") = 0,
+           "log_capacity: release-log entries kept until taken (0: input.capacity).")
       .def_property_readonly("input", &Pacer::input)
       .def_property_readonly("output", &Pacer::output)
       .def_property_readonly("interval_ns", &Pacer::interval_ns)
@@ -74,7 +86,10 @@ void register_pacer(py::module_& m) {
       .def("next_deadline", &Pacer::next_deadline,
            "Manual driver: deadline (ns) of the oldest committed token, or None.")
       .def("release_due", &Pacer::release_due, py::arg("now_ns"),
-           "Manual driver: release every token due at now_ns; returns how many.")
+           "Manual driver: release every record due at now_ns; returns how many.")
+      .def("release_all", &Pacer::release_all, py::arg("now_ns"),
+           "Manual driver: release every record in the input at now_ns, due or not; returns "
+           "how many (fewer only when the output ring is full).")
       .def("reset_schedule", &Pacer::reset_schedule)
       .def("start",
            [](Pacer& p, bool realtime, int priority) { p.start(realtime, priority); },
@@ -83,8 +98,11 @@ void register_pacer(py::module_& m) {
       .def("stop", &Pacer::stop, py::call_guard<py::gil_scoped_release>())
       .def("fileno", &Pacer::event_fd, "An eventfd, readable when released tokens are waiting.")
       .def("clear_event", &Pacer::clear_event)
+      .def("take_releases", &Pacer::take_releases,
+           "Every release (tokens and end records) logged since the last take, in order. "
+           "One taker at a time; take_lateness takes from the same log.")
       .def("take_lateness", &Pacer::take_lateness,
-           "Lateness (ns) of every release since the last call, in order.")
+           "Lateness (ns) of every token released since the last take, in order.")
       .def("statistics", &Pacer::statistics);
 }
 

@@ -1,3 +1,4 @@
+#include <pybind11/native_enum.h>
 #include <pybind11/stl.h>
 
 #include <algorithm>
@@ -46,7 +47,18 @@ struct TokenBatch {
 }  // namespace
 
 void register_ring(py::module_& m) {
-  py::class_<TokenRecord>(m, "Token", "One committed token as the ring carries it (read-only).")
+  py::native_enum<FinishReason>(m, "FinishReason", "enum.Enum", "Why an answer ended.")
+      .value("NONE", FinishReason::kNone, "not ended (on a Token: it is a token, not the end)")
+      .value("STOP", FinishReason::kStop, "the committing endpoint ended it")
+      .value("LENGTH", FinishReason::kLength, "max_tokens reached")
+      .value("FAILED", FinishReason::kFailed, "no endpoint could continue")
+      .value("CANCELLED", FinishReason::kCancelled)
+      .finalize();
+
+  py::class_<TokenRecord>(
+      m, "Token",
+      "One committed token as the ring carries it (read-only), or the answer's end record "
+      "(is_end: position is the token count, finish_reason says why, text is empty).")
       .def_readonly("position", &TokenRecord::position)
       .def_readonly("token_id", &TokenRecord::token_id)
       .def_readonly("source", &TokenRecord::source)
@@ -56,7 +68,13 @@ void register_ring(py::module_& m) {
       .def_property_readonly("text", [](const TokenRecord& r) {
         return py::str(r.text, r.text_len);
       })
+      .def_property_readonly("is_end", &TokenRecord::is_end)
+      .def_property_readonly("finish_reason", &TokenRecord::finish_reason)
       .def("__repr__", [](const TokenRecord& r) {
+        if (r.is_end())
+          return "Token(end, position=" + std::to_string(r.position) + ", finish_reason=" +
+                 std::string(to_string(r.finish_reason())) +
+                 ", source=" + std::to_string(r.source) + ")";
         return "Token(position=" + std::to_string(r.position) +
                ", token_id=" + std::to_string(r.token_id) + ", text=" +
                std::string(py::repr(py::str(r.text, r.text_len))) +

@@ -6,6 +6,18 @@
 // position is emitted once and in order whatever the endpoints do. Everything else is
 // dropped and counted. Committed tokens go into a TokenRing (usually the pacer's input).
 //
+// Entering a terminal state (finished, failed, cancelled) pushes one end record
+// (TokenRecord::end_of_answer) after the tokens, so whoever reads the ring sees the end and
+// its FinishReason without asking the machine. The machine also ends the answer itself, with
+// kLength, when position max_tokens - 1 is committed. The output ring must hold the whole
+// answer plus its end record (capacity >= max_tokens - start_position + 1); a token offer is
+// committed only while the ring has room for it and the end record, so the end always fits.
+//
+// Two logs, both owned here: commits() has one CommitRecord per committed token (its text is
+// committed_text()[text_begin, text_begin + text_len)); transitions() has one
+// TransitionRecord per event, whose `position` is the committed count when it happened —
+// for won and taken_over, the position of the token that caused them.
+//
 // Lifecycle events (start, prepare, handover, failures, cancellation) move the machine
 // through one transition table (kTable below); an event with no row in the current state
 // throws IllegalTransition naming both. Not thread-safe: one owner thread calls it.
@@ -180,17 +192,36 @@ struct TransitionRecord {
   MigrationState from;
   MigrationEvent event;
   MigrationState to;
-  std::uint64_t position;  // committed position at that moment
+  std::uint64_t position;  // committed count then; won / taken_over: the causing token's position
   EndpointId endpoint;     // the endpoint the event concerned
+};
+
+// One committed token: the per-token facts of the answer, in commit order.
+struct CommitRecord {
+  std::uint64_t position;
+  std::int32_t token_id;
+  EndpointId source;
+  std::int64_t produced_ns;
+  std::int64_t arrived_ns;   // when it was committed (the caller's now_ns)
+  std::uint64_t text_begin;  // its text: committed_text().substr(text_begin, text_len)
+  std::uint8_t text_len;
 };
 
 class MigrationMachine {
  public:
   static constexpr EndpointId kMaxEndpoints = 64;
 
-  explicit MigrationMachine(std::shared_ptr<TokenRing> out, std::uint64_t start_position = 0)
-      : out_(std::move(out)), committed_(start_position) {
-    if (!out_) throw std::invalid_argument("migration machine needs an output ring");
+  // `max_tokens` bounds the whole answer (positions < max_tokens); by default it is as many
+  // tokens as `out` can hold beside the end record: start_position + capacity - 1. A
+  // max_tokens the ring cannot hold that way, or one not above start_position, is refused.
+  explicit MigrationMachine(std::shared_ptr<TokenRing> out,
+                            std::optional<std::uint64_t> max_tokens = std::nullopt,
+                            std::uint64_t start_position = 0)
+      : out_(std::move(out)),
+        max_tokens_(checked_max_tokens(out_.get(), max_tokens, start_position)),
+        committed_(start_position) {
+    if (max_tokens_ - start_position <= kCommitReserveLimit)
+      commits_.reserve(static_cast<std::size_t>(max_tokens_ - start_position));
   }
 
   // ---- lifecycle events; `now_ns` is the caller's clock (real or virtual) ----
@@ -267,9 +298,14 @@ class MigrationMachine {
     return committed_;
   }
 
-  void cancel(std::int64_t now_ns) { fire(MigrationEvent::kCancel, source_, now_ns); }
+  // Both end the answer with no endpoint to name: the end record's source is 0.
+  void cancel(std::int64_t now_ns) {
+    end_answer(MigrationEvent::kCancel, source_, FinishReason::kCancelled, 0, now_ns);
+  }
 
-  void give_up(std::int64_t now_ns) { fire(MigrationEvent::kGiveUp, source_, now_ns); }
+  void give_up(std::int64_t now_ns) {
+    end_answer(MigrationEvent::kGiveUp, source_, FinishReason::kFailed, 0, now_ns);
+  }
 
   // ---- the token path ----
 
@@ -280,6 +316,11 @@ class MigrationMachine {
     ++c.offered;
     const OfferResult verdict = judge(ep, position);
     if (verdict != OfferResult::kCommitted) return drop(c, verdict);
+    // Room for this token and the end record after it (a ring that started empty has it).
+    if (out_->capacity() - out_->size() < 2) {
+      --c.offered;  // will be offered again
+      return OfferResult::kBackpressure;
+    }
 
     TokenRecord record;
     record.position = position;
@@ -288,14 +329,12 @@ class MigrationMachine {
     record.produced_ns = produced_ns;
     record.arrived_ns = now_ns;
     [[maybe_unused]] const bool fits = record.set_text(text);  // checked above
-    if (!out_->try_push_notify(record)) {
-      --c.offered;  // will be offered again
-      return OfferResult::kBackpressure;
-    }
+    [[maybe_unused]] const bool pushed = out_->try_push_notify(record);  // room checked above
     ++c.accepted;
-    ++committed_;
-    token_ids_.push_back(token_id);
+    commits_.push_back(CommitRecord{position, token_id, ep, produced_ns, now_ns, text_.size(),
+                                    record.text_len});
     text_.append(text);
+    // won / taken_over are logged at the position of the token that caused them.
     if (state_ == MigrationState::kRacing) {
       fire(MigrationEvent::kWon, ep, now_ns);
       for (auto& other : counters_)
@@ -310,22 +349,36 @@ class MigrationMachine {
       ++migrations_;
       last_handover_gap_ns_ = now_ns - handover_at_ns_;
     }
+    ++committed_;
+    if (committed_ == max_tokens_)
+      end_answer(MigrationEvent::kFinish, ep, FinishReason::kLength, ep, now_ns);
     return OfferResult::kCommitted;
   }
 
-  // The committing endpoint says the answer ends here (end of text, stop string, max tokens).
-  OfferResult offer_end(EndpointId ep, std::uint64_t position, std::int64_t now_ns) {
-    EndpointCounters& c = counters_for_offer(ep);
+  // The committing endpoint says the answer ends here: kStop (end of text, stop string) or
+  // kLength (a limit of its own). Anything else is std::invalid_argument.
+  OfferResult offer_end(EndpointId ep, std::uint64_t position, FinishReason reason,
+                        std::int64_t now_ns) {
+    if (reason != FinishReason::kStop && reason != FinishReason::kLength)
+      throw std::invalid_argument("an endpoint ends an answer with stop or length, not " +
+                                  std::string(to_string(reason)));
+    counters_for_offer(ep);  // checks the id; an endpoint never seen gets its (empty) row
     const OfferResult verdict = judge(ep, position);
     if (verdict != OfferResult::kCommitted) return verdict;  // a stale end: nothing to count
-    (void)c;
-    fire(MigrationEvent::kFinish, ep, now_ns);
+    end_answer(MigrationEvent::kFinish, ep, reason, ep, now_ns);
     return OfferResult::kCommitted;
+  }
+
+  OfferResult offer_end(EndpointId ep, std::uint64_t position, std::int64_t now_ns) {
+    return offer_end(ep, position, FinishReason::kStop, now_ns);
   }
 
   // ---- what a policy needs ----
 
   MigrationState state() const noexcept { return state_; }
+  // kNone while the answer is live.
+  FinishReason finish_reason() const noexcept { return finish_reason_; }
+  std::uint64_t max_tokens() const noexcept { return max_tokens_; }
   std::uint64_t committed() const noexcept { return committed_; }
   std::optional<EndpointId> source() const noexcept {
     if (state_ == MigrationState::kStreaming || state_ == MigrationState::kPreparing) return source_;
@@ -338,7 +391,14 @@ class MigrationMachine {
   std::uint32_t migrations() const noexcept { return migrations_; }
   // Time from the handover (or failover) decision to the target's first commit, last one.
   std::int64_t last_handover_gap_ns() const noexcept { return last_handover_gap_ns_; }
-  const std::vector<std::int32_t>& committed_token_ids() const noexcept { return token_ids_; }
+  const std::vector<CommitRecord>& commits() const noexcept { return commits_; }
+  std::vector<std::int32_t> committed_token_ids() const {
+    std::vector<std::int32_t> ids;
+    ids.reserve(commits_.size());
+    for (const CommitRecord& c : commits_) ids.push_back(c.token_id);
+    return ids;
+  }
+  // The committed pieces back to back: what a target resumes from, and what commits() index.
   const std::string& committed_text() const noexcept { return text_; }
   const std::vector<TransitionRecord>& transitions() const noexcept { return log_; }
   const std::shared_ptr<TokenRing>& output() const noexcept { return out_; }
@@ -357,6 +417,27 @@ class MigrationMachine {
   }
 
  private:
+  // Commit logs up to this long are allocated up front (an answer's usual length).
+  static constexpr std::uint64_t kCommitReserveLimit = 8192;
+
+  static std::uint64_t checked_max_tokens(const TokenRing* out,
+                                          std::optional<std::uint64_t> max_tokens,
+                                          std::uint64_t start_position) {
+    if (out == nullptr) throw std::invalid_argument("migration machine needs an output ring");
+    const std::uint64_t capacity = out->capacity();
+    if (!max_tokens) return start_position + capacity - 1;
+    if (*max_tokens <= start_position)
+      throw std::invalid_argument("max_tokens (" + std::to_string(*max_tokens) +
+                                  ") must exceed start_position (" +
+                                  std::to_string(start_position) + ")");
+    if (*max_tokens - start_position + 1 > capacity)
+      throw std::invalid_argument(
+          "an output ring of capacity " + std::to_string(capacity) + " holds " +
+          std::to_string(capacity - 1) + " tokens and the end record, not the " +
+          std::to_string(*max_tokens - start_position) + " tokens max_tokens allows");
+    return *max_tokens;
+  }
+
   OfferResult judge(EndpointId ep, std::uint64_t position) const noexcept {
     if (is_terminal(state_)) return OfferResult::kClosed;
     const EndpointRole role = counters_[ep].role;
@@ -412,8 +493,25 @@ class MigrationMachine {
     state_ = *next;
   }
 
+  // Fires a terminal event `e` (logged for `logged`) and pushes the end record naming
+  // `ended_by`. Every commit leaves room for the end record, so only a ring that has been
+  // full since before the first commit (filled by someone else) refuses it: then nothing
+  // changes and std::logic_error says why.
+  void end_answer(MigrationEvent e, EndpointId logged, FinishReason reason, EndpointId ended_by,
+                  std::int64_t now_ns) {
+    check_event(e);
+    if (out_->size() == out_->capacity())
+      throw std::logic_error("the output ring has no room for the end record");
+    fire(e, logged, now_ns);
+    finish_reason_ = reason;
+    [[maybe_unused]] const bool pushed =  // room checked above; the machine is the only producer
+        out_->try_push_notify(TokenRecord::end_of_answer(committed_, reason, ended_by, now_ns));
+  }
+
   std::shared_ptr<TokenRing> out_;
+  std::uint64_t max_tokens_;
   MigrationState state_ = MigrationState::kIdle;
+  FinishReason finish_reason_ = FinishReason::kNone;
   std::uint64_t committed_;
   EndpointId source_ = 0;
   EndpointId target_ = 0;
@@ -422,7 +520,7 @@ class MigrationMachine {
   std::int64_t handover_at_ns_ = 0;
   std::int64_t last_handover_gap_ns_ = -1;
   std::vector<EndpointCounters> counters_;
-  std::vector<std::int32_t> token_ids_;
+  std::vector<CommitRecord> commits_;
   std::string text_;
   std::vector<TransitionRecord> log_;
 };

@@ -1,7 +1,8 @@
 // A C++ consumer of an answer: a thread blocked in pop_wait on the released ring, handing
 // each token to a callback. This is what a C++ control loop does with a pydisco answer (the
 // ring comes from the runtime: AnswerStream.released_ring in Python, the same TokenRing here);
-// it never touches Python.
+// it never touches Python. The answer's end record goes to the callback too (so the
+// application sees the end and its reason), and then the thread ends.
 #pragma once
 
 #include <atomic>
@@ -31,7 +32,8 @@ class NativeConsumer {
 
   ~NativeConsumer() { stop(); }
 
-  // Stops after the token in hand, if any; tokens left in the ring stay there.
+  // Stops after the token in hand, if any; tokens left in the ring stay there. After the end
+  // record the thread has ended already: this only joins it.
   void stop() {
     if (!thread_.joinable()) return;
     stop_.store(true, std::memory_order_release);
@@ -39,7 +41,11 @@ class NativeConsumer {
     thread_.join();
   }
 
+  // Tokens handed to the callback (the end record is not one).
   std::uint64_t consumed() const noexcept { return consumed_.load(std::memory_order_acquire); }
+
+  // Whether the end record has been handed to the callback.
+  bool finished() const noexcept { return finished_.load(std::memory_order_acquire); }
 
  private:
   void run() {
@@ -47,6 +53,10 @@ class NativeConsumer {
     while (!stop_.load(std::memory_order_acquire)) {
       if (!ring_->pop_wait(token, -1)) continue;  // woken: look at stop_ again
       callback_(token, now_ns());
+      if (token.is_end()) {
+        finished_.store(true, std::memory_order_release);
+        return;
+      }
       consumed_.fetch_add(1, std::memory_order_release);
     }
   }
@@ -55,6 +65,7 @@ class NativeConsumer {
   Callback callback_;
   std::atomic<bool> stop_{false};
   std::atomic<std::uint64_t> consumed_{0};
+  std::atomic<bool> finished_{false};
   std::thread thread_;
 };
 

@@ -2,13 +2,19 @@
 //
 // It consumes one TokenRing (filled by the migration machine) and delivers each token either
 // into an output TokenRing — signalling an eventfd that a Trio task awaits, and waking a C++
-// thread blocked in pop_wait — or to a callback run on the pacer thread.
+// thread blocked in pop_wait — or to a callback run on the pacer thread. An end record
+// (TokenRecord::is_end) is not paced: it goes out as soon as it reaches the head of the input,
+// right after the tokens before it, without moving the schedule or the lateness statistics.
 //
 // Two drivers share one step function (release_due):
 //  * start(): a thread that sleeps on a futex until shortly before each deadline and spins
 //    the rest (absolute deadlines, so no drift), optionally at SCHED_FIFO priority;
 //  * release_due(now) / next_deadline() called by the owner, e.g. a Trio task in virtual time.
-// Only one driver runs at a time. Every release's lateness (release time - deadline) is kept.
+// Only one driver runs at a time, and it takes no lock and allocates nothing per token: every
+// release goes into a fixed-size lock-free release log (an SpscRing<ReleaseRecord> whose
+// writer is the driver; a full log drops the entry and counts it), and the statistics are
+// atomics only the driver writes. One thread at a time may take from the log
+// (take_releases / take_lateness).
 #pragma once
 
 #include <pthread.h>
@@ -16,7 +22,6 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
-#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <cstdint>
@@ -25,6 +30,7 @@
 #include <mutex>
 #include <optional>
 #include <stdexcept>
+#include <string>
 #include <system_error>
 #include <thread>
 #include <utility>
@@ -37,8 +43,16 @@
 
 namespace pydisco {
 
+// One release, as the release log keeps it. lateness = released_ns - deadline_ns.
+struct ReleaseRecord {
+  std::uint64_t position = 0;
+  std::int64_t deadline_ns = 0;  // effective deadline (an end record: when it was committed)
+  std::int64_t released_ns = 0;
+  RecordKind kind = RecordKind::kToken;
+};
+
 struct PacerStatistics {
-  std::uint64_t released = 0;
+  std::uint64_t released = 0;  // tokens (end records are not counted)
   std::int64_t max_lateness_ns = 0;
   double mean_lateness_ns = 0.0;
   std::int64_t interval_ns = 0;
@@ -46,7 +60,7 @@ struct PacerStatistics {
   bool realtime = false;        // the driver thread got SCHED_FIFO
   std::size_t backlog = 0;      // committed, not yet released
   std::size_t unread = 0;       // released, not yet taken by the application
-  std::uint64_t lateness_samples_dropped = 0;  // beyond the log's cap, not drained in time
+  std::uint64_t lateness_samples_dropped = 0;  // release-log entries dropped: the log was full
 };
 
 struct PacerOptions {
@@ -55,7 +69,9 @@ struct PacerOptions {
   // Sleep until this long before a deadline, then spin. Measured here: futex wake-ups are
   // 50-100 us late at normal priority on an idle machine.
   std::int64_t spin_ns = 200'000;
-  std::size_t lateness_log_cap = std::size_t{1} << 20;
+  // Release-log entries kept until taken; 0: the input ring's capacity, a whole answer when
+  // the input ring is sized for one.
+  std::size_t log_capacity = 0;
 };
 
 class Pacer {
@@ -65,8 +81,9 @@ class Pacer {
   Pacer(std::shared_ptr<TokenRing> input, std::shared_ptr<TokenRing> output,
         PacerOptions options = {})
       : input_(std::move(input)), output_(std::move(output)), options_(options),
-        schedule_(options.interval_ns, options.policy), pending_interval_(options.interval_ns) {
-    if (!input_) throw std::invalid_argument("pacer needs an input ring");
+        schedule_(options.interval_ns, options.policy),
+        log_(log_capacity_for(input_.get(), options.log_capacity)),
+        pending_interval_(options.interval_ns) {
     if (options_.spin_ns < 0) throw std::invalid_argument("spin_ns must be >= 0");
     event_fd_ = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (event_fd_ < 0) throw std::system_error(errno, std::generic_category(), "eventfd");
@@ -107,28 +124,27 @@ class Pacer {
 
   // ---- the manual driver (virtual time, tests) ----
 
-  // Deadline of the oldest unreleased token, or nothing when none is committed.
+  // Deadline of the oldest unreleased record, or nothing when none is committed.
   std::optional<std::int64_t> next_deadline() {
     ensure_stopped("next_deadline");
     apply_pending_interval();
     const TokenRecord* head = input_->front();
     if (head == nullptr) return std::nullopt;
-    return schedule_.next(head->arrived_ns).effective;
+    return deadline_of(*head).effective;
   }
 
-  // Releases every token whose deadline is <= now_ns, stamped as released at now_ns.
+  // Releases every record whose deadline is <= now_ns, stamped as released at now_ns.
   std::size_t release_due(std::int64_t now_ns) {
     ensure_stopped("release_due");
-    apply_pending_interval();
-    std::size_t n = 0;
-    for (TokenRecord* head = input_->front(); head != nullptr; head = input_->front()) {
-      const Deadline d = schedule_.next(head->arrived_ns);
-      if (d.effective > now_ns || !deliver(*head, d, now_ns)) break;
-      input_->pop_front();
-      ++n;
-    }
-    if (n != 0) signal_consumer();
-    return n;
+    return release_from_head(now_ns, /*ignore_deadlines=*/false);
+  }
+
+  // Releases every record in the input at now_ns, due or not (an answer that was cancelled or
+  // closed: its reader still gets every token and the end record). Tokens released before
+  // their deadline log a negative lateness. Stops early only when the output ring is full.
+  std::size_t release_all(std::int64_t now_ns) {
+    ensure_stopped("release_all");
+    return release_from_head(now_ns, /*ignore_deadlines=*/true);
   }
 
   // A new answer: its first token goes out as soon as it is committed.
@@ -183,25 +199,37 @@ class Pacer {
   const std::shared_ptr<TokenRing>& input() const noexcept { return input_; }
   const std::shared_ptr<TokenRing>& output() const noexcept { return output_; }
 
-  // Lateness (ns) of every release since the last call, in release order.
+  // ---- the release log: one taker at a time; both calls take from the same log ----
+
+  // Every release (tokens and end records) logged since the last take, in release order.
+  std::vector<ReleaseRecord> take_releases() {
+    std::vector<ReleaseRecord> out;
+    out.reserve(log_.size());
+    log_.pop_many(log_.capacity(), [&](const ReleaseRecord& r) { out.push_back(r); });
+    return out;
+  }
+
+  // Lateness (ns) of every token released since the last take, in release order.
   std::vector<std::int64_t> take_lateness() {
-    std::lock_guard<std::mutex> lock(lateness_mutex_);
     std::vector<std::int64_t> out;
-    out.swap(lateness_);
+    out.reserve(log_.size());
+    log_.pop_many(log_.capacity(), [&](const ReleaseRecord& r) {
+      if (r.kind == RecordKind::kToken) out.push_back(r.released_ns - r.deadline_ns);
+    });
     return out;
   }
 
   PacerStatistics statistics() const {
     PacerStatistics s;
-    {
-      std::lock_guard<std::mutex> lock(lateness_mutex_);
-      s.released = released_;
-      s.max_lateness_ns = max_lateness_;
-      s.mean_lateness_ns = released_ == 0 ? 0.0
-                                          : static_cast<double>(lateness_sum_) /
-                                                static_cast<double>(released_);
-      s.lateness_samples_dropped = lateness_dropped_;
-    }
+    // Relaxed loads of counters the driver writes: each is exact, together they may be one
+    // release apart.
+    s.released = released_.load(std::memory_order_relaxed);
+    s.max_lateness_ns = max_lateness_.load(std::memory_order_relaxed);
+    s.mean_lateness_ns =
+        s.released == 0 ? 0.0
+                        : static_cast<double>(lateness_sum_.load(std::memory_order_relaxed)) /
+                              static_cast<double>(s.released);
+    s.lateness_samples_dropped = log_.statistics().rejected;
     s.interval_ns = interval_ns();
     s.running = running_.load();
     s.realtime = realtime_.load();
@@ -211,6 +239,31 @@ class Pacer {
   }
 
  private:
+  static std::size_t log_capacity_for(const TokenRing* input, std::size_t requested) {
+    if (input == nullptr) throw std::invalid_argument("pacer needs an input ring");
+    return requested != 0 ? requested : input->capacity();
+  }
+
+  // A token's deadline comes from the schedule; an end record's is its commit time, so it
+  // goes out as soon as it reaches the head.
+  Deadline deadline_of(const TokenRecord& head) const noexcept {
+    if (head.is_end()) return {head.arrived_ns, head.arrived_ns};
+    return schedule_.next(head.arrived_ns);
+  }
+
+  std::size_t release_from_head(std::int64_t now_ns, bool ignore_deadlines) {
+    apply_pending_interval();
+    std::size_t n = 0;
+    for (TokenRecord* head = input_->front(); head != nullptr; head = input_->front()) {
+      const Deadline d = deadline_of(*head);
+      if ((!ignore_deadlines && d.effective > now_ns) || !deliver(*head, d, now_ns)) break;
+      input_->pop_front();
+      ++n;
+    }
+    if (n != 0) signal_consumer();
+    return n;
+  }
+
   void ensure_stopped(const char* what) const {
     if (running_.load()) throw std::logic_error(std::string(what) + ": the pacer thread is running");
   }
@@ -229,7 +282,7 @@ class Pacer {
         input_->wait_nonempty(-1);
         continue;
       }
-      const Deadline d = schedule_.next(head->arrived_ns);
+      const Deadline d = deadline_of(*head);
       std::int64_t now = now_ns();
       if (now < d.effective - options_.spin_ns) {
         // Woken early by a rate change or stop: re-evaluate from the top.
@@ -247,16 +300,16 @@ class Pacer {
     }
   }
 
-  // Hands one token on. False when the output ring is full (the token stays committed).
-  bool deliver(TokenRecord& token, Deadline d, std::int64_t now) {
-    token.released_ns = now;
+  // Hands one record on. False when the output ring is full (the record stays committed).
+  bool deliver(TokenRecord& record, Deadline d, std::int64_t now) {
+    record.released_ns = now;
     if (callback_) {
-      callback_(token);
-    } else if (output_ && !output_->try_push_notify(token)) {
+      callback_(record);
+    } else if (output_ && !output_->try_push_notify(record)) {
       return false;
     }
-    schedule_.on_released(d, now);
-    record_lateness(now - d.effective);
+    if (!record.is_end()) schedule_.on_released(d, now);
+    record_release(record, d, now);
     return true;
   }
 
@@ -278,22 +331,26 @@ class Pacer {
     [[maybe_unused]] ssize_t rc = ::write(event_fd_, &one, sizeof one);
   }
 
-  void record_lateness(std::int64_t lateness) {
-    std::lock_guard<std::mutex> lock(lateness_mutex_);
-    ++released_;
-    lateness_sum_ += lateness;
-    max_lateness_ = std::max(max_lateness_, lateness);
-    if (lateness_.size() < options_.lateness_log_cap) {
-      lateness_.push_back(lateness);
-    } else {
-      ++lateness_dropped_;
-    }
+  // The driver's bookkeeping per release: no lock, no allocation. A full log refuses the
+  // entry and counts it (the log's own rejected counter).
+  void record_release(const TokenRecord& record, Deadline d, std::int64_t now) noexcept {
+    [[maybe_unused]] const bool logged =
+        log_.try_push(ReleaseRecord{record.position, d.effective, now, record.kind});
+    if (record.is_end()) return;
+    // Single writer: a relaxed load and store, no read-modify-write needed.
+    const std::int64_t lateness = now - d.effective;
+    released_.store(released_.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+    lateness_sum_.store(lateness_sum_.load(std::memory_order_relaxed) + lateness,
+                        std::memory_order_relaxed);
+    if (lateness > max_lateness_.load(std::memory_order_relaxed))
+      max_lateness_.store(lateness, std::memory_order_relaxed);
   }
 
   std::shared_ptr<TokenRing> input_;
   std::shared_ptr<TokenRing> output_;
   PacerOptions options_;
   PaceSchedule schedule_;  // owned by whichever driver runs
+  SpscRing<ReleaseRecord> log_;  // writer: whichever driver runs; reader: one taker at a time
   Callback callback_;
   int event_fd_ = -1;
 
@@ -305,12 +362,10 @@ class Pacer {
   std::mutex lifecycle_;
   std::thread thread_;
 
-  mutable std::mutex lateness_mutex_;
-  std::vector<std::int64_t> lateness_;
-  std::uint64_t released_ = 0;
-  std::int64_t lateness_sum_ = 0;
-  std::int64_t max_lateness_ = 0;
-  std::uint64_t lateness_dropped_ = 0;
+  // Written only by the driver, read by statistics() from anywhere.
+  std::atomic<std::uint64_t> released_{0};
+  std::atomic<std::int64_t> lateness_sum_{0};
+  std::atomic<std::int64_t> max_lateness_{0};
 };
 
 }  // namespace pydisco

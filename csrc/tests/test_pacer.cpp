@@ -15,6 +15,16 @@ static TokenRecord token(std::uint64_t pos, std::int64_t arrived) {
   return r;
 }
 
+static TokenRecord end_record(std::uint64_t count, std::int64_t at) {
+  return TokenRecord::end_of_answer(count, FinishReason::kStop, 1, at);
+}
+
+static std::vector<TokenRecord> drain(TokenRing& ring) {
+  std::vector<TokenRecord> records;
+  ring.pop_many(1 << 20, [&](const TokenRecord& r) { records.push_back(r); });
+  return records;
+}
+
 static void manual_driver_releases_on_deadlines() {
   auto in = std::make_shared<TokenRing>(16);
   auto out = std::make_shared<TokenRing>(16);
@@ -51,6 +61,100 @@ static void full_output_holds_tokens_back() {
   CHECK(out->try_pop(r) && r.position == 1);
 }
 
+// The end record follows the last token at once, never overtakes it, and neither moves the
+// schedule nor counts as a release in the lateness statistics.
+static void manual_driver_sends_the_end_right_after_the_last_token() {
+  auto in = std::make_shared<TokenRing>(16);
+  auto out = std::make_shared<TokenRing>(16);
+  Pacer pacer(in, out, PacerOptions{.interval_ns = 100});
+  for (std::uint64_t i = 0; i < 3; ++i) CHECK(in->try_push(token(i, 1000)));
+  CHECK(in->try_push(end_record(3, 1000)));
+  CHECK(pacer.release_due(1000) == 1);
+  CHECK(pacer.release_due(1150) == 1);  // token 1 (due 1100); token 2 (1200) holds the end back
+  CHECK(pacer.next_deadline() == 1200);
+  CHECK(pacer.release_due(1200) == 2);  // token 2, and the end with it
+  CHECK(!pacer.next_deadline().has_value());
+  const std::vector<TokenRecord> released = drain(*out);
+  CHECK(released.size() == 4 && released[3].is_end() && released[3].released_ns == 1200);
+  for (std::uint64_t i = 0; i < 3; ++i) CHECK(!released[i].is_end() && released[i].position == i);
+  // The schedule is where token 2 left it: the next token is due 100 after token 2's deadline.
+  CHECK(in->try_push(token(4, 1200)));
+  CHECK(pacer.next_deadline() == 1300);
+  CHECK(pacer.statistics().released == 3);
+  CHECK(pacer.statistics().max_lateness_ns == 50);
+  const auto releases = pacer.take_releases();
+  CHECK(releases.size() == 4);
+  CHECK(releases[3].kind == RecordKind::kEnd && releases[3].position == 3);
+  CHECK(releases[3].deadline_ns == 1000 && releases[3].released_ns == 1200);
+  CHECK(releases[1].kind == RecordKind::kToken && releases[1].deadline_ns == 1100);
+  CHECK(pacer.take_lateness().empty());  // one log: take_releases took it
+}
+
+static void an_end_record_alone_goes_out_when_committed() {
+  auto in = std::make_shared<TokenRing>(8);
+  auto out = std::make_shared<TokenRing>(8);
+  Pacer pacer(in, out, PacerOptions{.interval_ns = 1'000'000'000});
+  CHECK(in->try_push(token(0, 0)));
+  CHECK(pacer.release_due(0) == 1);  // the schedule now waits a second for the next token
+  CHECK(in->try_push(end_record(1, 5)));
+  CHECK(pacer.next_deadline() == 5);
+  CHECK(pacer.release_due(4) == 0);
+  CHECK(pacer.release_due(5) == 1);
+  CHECK(pacer.take_lateness() == std::vector<std::int64_t>{0});
+}
+
+static void release_all_delivers_everything_now() {
+  auto in = std::make_shared<TokenRing>(8);
+  auto out = std::make_shared<TokenRing>(4);
+  Pacer pacer(in, out, PacerOptions{.interval_ns = 1'000'000});
+  for (std::uint64_t i = 0; i < 5; ++i) CHECK(in->try_push(token(i, 100)));
+  CHECK(in->try_push(end_record(5, 100)));
+  CHECK(pacer.release_all(200) == 4);  // the output ring is full
+  CHECK(in->size() == 2);
+  std::vector<TokenRecord> released = drain(*out);
+  CHECK(pacer.release_all(300) == 2);
+  for (const TokenRecord& r : drain(*out)) released.push_back(r);
+  CHECK(released.size() == 6 && released.back().is_end());
+  for (std::uint64_t i = 0; i < 5; ++i) CHECK(released[i].position == i);
+  CHECK(released[0].released_ns == 200 && released[5].released_ns == 300);
+  // Released ahead of their deadlines (100, then every 1 ms): the lateness says so.
+  const std::vector<std::int64_t> expected{100, 200 - 1'000'100, 200 - 2'000'100,
+                                           200 - 3'000'100, 300 - 4'000'100};
+  CHECK(pacer.take_lateness() == expected);
+  pacer.start(false);
+  CHECK_THROWS(pacer.release_all(0), std::logic_error);
+  pacer.stop();
+}
+
+static void a_full_release_log_drops_and_counts() {
+  auto in = std::make_shared<TokenRing>(16);
+  auto out = std::make_shared<TokenRing>(16);
+  Pacer pacer(in, out, PacerOptions{.log_capacity = 2});
+  for (std::uint64_t i = 0; i < 5; ++i) CHECK(in->try_push(token(i, 10)));
+  CHECK(pacer.release_due(10) == 5);
+  PacerStatistics s = pacer.statistics();
+  CHECK(s.released == 5 && s.lateness_samples_dropped == 3);
+  const auto releases = pacer.take_releases();
+  CHECK(releases.size() == 2 && releases[0].position == 0 && releases[1].position == 1);
+  CHECK(in->try_push(token(5, 20)));
+  CHECK(pacer.release_due(20) == 1);
+  const auto again = pacer.take_releases();  // room again after the take
+  CHECK(again.size() == 1 && again[0].position == 5 && again[0].released_ns == 20);
+  CHECK(pacer.statistics().lateness_samples_dropped == 3);
+}
+
+static void the_release_log_holds_an_input_ring_by_default() {
+  auto in = std::make_shared<TokenRing>(4);
+  auto out = std::make_shared<TokenRing>(16);
+  Pacer pacer(in, out);
+  for (std::uint64_t round = 0; round < 2; ++round) {
+    for (std::uint64_t i = 0; i < 4; ++i) CHECK(in->try_push(token(round * 4 + i, 0)));
+    CHECK(pacer.release_due(0) == 4);
+  }
+  CHECK(pacer.statistics().lateness_samples_dropped == 4);
+  CHECK(pacer.take_releases().size() == 4);
+}
+
 static void thread_paces_at_the_interval() {
   auto in = std::make_shared<TokenRing>(64);
   auto out = std::make_shared<TokenRing>(64);
@@ -71,6 +175,25 @@ static void thread_paces_at_the_interval() {
   auto lateness = pacer.take_lateness();
   CHECK(lateness.size() == 20);
   for (auto l : lateness) CHECK(l >= 0);
+}
+
+// At 10 s per token, an end record paced like a token would miss the 5 s wait below.
+static void thread_sends_the_end_right_after_the_last_token() {
+  auto in = std::make_shared<TokenRing>(8);
+  auto out = std::make_shared<TokenRing>(8);
+  Pacer pacer(in, out, PacerOptions{.interval_ns = 10'000'000'000});
+  pacer.start(false);
+  const std::int64_t t0 = now_ns();
+  CHECK(in->try_push_notify(token(0, t0)));
+  CHECK(in->try_push_notify(end_record(1, t0)));
+  TokenRecord r;
+  CHECK(out->pop_wait(r, t0 + 5'000'000'000) && r.position == 0 && !r.is_end());
+  CHECK(out->pop_wait(r, t0 + 5'000'000'000) && r.is_end() && r.position == 1);
+  CHECK(r.finish_reason() == FinishReason::kStop && r.released_ns >= t0);
+  pacer.stop();
+  CHECK(pacer.statistics().released == 1);
+  const auto releases = pacer.take_releases();
+  CHECK(releases.size() == 2 && releases[1].kind == RecordKind::kEnd);
 }
 
 static void rate_change_wakes_a_sleeping_pacer() {
@@ -107,7 +230,13 @@ static void stop_interrupts_an_idle_pacer_and_callbacks_work() {
 int main() {
   manual_driver_releases_on_deadlines();
   full_output_holds_tokens_back();
+  manual_driver_sends_the_end_right_after_the_last_token();
+  an_end_record_alone_goes_out_when_committed();
+  release_all_delivers_everything_now();
+  a_full_release_log_drops_and_counts();
+  the_release_log_holds_an_input_ring_by_default();
   thread_paces_at_the_interval();
+  thread_sends_the_end_right_after_the_last_token();
   rate_change_wakes_a_sleeping_pacer();
   stop_interrupts_an_idle_pacer_and_callbacks_work();
   return 0;

@@ -47,6 +47,15 @@ class Role(enum.Enum):
     FAILED = "failed"
 
 
+class Finish(enum.Enum):
+    """Why the answer ended (the native FinishReason, NONE being ``ended is None``)."""
+
+    STOP = "stop"
+    LENGTH = "length"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
 class Offer(enum.Enum):
     COMMITTED = "committed"
     DUPLICATE = "duplicate"
@@ -108,19 +117,33 @@ class Counters:
 
 @dataclasses.dataclass
 class MigrationModel:
-    """The specification, executable. Committed tokens are appended to ``delivered``."""
+    """The specification, executable. Committed tokens are appended to ``delivered``; the end
+    record that follows them in the ring is ``ended`` (why) and ``ended_by`` (the endpoint
+    that ended it, 0 for failure and cancellation), set when a terminal state is entered.
+    ``transitions`` logs (event, position): the committed count when it happened, or for
+    WON and TAKEN_OVER the position of the token that caused it. Positions run from 0 to
+    ``max_tokens - 1`` (None: no bound); committing the last one ends the answer (LENGTH)."""
 
+    max_tokens: int | None = None
     committed: int = 0
     state: State = State.IDLE
     migrations: int = 0
     delivered: list[tuple[int, int, str, int]] = dataclasses.field(default_factory=list)
+    ended: Finish | None = None
+    ended_by: int = 0
     counters: dict[int, Counters] = dataclasses.field(default_factory=dict)
+    transitions: list[tuple[Event, int]] = dataclasses.field(default_factory=list)
 
     def _fire(self, event: Event) -> None:
         nxt = TABLE.get((self.state, event))
         if nxt is None:
             raise IllegalEvent(self.state, event)
+        self.transitions.append((event, self.committed))
         self.state = nxt
+
+    def _end(self, event: Event, reason: Finish, ended_by: int) -> None:
+        self._fire(event)
+        self.ended, self.ended_by = reason, ended_by
 
     def _c(self, ep: int) -> Counters:
         return self.counters.setdefault(ep, Counters())
@@ -174,10 +197,10 @@ class MigrationModel:
         return self.committed
 
     def cancel(self) -> None:
-        self._fire(E.CANCEL)
+        self._end(E.CANCEL, Finish.CANCELLED, 0)
 
     def give_up(self) -> None:
-        self._fire(E.GIVE_UP)
+        self._end(E.GIVE_UP, Finish.FAILED, 0)
 
     def _judge(self, ep: int, position: int) -> Offer:
         if self.state in TERMINAL:
@@ -199,7 +222,6 @@ class MigrationModel:
             c.duplicates += verdict is Offer.DUPLICATE
             return verdict
         c.accepted += 1
-        self.committed += 1
         self.delivered.append((position, token_id, text, ep))
         if self.state is S.RACING:
             self._fire(E.WON)
@@ -210,10 +232,15 @@ class MigrationModel:
             self._fire(E.TAKEN_OVER)
             c.role = Role.SOURCE
             self.migrations += 1
+        self.committed += 1
+        if self.committed == self.max_tokens:
+            self._end(E.FINISH, Finish.LENGTH, ep)
         return Offer.COMMITTED
 
-    def offer_end(self, ep: int, position: int) -> Offer:
+    def offer_end(self, ep: int, position: int, reason: Finish = Finish.STOP) -> Offer:
+        if reason not in (Finish.STOP, Finish.LENGTH):
+            raise ValueError("an endpoint ends an answer with stop or length")
         verdict = self._judge(ep, position)
         if verdict is Offer.COMMITTED:
-            self._fire(E.FINISH)
+            self._end(E.FINISH, reason, ep)
         return verdict
