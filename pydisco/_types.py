@@ -10,6 +10,8 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Callable, Protocol
 
+from ._errors import ConfigurationError
+
 Message = Mapping[str, str]
 """A chat message: ``{"role": "user" | "system" | "assistant", "content": str}``."""
 
@@ -25,11 +27,11 @@ class Sampling:
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0.0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+            raise ConfigurationError(f"temperature must be >= 0, got {self.temperature!r}")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+            raise ConfigurationError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k!r}")
+            raise ConfigurationError(f"top_k must be >= 0, got {self.top_k!r}")
 
     @property
     def greedy(self) -> bool:
@@ -61,15 +63,15 @@ class GenerationRequest:
 
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.prompt is None):
-            raise ValueError("give exactly one of messages= and prompt=")
+            raise ConfigurationError("give exactly one of messages= and prompt=")
         if self.messages is not None:
             for m in self.messages:
                 if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                    raise ValueError(f"a message needs string 'role' and 'content': {m!r}")
+                    raise ConfigurationError(f"a message needs string 'role' and 'content': {m!r}")
         if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens!r}")
+            raise ConfigurationError(f"max_tokens must be >= 1, got {self.max_tokens!r}")
         if self.resume_token_ids and self.resume_text is not None:
-            raise ValueError("give at most one of resume_token_ids= and resume_text=")
+            raise ConfigurationError("give at most one of resume_token_ids= and resume_text=")
 
     @property
     def start_position(self) -> int:

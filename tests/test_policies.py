@@ -295,30 +295,52 @@ def test_pd_device_policy_decisions() -> None:
 
 
 def migration_view(**changes: object) -> MigrationView:
+    # t_m = 0.5 + 0.002·500 = 1.5 s on the device; overhead 0.1·500 = 50; E[total] = 200.
     base = MigrationView(
         now_s=2.0, source="cloud", target="device", prompt_tokens=500, committed=40, unread=20,
-        reading_rate=4.0, max_tokens=512, expected_total_tokens=200.0, target_ready_s=1.5,
-        cost_per_token={"cloud": 1.0, "device": 0.1}, migration_overhead_cost=50.0,
-        target_available=True,
+        reading_rate=4.0, max_tokens=512, catch_up_tokens=500, answer_lengths=(200,),
+        device=DeviceSpeed(prefill_a_s=0.5, prefill_c_s_per_token=0.002, decode_s_per_token=0.01),
+        server_ttft_samples_s=(), cost_per_token={"cloud": 1.0, "device": 0.1},
     )
     return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
 
 
 def test_disco_migrate_needs_buffer_and_saving() -> None:
     policy = create_migration_policy("disco-migrate")
-    # Buffer 20 ≥ 4·1.5 = 6, saving 0.9·160 = 144 > 50.
+    # Buffer 20 ≥ 4·1.5 = 6, saving 0.9·160 − 50 = 94 > 0.
     assert policy.should_migrate(migration_view())
     assert not policy.should_migrate(migration_view(unread=5))  # 5 < 6: the reader would wait
     assert policy.should_migrate(migration_view(unread=6))
-    assert not policy.should_migrate(migration_view(migration_overhead_cost=144.0))
-    assert not policy.should_migrate(migration_view(expected_total_tokens=30.0))  # nothing left
+    # 1440 tokens to catch up: overhead 144 = the saving (and t_m = 3.38 s, still covered).
+    assert not policy.should_migrate(migration_view(catch_up_tokens=1440))
+    assert not policy.should_migrate(migration_view(answer_lengths=(30,)))  # nothing left
     assert not policy.should_migrate(migration_view(cost_per_token={"cloud": 0.1, "device": 1.0}))
-    assert not policy.should_migrate(migration_view(target_available=False))
     # E[l_remaining] is capped by max_tokens: 50 left at most → 0.9·50 = 45 < 50.
-    assert not policy.should_migrate(migration_view(max_tokens=90, expected_total_tokens=1000.0))
+    assert not policy.should_migrate(migration_view(max_tokens=90, answer_lengths=(1000,)))
     margin = create_migration_policy("disco-migrate", buffer_margin=4.0)
     assert not margin.should_migrate(migration_view())  # 20 < 4·6
     assert not create_migration_policy("never").should_migrate(migration_view())
+
+
+def test_migration_estimates_are_the_policies_own() -> None:
+    from pydisco.policies import (
+        DEFAULT_CLOUD_TTFT_S,
+        UNPROFILED_DEVICE,
+        catch_up_time,
+        expected_answer_tokens,
+        migration_overhead,
+    )
+
+    assert catch_up_time(migration_view()) == pytest.approx(1.5)
+    # A device never profiled is assumed to be SmolLM2 on two cores.
+    assert catch_up_time(migration_view(device=None)) == pytest.approx(UNPROFILED_DEVICE.prefill(500))
+    # Towards the cloud, t_m is its usual TTFT: the median of the samples, or the default.
+    to_cloud = migration_view(source="device", target="cloud")
+    assert catch_up_time(to_cloud) == DEFAULT_CLOUD_TTFT_S
+    assert catch_up_time(dataclasses.replace(to_cloud, server_ttft_samples_s=(0.1, 0.9, 0.2))) == 0.2
+    assert migration_overhead(to_cloud) == pytest.approx(1.0 * 500)
+    assert expected_answer_tokens((), max_tokens=128) == 64  # before any answer: half the limit
+    assert expected_answer_tokens([10] * 50 + [30] * 100, max_tokens=128) == 30  # the last 100
 
 
 # ----- the budget ledger over workloads -------------------------------------------------------

@@ -82,6 +82,7 @@ async def answer_with(
     transport: str = "wss",
     slow_cloud_s: float = 0.0,
     during: Callable[[pydisco.Piece, object], None] | None = None,
+    device_costs: list[object] | None = None,
 ) -> tuple[str, pydisco.AnswerReport]:
     backend = await trio.to_thread.run_sync(lambda: LlamaBackend(n_threads=THREADS))
     served = SlowBackend(backend, slow_cloud_s) if slow_cloud_s else backend
@@ -107,6 +108,8 @@ async def answer_with(
                         text.append(piece.text)
                         if during is not None:
                             during(piece, cloud)
+                if device_costs is not None:
+                    device_costs.extend(rt.endpoints["device"].cost.recent)  # type: ignore[attr-defined]
         backend.close()
     return "".join(text), answer.report
 
@@ -200,3 +203,51 @@ def test_wrong_cloud_credentials_fall_back_to_the_device(reference: str) -> None
     assert report.endpoints_used == ("device",)
     assert [m.kind for m in report.migrations] == ["failover"]
     assert auth == 1  # refused once, nothing generated on the server
+
+
+def test_after_standby_a_failover_computes_only_the_last_few_tokens(reference: str) -> None:
+    """While the cloud decodes, the device's cache follows the committed prefix; when the link
+    dies, the device's answer prefills only what was committed since its last sync."""
+    cut_at = 10
+
+    def cut(piece: pydisco.Piece, cloud: object) -> None:
+        if piece.position == cut_at:
+            cloud.link.cut(reset=True)  # type: ignore[attr-defined]
+
+    costs: list[object] = []
+    text, report = trio.run(
+        lambda: answer_with(
+            RuntimeConfig(dispatch="cloud-only", migration="never", silence_timeout_s=1.0, device_standby=True),
+            slow_cloud_s=0.05,
+            during=cut,
+            device_costs=costs,
+        )
+    )
+    assert text == reference
+    (failover,) = report.migrations
+    assert (failover.kind, failover.source, failover.target) == ("failover", "cloud", "device")
+    generations = [c for c in costs if c.decoded_tokens > 0]  # type: ignore[attr-defined]
+    prepares = [c for c in costs if c.finish_reason == "prepared"]  # type: ignore[attr-defined]
+    assert prepares, "the device never stood by"
+    # The device's answer resumed from a cache that held the prompt and the synced prefix: a few
+    # tokens at most (those committed since the last sync, and the row whose logits it needs).
+    assert generations[-1].prefilled_tokens <= 4, costs  # type: ignore[attr-defined]
+
+
+def test_a_stop_string_ends_the_answer_where_its_text_ends(reference: str) -> None:
+    """A stop string can cut sampled tokens that are never reported: the answer still ends."""
+    words = reference.split()
+    stop = " ".join(words[3:5])  # spans more than one token
+
+    async def main() -> pydisco.AnswerReport:
+        config = RuntimeConfig(dispatch="device-only", migration="never", device_threads=THREADS, pace=False)
+        async with open_runtime(config) as rt:
+            with trio.fail_after(60):
+                async with rt.stream(QUESTION, max_tokens=MAX_TOKENS, stop=(stop,)) as answer:
+                    async for _ in answer:
+                        pass
+        return answer.report
+
+    report = trio.run(main)
+    assert report.finish_reason == "stop"
+    assert stop not in report.text and reference.startswith(report.text)

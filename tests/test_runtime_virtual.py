@@ -1,8 +1,12 @@
-"""The runtime in virtual time (MockClock) with scripted endpoints: whatever the timings and
-failures, the reader gets the answer with no gap and no repeat, or — only when every endpoint
-fails — a clear AnswerFailed after an intact prefix."""
+"""The runtime in virtual time (MockClock) with scripted endpoints: whatever the timings, the
+dispatch, the migrations and the failures, the reader gets the answer with no gap and no repeat,
+each token from the endpoint the report says produced it — or, only when every endpoint fails, a
+clear AnswerFailed after an intact prefix."""
 
 from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
 
 import pytest
 import trio
@@ -12,14 +16,17 @@ from hypothesis import strategies as st
 
 import pydisco
 from pydisco import RuntimeConfig, open_runtime
+from pydisco._types import GenerationRequest, GenerationResult, TokenPiece, TokenSink
+from pydisco.policies import register_migration_policy
+from pydisco.policies._base import MigrationView, Slo
 from pydisco.runtime import AnswerFailed
-from pydisco._types import TokenPiece
-from pydisco.policies._base import Slo
 from pydisco.testing import ScriptedEndpoint
 
 
-def make_answer(n: int) -> list[TokenPiece]:
-    return [TokenPiece(position=i, token_id=100 + i, text=f"w{i} ") for i in range(n)]
+def script(name: str, n: int) -> list[TokenPiece]:
+    """Each endpoint its own tokens, so a token committed from the wrong endpoint or at the wrong
+    position cannot pass for the right one."""
+    return [TokenPiece(position=i, token_id=(1000 if name == "cloud" else 0) + i, text=f"{name[0]}{i} ") for i in range(n)]
 
 
 def run_virtual(fn):  # type: ignore[no-untyped-def]
@@ -38,10 +45,12 @@ def config(**kw: object) -> RuntimeConfig:
     return RuntimeConfig(**base)  # type: ignore[arg-type]
 
 
-async def read_all(rt: pydisco.Runtime, max_tokens: int) -> tuple[list[pydisco.Piece], pydisco.AnswerReport, BaseException | None]:
+async def read_all(
+    rt: pydisco.Runtime, max_tokens: int, prompt: str = "hello"
+) -> tuple[list[pydisco.Piece], pydisco.AnswerReport, BaseException | None]:
     pieces: list[pydisco.Piece] = []
     error: BaseException | None = None
-    async with rt.stream(prompt="hello", max_tokens=max_tokens) as answer:
+    async with rt.stream(prompt=prompt, max_tokens=max_tokens) as answer:
         try:
             async for piece in answer:
                 pieces.append(piece)
@@ -50,42 +59,75 @@ async def read_all(rt: pydisco.Runtime, max_tokens: int) -> tuple[list[pydisco.P
     return pieces, answer.report, error
 
 
+class MigrateAt:
+    """A test policy: migrate as soon as ``position`` tokens are committed."""
+
+    name = "migrate-at"
+
+    def __init__(self, position: int = 3) -> None:
+        self.position = position
+
+    def should_migrate(self, view: MigrationView) -> bool:
+        return view.committed >= self.position
+
+
+register_migration_policy("migrate-at", MigrateAt, replace=True)
+
+
+def check_attribution(pieces: Sequence[pydisco.Piece], report: pydisco.AnswerReport, scripts: dict[str, list[TokenPiece]]) -> None:
+    """Every piece is its endpoint's token at its position, and the endpoints change exactly
+    where the report's handovers say."""
+    assert [p.position for p in pieces] == list(range(len(pieces)))  # no gap, no repeat
+    for p in pieces:
+        assert p.text == scripts[p.endpoint][p.position].text, p
+    if not pieces:
+        return
+    expected: str | None = None  # before the first token, whoever started it
+    changes = {m.handover_position: m for m in report.migrations}
+    for p in pieces:
+        if p.position in changes:
+            assert expected in (None, changes[p.position].source), (p, report.migrations)
+            expected = changes[p.position].target
+        expected = expected or p.endpoint
+        assert p.endpoint == expected, (p, report.migrations)
+
+
 timings = st.fixed_dictionaries(
     {
         "prefill_s": st.floats(0.001, 0.5),
+        "prefill_s_per_token": st.sampled_from([0.0, 0.001]),
         "gaps_s": st.lists(st.floats(0.001, 0.08), min_size=1, max_size=4),
         "fails_after": st.none() | st.integers(0, 12),
+        "kv_cache": st.booleans(),
     }
 )
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     n=st.integers(1, 24),
     device=timings,
     cloud=timings,
-    dispatch=st.sampled_from(["race-both", "cloud-only", "device-only"]),
-    migration=st.sampled_from(["disco-migrate", "never"]),
+    dispatch=st.sampled_from(["race-both", "cloud-only", "device-only", "disco-s", "disco-d", "pd-device"]),
+    migration=st.sampled_from(["disco-migrate", "never", "migrate-at"]),
+    standby=st.booleans(),
 )
 def test_no_gap_no_repeat_whatever_the_timing_and_failures(
-    n: int, device: dict, cloud: dict, dispatch: str, migration: str  # type: ignore[type-arg]
+    n: int, device: dict, cloud: dict, dispatch: str, migration: str, standby: bool  # type: ignore[type-arg]
 ) -> None:
-    answer = make_answer(n)
-    endpoints = {
-        "device": ScriptedEndpoint("device", answer, **device),
-        "cloud": ScriptedEndpoint("cloud", answer, **cloud),
-    }
+    scripts = {"device": script("device", n), "cloud": script("cloud", n)}
+    endpoints = {name: ScriptedEndpoint(name, scripts[name], **timing) for name, timing in (("device", device), ("cloud", cloud))}
 
     async def main() -> tuple[list[pydisco.Piece], pydisco.AnswerReport, BaseException | None]:
-        async with open_runtime(config(dispatch=dispatch, migration=migration), endpoints=endpoints) as rt:
+        cfg = config(dispatch=dispatch, migration=migration, device_standby=standby)
+        async with open_runtime(cfg, endpoints=endpoints) as rt:
             with trio.fail_after(600):  # virtual seconds
                 return await read_all(rt, max_tokens=n)
 
     pieces, report, error = run_virtual(main)
     event(f"{dispatch}, {migration}: " + (", ".join(m.kind for m in report.migrations) or "no handover"))
     event("failed" if error else "finished")
-    assert [p.position for p in pieces] == list(range(len(pieces)))  # no gap, no repeat
-    assert [p.text for p in pieces] == [a.text for a in answer[: len(pieces)]]
+    check_attribution(pieces, report, scripts)
     assert report.text == "".join(p.text for p in pieces)
     if error is None:
         assert len(pieces) == n and report.finish_reason in ("stop", "length")
@@ -96,19 +138,19 @@ def test_no_gap_no_repeat_whatever_the_timing_and_failures(
 
 
 def test_failover_when_the_cloud_dies_mid_answer() -> None:
-    answer = make_answer(20)
+    scripts = {"device": script("device", 20), "cloud": script("cloud", 20)}
     endpoints = {
-        "device": ScriptedEndpoint("device", answer, prefill_s=0.3, gaps_s=[0.01]),
-        "cloud": ScriptedEndpoint("cloud", answer, prefill_s=0.05, gaps_s=[0.01], fails_after=6),
+        "device": ScriptedEndpoint("device", scripts["device"], prefill_s=0.3, gaps_s=[0.01]),
+        "cloud": ScriptedEndpoint("cloud", scripts["cloud"], prefill_s=0.05, gaps_s=[0.01], fails_after=6),
     }
 
     async def main() -> tuple[list[pydisco.Piece], pydisco.AnswerReport, BaseException | None]:
-        async with open_runtime(config(dispatch="cloud-only", migration="never"), endpoints=endpoints) as rt:
+        async with open_runtime(config(dispatch="cloud-only", migration="never", device_standby=False), endpoints=endpoints) as rt:
             return await read_all(rt, max_tokens=20)
 
     pieces, report, error = run_virtual(main)
     assert error is None
-    assert "".join(p.text for p in pieces) == "".join(a.text for a in answer)
+    check_attribution(pieces, report, scripts)
     assert [p.endpoint for p in pieces[:6]] == ["cloud"] * 6
     assert {p.endpoint for p in pieces[6:]} == {"device"}
     assert [(m.kind, m.source, m.target, m.handover_position) for m in report.migrations] == [
@@ -118,29 +160,50 @@ def test_failover_when_the_cloud_dies_mid_answer() -> None:
     assert report.migrations[0].gap_s == pytest.approx(0.3, abs=0.02)
 
 
-def test_a_silent_cloud_is_failed_over_after_the_silence_timeout() -> None:
-    answer = make_answer(12)
+def test_a_silent_cloud_fails_over_exactly_at_its_silence_deadline() -> None:
+    scripts = {"device": script("device", 12), "cloud": script("cloud", 12)}
     endpoints = {
-        "device": ScriptedEndpoint("device", answer, prefill_s=0.05, gaps_s=[0.01]),
+        "device": ScriptedEndpoint("device", scripts["device"], prefill_s=0.05, gaps_s=[0.01]),
         # a 5 s stall after 4 tokens: longer than the 0.5 s silence timeout
-        "cloud": ScriptedEndpoint("cloud", answer, prefill_s=0.02, gaps_s=[0.01, 0.01, 0.01, 5.0]),
+        "cloud": ScriptedEndpoint("cloud", scripts["cloud"], prefill_s=0.02, gaps_s=[0.01, 0.01, 0.01, 5.0]),
     }
 
     async def main() -> tuple[list[pydisco.Piece], pydisco.AnswerReport, BaseException | None]:
-        async with open_runtime(config(dispatch="cloud-only", migration="never"), endpoints=endpoints) as rt:
+        cfg = config(dispatch="cloud-only", migration="never", pace=False, device_standby=False)
+        async with open_runtime(cfg, endpoints=endpoints) as rt:
             return await read_all(rt, max_tokens=12)
 
     pieces, report, error = run_virtual(main)
     assert error is None and len(pieces) == 12
-    assert report.migrations and report.migrations[0].kind == "failover"
-    assert report.migrations[0].handover_position == 4
+    check_attribution(pieces, report, scripts)
+    (failover,) = report.migrations
+    assert (failover.kind, failover.handover_position) == ("failover", 4)
+    # The deadline is the run's own cancel scope, not a watchdog's polling tick: the failure is
+    # noticed exactly silence_timeout_s after the last token (released at once: no pacing).
+    assert failover.handover_s == pytest.approx(pieces[3].released_s + 0.5, abs=1e-6)
+
+
+def test_a_cloud_that_never_starts_fails_over_at_the_first_token_deadline() -> None:
+    scripts = {"device": script("device", 5), "cloud": script("cloud", 5)}
+    endpoints = {
+        "device": ScriptedEndpoint("device", scripts["device"], prefill_s=0.05),
+        "cloud": ScriptedEndpoint("cloud", scripts["cloud"], prefill_s=100.0),
+    }
+
+    async def main() -> tuple[list[pydisco.Piece], pydisco.AnswerReport, BaseException | None]:
+        async with open_runtime(config(dispatch="cloud-only", migration="never"), endpoints=endpoints) as rt:
+            return await read_all(rt, max_tokens=5)
+
+    pieces, report, error = run_virtual(main)
+    assert error is None and [p.endpoint for p in pieces] == ["device"] * 5
+    assert report.migrations[0].handover_s == pytest.approx(2.0, abs=1e-6)  # first_token_timeout_s
 
 
 def test_the_answer_fails_clearly_when_every_endpoint_fails() -> None:
-    answer = make_answer(10)
+    scripts = {"device": script("device", 10), "cloud": script("cloud", 10)}
     endpoints = {
-        "device": ScriptedEndpoint("device", answer, fails_after=2),
-        "cloud": ScriptedEndpoint("cloud", answer, fails_after=3),
+        "device": ScriptedEndpoint("device", scripts["device"], fails_after=2),
+        "cloud": ScriptedEndpoint("cloud", scripts["cloud"], fails_after=3),
     }
 
     async def main() -> tuple[list[pydisco.Piece], pydisco.AnswerReport, BaseException | None]:
@@ -149,13 +212,13 @@ def test_the_answer_fails_clearly_when_every_endpoint_fails() -> None:
 
     pieces, report, error = run_virtual(main)
     assert isinstance(error, AnswerFailed)
-    assert "".join(p.text for p in pieces) == "".join(a.text for a in answer[:5])  # 3 + 2, intact
+    # 3 from the cloud, then 2 from the device resuming at 3: intact, each its own.
+    assert [p.text for p in pieces] == ["c0 ", "c1 ", "c2 ", "d3 ", "d4 "]
     assert report.finish_reason == "failed"
 
 
 def test_pacing_releases_at_the_reading_rate_in_virtual_time() -> None:
-    answer = make_answer(10)
-    endpoints = {"device": ScriptedEndpoint("device", answer, prefill_s=0.1, gaps_s=[0.001])}
+    endpoints = {"device": ScriptedEndpoint("device", script("device", 10), prefill_s=0.1, gaps_s=[0.001])}
 
     async def main() -> tuple[list[pydisco.Piece], pydisco.AnswerReport, BaseException | None]:
         cfg = config(dispatch="device-only", migration="never", slo=Slo(ttft_target_s=1.0, reading_rate=5.0))
@@ -168,6 +231,166 @@ def test_pacing_releases_at_the_reading_rate_in_virtual_time() -> None:
     assert all(b - a == pytest.approx(0.2, abs=1e-3) for a, b in zip(times, times[1:]))  # 5 tok/s
     assert report.late_tokens == 0
     assert report.qoe == pytest.approx(1.0)
+
+
+# ----- device standby -----------------------------------------------------------------------
+
+
+def standby_failover(standby: bool) -> pydisco.AnswerReport:
+    """The cloud decodes (50 ms a token) and dies after 60 tokens; the device (a KV cache, 10 ms
+    a prefilled token, a 200-token prompt) takes over."""
+    scripts = {"device": script("device", 80), "cloud": script("cloud", 80)}
+    endpoints = {
+        "device": ScriptedEndpoint("device", scripts["device"], prefill_s=0.01, prefill_s_per_token=0.01,
+                                   prompt_tokens=200, kv_cache=True),  # fmt: skip
+        "cloud": ScriptedEndpoint("cloud", scripts["cloud"], prefill_s=0.05, gaps_s=[0.05], fails_after=60),
+    }
+
+    async def main() -> tuple[list[pydisco.Piece], pydisco.AnswerReport, BaseException | None]:
+        cfg = config(dispatch="cloud-only", migration="never", device_standby=standby, first_token_timeout_s=5.0)
+        async with open_runtime(cfg, endpoints=endpoints) as rt:
+            return await read_all(rt, max_tokens=80)
+
+    pieces, report, error = run_virtual(main)
+    assert error is None
+    check_attribution(pieces, report, scripts)
+    return report
+
+
+def test_device_standby_leaves_only_the_last_tokens_to_compute_at_a_failover() -> None:
+    cold, warm = standby_failover(standby=False), standby_failover(standby=True)
+    assert [m.kind for m in cold.migrations] == [m.kind for m in warm.migrations] == ["failover"]
+    # Cold: the device prefills the prompt and all 60 tokens: 0.01 + 260·0.01 s.
+    assert cold.migrations[0].gap_s == pytest.approx(0.01 + 260 * 0.01, abs=1e-3)
+    # On standby it followed the prefix (after the prompt, each sync of a token or two takes
+    # less than one 50 ms gap of the cloud), so a sync in flight and a token or two remain.
+    assert warm.migrations[0].gap_s <= 2 * (0.01 + 2 * 0.01) + 1e-9
+    # The standby prefills are the device's work, and they are counted.
+    assert warm.usage["device"].prefilled_tokens >= 260
+
+
+def test_no_standby_under_a_device_budget() -> None:
+    from pydisco.policies._base import Budget
+
+    scripts = {"device": script("device", 10), "cloud": script("cloud", 10)}
+    device = ScriptedEndpoint("device", scripts["device"], prompt_tokens=50, kv_cache=True)
+    endpoints = {"device": device, "cloud": ScriptedEndpoint("cloud", scripts["cloud"])}
+
+    async def main() -> pydisco.AnswerReport:
+        cfg = config(dispatch="cloud-only", migration="never", budget=Budget(constrained="device", share=0.3))
+        async with open_runtime(cfg, endpoints=endpoints) as rt:
+            return (await read_all(rt, max_tokens=10))[1]
+
+    report = run_virtual(main)
+    assert "device" not in report.usage  # it never prefilled anything speculatively
+    assert device.cached_tokens(GenerationRequest(prompt="hello")) == 0
+
+
+# ----- the machine's rules, through the runtime ---------------------------------------------
+
+
+class Overrunning:
+    """An endpoint that ignores max_tokens, and says it sampled a token it never reported (as a
+    stop string cut in two does)."""
+
+    name = "device"
+
+    async def generate(self, request: GenerationRequest, sink: TokenSink) -> GenerationResult:
+        for position in range(request.start_position, request.start_position + 50):
+            await trio.sleep(0.01)
+            sink(TokenPiece(position, position, f"t{position} ", age_ns=3_000_000))
+        return GenerationResult("stop", 4, 4, 51)
+
+
+def test_the_machine_enforces_max_tokens() -> None:
+    async def main() -> tuple[list[pydisco.Piece], pydisco.AnswerReport, BaseException | None]:
+        async with open_runtime(config(dispatch="device-only"), endpoints={"device": Overrunning()}) as rt:
+            with trio.fail_after(60):
+                return await read_all(rt, max_tokens=7)
+
+    pieces, report, error = run_virtual(main)
+    assert error is None and [p.position for p in pieces] == list(range(7))
+    assert report.finish_reason == "length"
+
+
+class CutByStop(Overrunning):
+    async def generate(self, request: GenerationRequest, sink: TokenSink) -> GenerationResult:
+        for position in range(3):
+            sink(TokenPiece(position, position, f"t{position} "))
+        return GenerationResult("stop", 4, 4, generated_tokens=4)  # the 4th was cut by the stop string
+
+
+def test_an_answer_ends_where_its_reported_tokens_end() -> None:
+    async def main() -> tuple[list[pydisco.Piece], pydisco.AnswerReport, BaseException | None]:
+        async with open_runtime(config(dispatch="device-only"), endpoints={"device": CutByStop()}) as rt:
+            with trio.fail_after(60):  # virtual: a hang would take them all
+                return await read_all(rt, max_tokens=10)
+
+    pieces, report, error = run_virtual(main)
+    assert error is None and len(pieces) == 3 and report.finish_reason == "stop"
+
+
+def test_token_records_carry_when_the_endpoint_produced_them() -> None:
+    async def main() -> list[pydisco.Token]:
+        async with open_runtime(config(dispatch="device-only", pace=False), endpoints={"device": Overrunning()}) as rt:
+            async with rt.stream(prompt="hi", max_tokens=5) as answer:
+                with trio.fail_after(60):
+                    while answer.final_count is None:
+                        await trio.sleep(0.01)
+                    await trio.sleep(0.01)  # the virtual pacer releases the rest
+                return list(answer.released_ring.pop_many())
+
+    records = run_virtual(main)
+    tokens, end = records[:-1], records[-1]
+    assert [t.position for t in tokens] == list(range(5))
+    assert all(t.arrived_ns - t.produced_ns == 3_000_000 for t in tokens)  # age_ns, on the answer's clock
+    assert end.is_end and end.position == 5 and end.finish_reason == pydisco.FinishReason.LENGTH
+
+
+class Buggy:
+    """A custom endpoint with a bug: it raises a plain RuntimeError mid-answer."""
+
+    name = "cloud"
+
+    async def generate(self, request: GenerationRequest, sink: TokenSink) -> GenerationResult:
+        for position in range(request.start_position, 3):
+            await trio.sleep(0.01)
+            sink(TokenPiece(position, 1000 + position, f"c{position} "))
+        raise RuntimeError("a bug in a custom endpoint")
+
+
+def test_any_endpoint_exception_fails_over_and_is_logged_with_its_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    scripts = {"device": script("device", 8), "cloud": script("cloud", 8)}
+    endpoints = {"device": ScriptedEndpoint("device", scripts["device"]), "cloud": Buggy()}
+
+    async def main() -> tuple[list[pydisco.Piece], pydisco.AnswerReport, BaseException | None]:
+        async with open_runtime(config(dispatch="cloud-only", migration="never"), endpoints=endpoints) as rt:  # type: ignore[arg-type]
+            return await read_all(rt, max_tokens=8)
+
+    with caplog.at_level(logging.ERROR, logger="pydisco"):
+        pieces, report, error = run_virtual(main)
+    assert error is None
+    check_attribution(pieces, report, scripts)
+    assert [p.endpoint for p in pieces] == ["cloud"] * 3 + ["device"] * 5
+    (record,) = [r for r in caplog.records if r.exc_info]
+    assert "a bug in a custom endpoint" in str(record.exc_info[1])
+
+
+def test_disco_d_starts_the_device_at_once_when_the_cloud_fails_to_start() -> None:
+    scripts = {"device": script("device", 4), "cloud": script("cloud", 4)}
+    endpoints = {
+        "device": ScriptedEndpoint("device", scripts["device"], prefill_s=0.05),
+        "cloud": ScriptedEndpoint("cloud", scripts["cloud"], prefill_s=0.01, fails_after=0),
+    }
+
+    async def main() -> tuple[list[pydisco.Piece], pydisco.AnswerReport, BaseException | None]:
+        # No server TTFT sample yet: DiSCo-D waits w = the TTFT target (1 s) before the device.
+        async with open_runtime(config(dispatch="disco-d", migration="never"), endpoints=endpoints) as rt:
+            return await read_all(rt, max_tokens=4)
+
+    pieces, report, error = run_virtual(main)
+    assert error is None and [p.endpoint for p in pieces] == ["device"] * 4
+    assert report.ttft_s == pytest.approx(0.01 + 0.05, abs=1e-6)  # not 1 s + 0.05
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -185,24 +408,26 @@ def test_budget_holds_over_a_workload_through_the_runtime(share: float, dispatch
 
     rng = random.Random(seed)
     constrained = "cloud" if dispatch == "disco-s" else "device"
-    answer = make_answer(30)
+    def words(request: GenerationRequest) -> int:
+        return len((request.prompt or "").split())
+
     endpoints = {
-        "device": ScriptedEndpoint("device", answer, prefill_s=0.05, prefill_s_per_token=0.0005, gaps_s=[0.01]),
-        "cloud": ScriptedEndpoint("cloud", answer, prefill_s=0.2, gaps_s=[0.005, 0.02]),
+        "device": ScriptedEndpoint("device", script("device", 30), prefill_s=0.05, prefill_s_per_token=0.0005,
+                                   gaps_s=[0.01], prompt_tokens=words),  # fmt: skip
+        "cloud": ScriptedEndpoint("cloud", script("cloud", 30), prefill_s=0.2, gaps_s=[0.005, 0.02], prompt_tokens=words),
     }
     cfg = config(dispatch=dispatch, migration="never", budget=Budget(constrained=constrained, share=share))
     constrained_tokens = 0
     answer_sizes = 0
 
     async def main() -> None:
+        nonlocal constrained_tokens, answer_sizes
         async with open_runtime(cfg, endpoints=endpoints) as rt:
             for _ in range(25):
-                words = rng.randint(5, 400)
-                async with rt.stream(prompt="word " * words, max_tokens=rng.randint(5, 30)) as answer:
+                async with rt.stream(prompt="word " * rng.randint(5, 400), max_tokens=rng.randint(5, 30)) as answer:
                     async for _piece in answer:
                         pass
                 processed = {n: u.prefilled_tokens + u.offered_tokens for n, u in answer.report.usage.items()}
-                nonlocal constrained_tokens, answer_sizes
                 constrained_tokens += processed.get(constrained, 0)
                 answer_sizes += max(processed.values(), default=0)  # DiSCo's l for this answer
 

@@ -18,6 +18,8 @@ import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from .._errors import ConfigurationError
+
 from ._base import AnswerOutcome as AnswerOutcome
 from ._base import Budget as Budget
 from ._base import DeviceSpeed as DeviceSpeed
@@ -40,6 +42,13 @@ from .dispatch import DiscoSPolicy as DiscoSPolicy
 from .dispatch import PdDevicePolicy as PdDevicePolicy
 from .dispatch import RaceBothPolicy as RaceBothPolicy
 from .dispatch import pd_device_plan as pd_device_plan
+from ._estimates import DEFAULT_CLOUD_TTFT_S as DEFAULT_CLOUD_TTFT_S
+from ._estimates import UNPROFILED_DEVICE as UNPROFILED_DEVICE
+from ._estimates import catch_up_time as catch_up_time
+from ._estimates import cloud_ttft_estimate as cloud_ttft_estimate
+from ._estimates import expected_answer_tokens as expected_answer_tokens
+from ._estimates import expected_remaining_tokens as expected_remaining_tokens
+from ._estimates import migration_overhead as migration_overhead
 from .migration import DiscoMigrationPolicy as DiscoMigrationPolicy
 from .migration import NeverMigrationPolicy as NeverMigrationPolicy
 
@@ -78,11 +87,11 @@ def _create(table: dict[str, Callable[..., _P]], kind: str, name: str, options: 
         factory = table[name]
     except KeyError:
         known = ", ".join(sorted(table))
-        raise ValueError(f"unknown {kind} policy {name!r}; known: {known}") from None
+        raise ConfigurationError(f"unknown {kind} policy {name!r}; known: {known}") from None
     try:
         inspect.signature(factory).bind(**options)
     except TypeError as e:
-        raise ValueError(f"{kind} policy {name!r}: bad options {sorted(options)}: {e}") from None
+        raise ConfigurationError(f"{kind} policy {name!r}: bad options {sorted(options)}: {e}") from None
     except ValueError:
         pass  # no signature to check (some builtins); the call itself will tell
     return factory(**options)
@@ -99,12 +108,14 @@ def register_migration_policy(name: str, factory: MigrationFactory, *, replace: 
 
 
 def create_dispatch_policy(name: str, **options: Any) -> DispatchPolicy:
-    """A new dispatch policy by name; ``ValueError`` for an unknown name or option."""
+    """A new dispatch policy by name; ``ConfigurationError`` (a ``ValueError``) for an unknown
+    name or option."""
     return _create(_DISPATCH, "dispatch", name, options)
 
 
 def create_migration_policy(name: str, **options: Any) -> MigrationPolicy:
-    """A new migration policy by name; ``ValueError`` for an unknown name or option."""
+    """A new migration policy by name; ``ConfigurationError`` (a ``ValueError``) for an unknown
+    name or option."""
     return _create(_MIGRATION, "migration", name, options)
 
 

@@ -90,13 +90,17 @@ class DispatchDecision:
 
     ``start``: endpoints started at once (two means a race: the first token wins).
     ``fallback``: (endpoint, wait_s) — start it only if no token has arrived after ``wait_s``
-    (DiSCo-D's ``w(l)``). ``handoff``: a P/D-Device plan (then ``start`` is ``("cloud",)``).
+    (DiSCo-D's ``w(l)``), or at once if every endpoint started before it failed. ``handoff``:
+    a P/D-Device plan (then ``start`` is ``("cloud",)``). ``device_standby``: see below.
     """
 
     start: tuple[EndpointName, ...]
     fallback: tuple[EndpointName, float] | None = None
     handoff: Handoff | None = None
     reason: str = ""
+    # While the cloud decodes, may the device follow the committed prefix (spending device
+    # tokens on speculation, so a failover or migration to it computes only the last few)?
+    device_standby: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,9 +124,15 @@ class DispatchPolicy(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class MigrationView:
-    """An answer in flight, for the migration decision (DiSCo §token-level migration)."""
+    """An answer in flight, for the migration decision (DiSCo §token-level migration).
 
-    now_s: float
+    Raw facts only; what a policy estimates from them (the answer's length, the target's
+    catch-up time ``t_m``, the overhead) is the policy's business (``pydisco.policies`` has
+    the built-in estimates). The runtime asks only while the answer streams from ``source``
+    and ``target`` is there and has not failed.
+    """
+
+    now_s: float  # seconds since the request started
     source: EndpointName
     target: EndpointName  # the candidate (the other endpoint)
     prompt_tokens: int
@@ -130,11 +140,13 @@ class MigrationView:
     unread: int  # committed but not yet consumed by the reader (the buffer B)
     reading_rate: float  # tokens/s the reader consumes
     max_tokens: int
-    expected_total_tokens: float  # E[answer length], for E[l_remaining]
-    target_ready_s: float  # estimated time for the target to catch up (t_m): prefill + transfer
-    cost_per_token: Mapping[str, float]  # decode cost per token on each endpoint
-    migration_overhead_cost: float  # cost of the target's catch-up prefill
-    target_available: bool
+    # Tokens the target must prefill to take over now: prompt + committed, less what its cache
+    # already holds (a device on standby follows the committed prefix).
+    catch_up_tokens: int
+    answer_lengths: Sequence[int]  # lengths of recent finished answers, oldest first
+    device: DeviceSpeed | None  # the device's measured speed (None: never profiled)
+    server_ttft_samples_s: Sequence[float]  # recent cloud TTFTs
+    cost_per_token: Mapping[str, float]  # cost per token processed on each endpoint
 
 
 class MigrationPolicy(Protocol):

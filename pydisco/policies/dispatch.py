@@ -13,6 +13,7 @@ See ``docs/policies.md`` for the formulas.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 import statistics
 from collections.abc import Sequence
@@ -70,6 +71,18 @@ class _LedgerPolicy:
     def observe(self, outcome: AnswerOutcome) -> None:
         self.ledger.record(outcome)
 
+    @staticmethod
+    def standby_allowed(view: DispatchView) -> bool:
+        """Device standby spends device tokens on speculation: not under a device budget."""
+        return not (view.budget.constrained == "device" and view.budget.share < 1.0)
+
+    def _decided(self, view: DispatchView, decision: DispatchDecision, *, guard: bool = True) -> DispatchDecision:
+        """The decision as returned: budget-guarded (unless the policy names its endpoint
+        explicitly), with the standby choice filled in."""
+        if guard:
+            decision = self._guard(view, decision)
+        return dataclasses.replace(decision, device_standby=self.standby_allowed(view))
+
     def _guard(self, view: DispatchView, decision: DispatchDecision) -> DispatchDecision:
         """Leave the constrained endpoint out when the other one is available (so its work is
         optional) and this answer could push its share above the budget."""
@@ -100,7 +113,7 @@ class DeviceOnlyPolicy(_LedgerPolicy):
     def decide(self, view: DispatchView) -> DispatchDecision:
         if view.device is None:
             return DispatchDecision(start=(), reason="device-only: no device")
-        return DispatchDecision(start=("device",), reason="device-only")
+        return self._decided(view, DispatchDecision(start=("device",), reason="device-only"), guard=False)
 
 
 class CloudOnlyPolicy(_LedgerPolicy):
@@ -111,7 +124,7 @@ class CloudOnlyPolicy(_LedgerPolicy):
     def decide(self, view: DispatchView) -> DispatchDecision:
         if not view.cloud_available:
             return DispatchDecision(start=(), reason="cloud-only: cloud unavailable")
-        return DispatchDecision(start=("cloud",), reason="cloud-only")
+        return self._decided(view, DispatchDecision(start=("cloud",), reason="cloud-only"), guard=False)
 
 
 class RaceBothPolicy(_LedgerPolicy):
@@ -123,7 +136,7 @@ class RaceBothPolicy(_LedgerPolicy):
         available = _available(view)
         if not available:
             return _NO_ENDPOINT
-        return self._guard(view, DispatchDecision(start=available, reason="race"))
+        return self._decided(view, DispatchDecision(start=available, reason="race"))
 
 
 class _PromptLearning(_LedgerPolicy):
@@ -178,7 +191,7 @@ class DiscoSPolicy(_PromptLearning):
             decision = DispatchDecision(start=("device",), reason=f"disco-s: l < l_th={l_th:g}")
         else:
             decision = DispatchDecision(start=("device", "cloud"), reason=f"disco-s: l >= l_th={l_th:g}")
-        return self._guard(view, decision)
+        return self._decided(view, decision)
 
 
 class _ServerTtft:
@@ -267,7 +280,7 @@ class DiscoDPolicy(_PromptLearning):
             decision = DispatchDecision(
                 start=("cloud",), fallback=("device", wait), reason=f"disco-d: {why} = {wait:.3f}s"
             )
-        return self._guard(view, decision)
+        return self._decided(view, decision)
 
 
 def pd_device_plan(
@@ -368,4 +381,4 @@ class PdDevicePolicy(_LedgerPolicy):
                 handoff=handoff,
                 reason=f"pd-device: K={handoff.cloud_tokens}, tau={handoff.interval_s * 1e3:.0f}ms",
             )
-        return self._guard(view, decision)
+        return self._decided(view, decision)

@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 from ._base import MigrationView
+from ._estimates import catch_up_time, expected_remaining_tokens, migration_overhead
 
-__all__ = ["DiscoMigrationPolicy", "NeverMigrationPolicy", "expected_remaining_tokens"]
-
-
-def expected_remaining_tokens(view: MigrationView) -> float:
-    """``E[l_remaining] = max(0, E[total] − committed)``, never more than ``max_tokens`` allows."""
-    remaining = max(0.0, view.expected_total_tokens - view.committed)
-    return min(remaining, float(max(0, view.max_tokens - view.committed)))
+__all__ = ["DiscoMigrationPolicy", "NeverMigrationPolicy"]
 
 
 class DiscoMigrationPolicy:
-    """DiSCo's trigger: migrate iff the target is available, the unread buffer covers the
-    migration time, ``B ≥ margin·r_user·t_m`` (so the reader never waits for the handover),
-    and it pays off, ``Δc_decode·E[l_remaining] > overhead``, with
-    ``Δc_decode = cost(source) − cost(target)`` per decoded token. An endpoint missing from
-    ``cost_per_token`` costs 0.
+    """DiSCo's trigger: migrate iff the unread buffer covers the migration time,
+    ``B ≥ margin·r_user·t_m`` (so the reader never waits for the handover), and it pays off,
+    ``Δc·E[l_remaining] > overhead``, with ``Δc = cost(source) − cost(target)`` per decoded
+    token. ``t_m``, ``E[l_remaining]`` and the overhead are the estimates of
+    ``pydisco.policies._estimates``. An endpoint missing from ``cost_per_token`` costs 0.
     """
 
     name = "disco-migrate"
@@ -29,16 +24,16 @@ class DiscoMigrationPolicy:
         self.buffer_margin = buffer_margin
 
     def buffer_covers(self, view: MigrationView) -> bool:
-        return view.unread >= self.buffer_margin * view.reading_rate * view.target_ready_s
+        return view.unread >= self.buffer_margin * view.reading_rate * catch_up_time(view)
 
     def saving(self, view: MigrationView) -> float:
-        """Net expected saving of migrating now: ``Δc_decode·E[l_remaining] − overhead``."""
+        """Net expected saving of migrating now: ``Δc·E[l_remaining] − overhead``."""
         cost = view.cost_per_token
         delta = cost.get(view.source, 0.0) - cost.get(view.target, 0.0)
-        return delta * expected_remaining_tokens(view) - view.migration_overhead_cost
+        return delta * expected_remaining_tokens(view) - migration_overhead(view)
 
     def should_migrate(self, view: MigrationView) -> bool:
-        if not view.target_available or view.source == view.target:
+        if view.source == view.target:
             return False
         return self.buffer_covers(view) and self.saving(view) > 0
 

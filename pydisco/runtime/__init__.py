@@ -3,8 +3,8 @@ Trio side of the pacer, and the answer's report (docs/architecture.md, docs/embe
 
 from ._blocking import BlockingAnswer as BlockingAnswer
 from ._blocking import BlockingRuntime as BlockingRuntime
-from ._coordinator import ENDPOINT_IDS as ENDPOINT_IDS
-from ._coordinator import AnswerFailed as AnswerFailed
+from ._answer import ENDPOINT_IDS as ENDPOINT_IDS
+from ._handover import AnswerFailed as AnswerFailed
 from ._pacing import ReleasedTokens as ReleasedTokens
 from ._pacing import VirtualTimePacer as VirtualTimePacer
 from ._pacing import trio_time_ns as trio_time_ns
@@ -15,15 +15,13 @@ from ._report import AnswerReport as AnswerReport
 from ._report import EndpointUsage as EndpointUsage
 from ._report import MigrationRecord as MigrationRecord
 from ._report import Piece as Piece
-from ._runtime import UNPROFILED_DEVICE as UNPROFILED_DEVICE
+from ._config import RuntimeConfig as RuntimeConfig
 from ._runtime import AnswerStream as AnswerStream
 from ._runtime import Runtime as Runtime
-from ._runtime import RuntimeConfig as RuntimeConfig
 from ._runtime import open_runtime as open_runtime
 
 __all__ = [
     "ENDPOINT_IDS",
-    "UNPROFILED_DEVICE",
     "AnswerFailed",
     "AnswerReport",
     "AnswerStream",

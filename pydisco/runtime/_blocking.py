@@ -1,8 +1,9 @@
 """The blocking API, for control loops that are not async.
 
 The runtime runs on its own thread (a Trio loop); the caller's thread takes released tokens
-straight from the answer's native ring with a blocking pop that releases the GIL, so a token
-reaches the caller without a hop through the Trio thread::
+straight from the answer's native ring with a blocking pop that releases the GIL, until the
+answer's end record — no polling, no hop through the Trio thread, and nothing read from the
+migration machine outside the thread that owns it::
 
     with pydisco.BlockingRuntime(config) as rt:
         answer = rt.stream(messages=[{"role": "user", "content": "Turn left?"}])
@@ -14,19 +15,21 @@ reaches the caller without a hop through the Trio thread::
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TypeVar
 
 import trio
 
-from ._coordinator import AnswerCoordinator
+from .._errors import ConfigurationError
+from .._types import Endpoint, Message, Sampling
+from ..policies._base import Slo
+from ._answer import ENDPOINT_NAMES
+from ._config import RuntimeConfig
+from ._reader import piece_from
 from ._report import AnswerReport, Piece
-from ._runtime import AnswerStream, Runtime, RuntimeConfig, open_runtime
-from .._types import Endpoint, Message
+from ._runtime import AnswerStream, Runtime, open_runtime
 
-# A finish is signalled by waking the ring's consumer; this bounds the one race where the wake
-# lands between the consumer's last look and its wait.
-_FINISH_POLL_S = 0.05
+T = TypeVar("T")
 
 
 class BlockingAnswer:
@@ -35,26 +38,24 @@ class BlockingAnswer:
     def __init__(self, runtime: BlockingRuntime, answer: AnswerStream, closed: trio.Event, sealed: trio.Event) -> None:
         self._runtime = runtime
         self._answer = answer
-        self._coordinator: AnswerCoordinator = answer._coordinator
         self._closed_event = closed
         self._sealed_event = sealed
-        self._delivered: list[Piece] = []
         self._closed = False
 
     def __iter__(self) -> Iterator[Piece]:
-        ring = self._coordinator.released_ring
+        """The released tokens, blocking without the GIL between them. Raises AnswerFailed
+        (after every committed token) when no endpoint could finish the answer."""
+        coordinator = self._answer._coordinator
+        ring, started_ns = coordinator.released_ring, coordinator.answer.started_ns
         try:
             while True:
-                total = self._coordinator.final_count()
-                if total is not None and ring.statistics().popped >= total:
-                    break
-                token = ring.pop_wait(timeout=_FINISH_POLL_S)  # blocks without the GIL
+                token = ring.pop_wait()  # no timeout: the end record always comes
                 if token is None:
-                    continue
-                piece = self._coordinator.piece_from(token)
-                self._delivered.append(piece)
-                yield piece
-            error = self._coordinator.error
+                    continue  # woken with nothing to take
+                if token.is_end:
+                    break
+                yield piece_from(token, ENDPOINT_NAMES, started_ns)
+            error = coordinator.error  # set in the Trio thread before the end record was pushed
             if error is not None:
                 raise error
         finally:
@@ -65,13 +66,16 @@ class BlockingAnswer:
         if self._closed:
             return
         self._closed = True
-        self._coordinator.record_delivered(self._delivered)
         self._runtime._call(self._closed_event.set)
         trio.from_thread.run(self._sealed_event.wait, trio_token=self._runtime._token)
 
     @property
     def report(self) -> AnswerReport:
-        return self._answer.report
+        """The report: final once the answer is closed; while it runs, as of now (finish
+        reason "running")."""
+        if self._sealed_event.is_set():
+            return self._answer.report
+        return self._runtime._call(lambda: self._answer.report)
 
     def __enter__(self) -> BlockingAnswer:
         return self
@@ -81,9 +85,15 @@ class BlockingAnswer:
 
 
 class BlockingRuntime:
-    """A :class:`Runtime` on a background thread. Use as a context manager."""
+    """A :class:`Runtime` on a background thread. Use as a context manager.
+
+    Real time only: ``virtual_time=True`` is refused (a virtual clock needs the caller inside
+    the Trio run; use ``open_runtime`` under ``trio.testing.MockClock`` for that).
+    """
 
     def __init__(self, config: RuntimeConfig = RuntimeConfig(), *, endpoints: Mapping[str, Endpoint] | None = None) -> None:
+        if config.virtual_time:
+            raise ConfigurationError("BlockingRuntime runs in real time; use open_runtime with a MockClock for virtual time")
         self._config = config
         self._endpoints = endpoints
         self._thread: threading.Thread | None = None
@@ -129,11 +139,23 @@ class BlockingRuntime:
                 await self._stop.wait()
                 nursery.cancel_scope.cancel()
 
-    def _call(self, fn: Any, *args: Any) -> Any:
-        return trio.from_thread.run_sync(fn, *args, trio_token=self._token)
+    def _call(self, fn: Callable[[], T]) -> T:
+        return trio.from_thread.run_sync(fn, trio_token=self._token)
 
-    def stream(self, messages: Sequence[Message] | None = None, **kwargs: Any) -> BlockingAnswer:
-        """Start one answer (the arguments of :meth:`Runtime.stream`) and return it to iterate."""
+    def stream(
+        self,
+        messages: Sequence[Message] | None = None,
+        *,
+        prompt: str | None = None,
+        max_tokens: int = 128,
+        sampling: Sampling = Sampling(),
+        stop: tuple[str, ...] = (),
+        slo: Slo | None = None,
+        pace: bool | None = None,
+        request_id: str = "",
+    ) -> BlockingAnswer:
+        """Start one answer (the arguments of :meth:`Runtime.stream`) and return it to iterate.
+        Bad arguments raise ConfigurationError here, in the caller's thread."""
         if self._runtime is None or self._nursery is None:
             raise RuntimeError("use BlockingRuntime as a context manager")
         runtime, nursery = self._runtime, self._nursery
@@ -143,7 +165,10 @@ class BlockingRuntime:
 
             async def hold(task_status: trio.TaskStatus[AnswerStream]) -> None:
                 try:
-                    async with runtime.stream(messages, **kwargs) as answer:
+                    async with runtime.stream(
+                        messages, prompt=prompt, max_tokens=max_tokens, sampling=sampling, stop=stop,
+                        slo=slo, pace=pace, request_id=request_id,
+                    ) as answer:  # fmt: skip
                         task_status.started(answer)
                         await closed.wait()
                 finally:

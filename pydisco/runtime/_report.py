@@ -1,9 +1,16 @@
-"""What the runtime reports about one answer."""
+"""What the runtime reports about one answer, derived from the native logs: the machine's
+commit log and transition log, and the pacer's release log. Nothing here is recorded twice —
+the report is a function of those logs and of what each endpoint prefilled."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+
+from .. import _core
+from ..qoe import qoe as andes_qoe
+
+LATE_THRESHOLD_NS = 1_000_000  # a token more than 1 ms past its pacing deadline counts as late
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -58,7 +65,7 @@ class AnswerReport:
 
     text: str
     tokens: int
-    finish_reason: str  # "stop", "length", "cancelled", "failed"
+    finish_reason: str  # "stop", "length", "cancelled", "failed"; "running" while it is not over
     dispatch: str  # the dispatch policy's decision, in words
     ttft_s: float | None  # request start to the first released token
     tbt_s: tuple[float, ...]  # gaps between consecutive released tokens
@@ -94,3 +101,151 @@ class AnswerReport:
             )
         lines.append(f"late tokens {self.late_tokens}, max lateness {self.max_lateness_s * 1e3:.2f} ms")
         return "\n".join(lines)
+
+
+# -- derivation ------------------------------------------------------------------------------
+
+Event = _core.MigrationEvent
+
+FINISH_REASON_NAMES: Mapping[_core.FinishReason, str] = {
+    _core.FinishReason.NONE: "running",
+    _core.FinishReason.STOP: "stop",
+    _core.FinishReason.LENGTH: "length",
+    _core.FinishReason.FAILED: "failed",
+    _core.FinishReason.CANCELLED: "cancelled",
+}
+
+
+@dataclasses.dataclass
+class _Episode:
+    """A handover under way while walking the transition log."""
+
+    kind: str
+    decided_ns: int
+    source: str
+    target: str = "?"
+    handover_ns: int | None = None
+    position: int = 0
+
+
+def migration_records(
+    transitions: Sequence[_core.TransitionRecord], names: Mapping[int, str], started_ns: int
+) -> tuple[MigrationRecord, ...]:
+    """Every completed change of the committing endpoint, from the machine's transition log.
+
+    A migration starts at ``prepare`` (decided) and hands over at ``target_ready``; a failover
+    starts when the source (or the last racer, or a target that had the answer) failed. A
+    failure while a target prepared turns that migration into a failover. Either ends at the
+    target's first commit (``taken_over``); one still open when the answer ended is no record.
+    """
+    out: list[MigrationRecord] = []
+    source = "?"
+    episode: _Episode | None = None
+    for t in transitions:
+        name = names.get(t.endpoint, str(t.endpoint))
+        if t.event in (Event.START, Event.WON):
+            source = name
+        elif t.event == Event.PREPARE:
+            episode = _Episode("migration", t.at_ns, source, target=name)
+        elif t.event == Event.TARGET_READY and episode is not None:
+            episode.handover_ns, episode.position = t.at_ns, t.position
+        elif t.event in (Event.SOURCE_FAILED, Event.LAST_RACER_FAILED):
+            if episode is None:
+                episode = _Episode("failover", t.at_ns, name)
+            episode.kind, episode.source = "failover", name
+            episode.handover_ns, episode.position = t.at_ns, t.position
+        elif t.event == Event.TARGET_FAILED and episode is not None:
+            if t.to_state == _core.MigrationState.STREAMING:
+                episode = None  # a preparing target failed: the source goes on
+            else:
+                episode.kind = "failover"  # the target that had the answer failed
+        elif t.event == Event.RESUME and episode is not None:
+            episode.target = name
+        elif t.event == Event.TAKEN_OVER and episode is not None:
+            handover = episode.handover_ns if episode.handover_ns is not None else t.at_ns
+            out.append(
+                MigrationRecord(
+                    kind=episode.kind,
+                    source=episode.source,
+                    target=name,
+                    decided_s=(episode.decided_ns - started_ns) / 1e9,
+                    handover_s=(handover - started_ns) / 1e9,
+                    taken_over_s=(t.at_ns - started_ns) / 1e9,
+                    handover_position=episode.position,
+                )
+            )
+            source, episode = name, None
+    return tuple(out)
+
+
+def released_pieces(
+    releases: Sequence[_core.ReleaseRecord],
+    commits: Sequence[_core.CommitRecord],
+    committed_text: str,
+    names: Mapping[int, str],
+    started_ns: int,
+) -> list[Piece]:
+    """The tokens as the pacer released them to the reader, in order."""
+    text = committed_text.encode("utf-8")
+    first = commits[0].position if commits else 0
+    pieces = []
+    for r in releases:
+        if r.is_end:
+            continue
+        c = commits[r.position - first]
+        pieces.append(
+            Piece(
+                position=c.position,
+                text=text[c.text_begin : c.text_begin + c.text_len].decode("utf-8"),
+                token_id=c.token_id,
+                endpoint=names.get(c.source, str(c.source)),
+                released_s=(r.released_ns - started_ns) / 1e9,
+            )
+        )
+    return pieces
+
+
+def build_report(
+    *,
+    machine: _core.MigrationMachine,
+    releases: Sequence[_core.ReleaseRecord],
+    names: Mapping[int, str],
+    started_ns: int,
+    prefilled: Mapping[str, int],
+    cost_per_token: Mapping[str, float],
+    dispatch: str,
+    ttft_target_s: float,
+    reading_rate: float,
+) -> AnswerReport:
+    pieces = released_pieces(releases, machine.commits(), machine.committed_text, names, started_ns)
+    times = [p.released_s for p in pieces]
+    lateness = [r.released_ns - r.deadline_ns for r in releases if not r.is_end]
+    usage: dict[str, EndpointUsage] = {}
+    for ep, name in names.items():
+        c = machine.counters(ep)
+        if c.role == _core.EndpointRole.NONE and c.offered == 0:
+            continue
+        usage[name] = EndpointUsage(
+            generated_tokens=c.accepted,
+            offered_tokens=c.offered,
+            prefilled_tokens=prefilled.get(name, 0),
+            cost=cost_per_token.get(name, 0.0) * (prefilled.get(name, 0) + c.offered),
+        )
+    used: list[str] = []
+    for p in pieces:
+        if p.endpoint not in used:
+            used.append(p.endpoint)
+    return AnswerReport(
+        text="".join(p.text for p in pieces),
+        tokens=len(pieces),
+        finish_reason=FINISH_REASON_NAMES[machine.finish_reason],
+        dispatch=dispatch,
+        ttft_s=times[0] if times else None,
+        tbt_s=tuple(b - a for a, b in zip(times, times[1:])),
+        qoe=andes_qoe(times, ttft_target_s=ttft_target_s, reading_rate=reading_rate),
+        endpoints_used=tuple(used),
+        migrations=migration_records(machine.transitions(), names, started_ns),
+        usage=usage,
+        late_tokens=sum(1 for x in lateness if x > LATE_THRESHOLD_NS),
+        max_lateness_s=max(lateness, default=0) / 1e9,
+    )

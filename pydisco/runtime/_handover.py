@@ -1,0 +1,117 @@
+"""Moving an answer to another endpoint, and what happens when an endpoint fails.
+
+A **handover** has one procedure whatever asked for it — DiSCo's migration policy, P/D-Device's
+plan, or a failure of the source while a target was already preparing:
+
+1. ``prepare(target)`` in the machine; the target prefills the committed prefix (``prepare``),
+   while the source keeps committing;
+2. when the target is ready (and a P/D plan's condition holds), ``target_ready`` stops the source
+   at the committed position, and the target resumes from exactly there;
+3. the target's first commit (``taken_over``, in the machine) completes it.
+If the source fails during 1, the machine goes straight to handing over and the target continues
+from the committed prefix once its prefill is done.
+
+A **failover** is what the machine says after a failure: with no endpoint left committing
+(``recovering``) another endpoint that has not failed resumes from the committed prefix; with
+none, the answer fails — after every committed token was delivered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import trio
+
+from .._errors import PydiscoError
+from .._types import Endpoint
+from ._answer import Answer, Role, State
+from ._supervision import Runs, Usage
+
+
+class AnswerFailed(PydiscoError):
+    """No endpoint could finish the answer. The tokens already delivered stay valid."""
+
+
+ReadyCondition = Callable[[], bool]
+
+
+class Handover:
+    def __init__(
+        self,
+        answer: Answer,
+        endpoints: Mapping[str, Endpoint],
+        runs: Runs,
+        usage: Usage,
+        by_token_ids: Callable[[], bool],
+        nursery: trio.Nursery,
+    ) -> None:
+        self._answer = answer
+        self._endpoints = endpoints
+        self._runs = runs
+        self._usage = usage
+        self._by_token_ids = by_token_ids
+        self._nursery = nursery
+        self.error: AnswerFailed | None = None  # why the answer failed, once it has
+
+    # -- handover -----------------------------------------------------------------------
+
+    def begin(self, target: str, *, ready_when: ReadyCondition | None = None, on_taken_over: Callable[[], None] | None = None) -> None:
+        """Hand the answer to ``target``. ``ready_when``: a further condition (P/D-Device's
+        "the cloud has sent its K tokens") before the source stops. ``on_taken_over``: called
+        once the target has committed its first token."""
+        self._answer.prepare(target)
+        self._nursery.start_soon(self._hand_over, target, ready_when, on_taken_over, name=f"pydisco handover to {target}")
+
+    async def _hand_over(self, target: str, ready_when: ReadyCondition | None, on_taken_over: Callable[[], None] | None) -> None:
+        answer = self._answer
+        prepare = getattr(self._endpoints[target], "prepare", None)
+        if prepare is not None:
+            try:
+                computed = await prepare(answer.request_at(answer.committed, by_token_ids=self._by_token_ids()))
+            except Exception as e:  # the target cannot take over: the source goes on
+                self.endpoint_failed(target, e)
+                return
+            self._usage.add_prefill(target, computed)
+        await answer.wait_until(lambda: answer.state != State.PREPARING or ready_when is None or ready_when())
+        if answer.state == State.PREPARING:
+            source = answer.source
+            position = answer.target_ready()
+            if source is not None:
+                self._runs.stop(source)
+            self._runs.launch(target, position)
+        elif answer.state == State.HANDING_OVER and answer.target == target:
+            self._runs.launch(target, answer.committed)  # the source failed while we prepared
+        else:
+            return  # the answer ended, or the target failed meanwhile
+        if on_taken_over is not None:
+            await answer.wait_until(lambda: answer.state != State.HANDING_OVER)
+            if answer.source == target:
+                on_taken_over()
+
+    # -- failover -----------------------------------------------------------------------
+
+    def endpoint_failed(self, name: str, error: BaseException) -> None:
+        """``name`` failed (raised, went silent, or could not prepare): tell the machine, then
+        continue the answer elsewhere if it has no committer left."""
+        answer = self._answer
+        if answer.ended:
+            return
+        self._runs.stop(name)
+        if answer.role(name) == Role.NONE:
+            return  # never started on this answer (a failed standby prefill, say)
+        answer.endpoint_failed(name)
+        if answer.state == State.RECOVERING:
+            self._resume_elsewhere(name, error)
+
+    def _resume_elsewhere(self, failed: str, error: BaseException) -> None:
+        answer = self._answer
+        for name in self._endpoints:
+            if not answer.has_failed(name):
+                # A racer that lost a moment ago may not have been stopped yet: its run restarts
+                # from the committed prefix.
+                self._runs.stop(name)
+                self._runs.launch(name, answer.resume(name))
+                return
+        self.error = AnswerFailed(f"no endpoint can continue the answer after {failed} failed: {error}")
+        self.error.__cause__ = error
+        answer.give_up()
