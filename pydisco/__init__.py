@@ -51,6 +51,11 @@ from ._types import TokenPiece as TokenPiece
 
 __version__ = "0.1.0"
 
+# A library logs; the application decides what is shown (nothing, unless it configures logging).
+import logging as _logging
+
+_logging.getLogger("pydisco").addHandler(_logging.NullHandler())
+
 # Loading these would load llama.cpp or the transports: resolved on first use instead.
 _LAZY = {
     "DeviceEndpoint": "pydisco.device",

@@ -81,7 +81,8 @@ def test_a_native_consumer_takes_a_runtime_answer_without_python() -> None:
     tokens, received = trio.run(main)
     *pieces, end = tokens
     assert [t.text for t in pieces] == [a.text for a in ANSWER]
-    assert end.is_end and end.finish_reason == pydisco.FinishReason.STOP and end.position == len(ANSWER)
+    # 15 tokens of 15 allowed: the machine ends it at max_tokens, whatever the script says next.
+    assert end.is_end and end.finish_reason == pydisco.FinishReason.LENGTH and end.position == len(ANSWER)
     assert all(r >= t.released_ns for t, r in zip(tokens, received))
 
 

@@ -16,10 +16,6 @@ import pytest
 from pydisco.cli import _profile as _cmd_profile
 from pydisco.cli import main
 
-RUNTIME_SWALLOWS_ERRORS = pytest.mark.xfail(
-    strict=True, reason="runtime swallows errors inside open_runtime: fixed by the coordinator redesign"
-)
-
 # Runs the command with llama.cpp's bindings unimportable: an input that must fail before any
 # model loads then fails the test (an ImportError is a bug line, exit 1) if it gets that far.
 WITHOUT_LLAMA = (
@@ -93,11 +89,11 @@ BAD_COMMAND_LINES = [
     case(Bad(("run", LONG_PROMPT, "--no-cloud", "--threads", "1"), "exceeds the context of 2048 tokens", llama=True),
          "run-prompt-longer-than-context-device-only"),  # fmt: skip
     case(Bad(("run", LONG_PROMPT, "--threads", "1"), "exceeds the context of 2048 tokens", llama=True),
-         "run-prompt-longer-than-context", RUNTIME_SWALLOWS_ERRORS),  # fmt: skip
+         "run-prompt-longer-than-context"),  # fmt: skip
     case(Bad(("run", HUGE_PROMPT, "--no-cloud", "--threads", "1"), "exceeds the context of 2048 tokens", llama=True),
          "run-100k-character-prompt"),  # fmt: skip
     case(Bad(("run", "hi", "--no-device", "--cloud", "ws://127.0.0.1:{closed_port}"), "127.0.0.1:{closed_port}",
-             status=ANSWER_FAILED), "run-cloud-unreachable", RUNTIME_SWALLOWS_ERRORS),  # fmt: skip
+             status=ANSWER_FAILED), "run-cloud-unreachable"),  # fmt: skip
     case(Bad(("serve", "--token", "t"), "the following arguments are required: --listen", usage=True),
          "serve-no-listen"),  # fmt: skip
     case(Bad(("serve", "--listen", "notaurl", "--token", "t"), "scheme://host:port", usage=True),
@@ -253,7 +249,6 @@ def test_ctrl_c_during_a_device_answer_exits_130_quietly() -> None:
 
 
 @pytest.mark.model
-@RUNTIME_SWALLOWS_ERRORS
 def test_ctrl_c_during_an_answer_with_the_loopback_cloud_exits_130_quietly() -> None:
     result = _interrupt_run()
     assert (result.returncode, result.stderr) == (130, b"")

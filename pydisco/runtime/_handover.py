@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 
 import trio
 
-from .._errors import PydiscoError
+from .._errors import ConfigurationError, EndpointError, PydiscoError
 from .._types import Endpoint
 from ._answer import Answer, Role, State
 from ._supervision import Runs, Usage
@@ -51,7 +51,8 @@ class Handover:
         self._usage = usage
         self._by_token_ids = by_token_ids
         self._nursery = nursery
-        self.error: AnswerFailed | None = None  # why the answer failed, once it has
+        self.error: Exception | None = None  # why the answer failed, once it has
+        self._failures: list[tuple[str, BaseException]] = []
 
     # -- handover -----------------------------------------------------------------------
 
@@ -99,6 +100,7 @@ class Handover:
         self._runs.stop(name)
         if answer.role(name) == Role.NONE:
             return  # never started on this answer (a failed standby prefill, say)
+        self._failures.append((name, error))
         answer.endpoint_failed(name)
         if answer.state == State.RECOVERING:
             self._resume_elsewhere(name, error)
@@ -112,6 +114,28 @@ class Handover:
                 self._runs.stop(name)
                 self._runs.launch(name, answer.resume(name))
                 return
-        self.error = AnswerFailed(f"no endpoint can continue the answer after {failed} failed: {error}")
-        self.error.__cause__ = error
+        self.error = self._why_failed(failed, error)
         answer.give_up()
+
+    def _why_failed(self, failed: str, error: BaseException) -> Exception:
+        """The error the reader gets. When every endpoint refused the request itself before a
+        token (a prompt longer than every context, a request none can run), that refusal is the
+        story: a ConfigurationError, as if the request had been checked up front."""
+        if self._answer.committed == 0 and all(_refused(e) for _, e in self._failures):
+            for _, e in self._failures:
+                if isinstance(e, ConfigurationError):
+                    return e
+            return ConfigurationError("; ".join(f"{name}: {e}" for name, e in self._failures))
+        failure = AnswerFailed(f"no endpoint can continue the answer after {failed} failed: {error}")
+        failure.__cause__ = error
+        return failure
+
+
+_REFUSAL_CODES = frozenset({"prompt_too_long", "bad_request"})
+
+
+def _refused(error: BaseException) -> bool:
+    """Did the endpoint refuse the request itself (rather than fail while serving it)?"""
+    if isinstance(error, ConfigurationError):
+        return True
+    return isinstance(error, EndpointError) and error.code in _REFUSAL_CODES

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 
 import trio
 
-from .._errors import EndpointError
+from .._errors import EndpointError, PydiscoError
 from .._types import Endpoint, GenerationResult, TokenPiece
 from ._answer import Answer
 
@@ -148,7 +148,7 @@ class Runs:
         if failure is None and result is not None and result.finish_reason not in ("stop", "length"):
             failure = EndpointError(f"{run.name} ended its answer as {result.finish_reason!r}")
         if failure is not None:
-            if isinstance(failure, EndpointError):
+            if isinstance(failure, PydiscoError):  # an endpoint's own report of its failure
                 log.info("%s failed: %s", run.name, failure)
             else:
                 log.error("%s failed with an unexpected error", run.name, exc_info=failure)
