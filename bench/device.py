@@ -22,19 +22,17 @@ import argparse
 import ctypes
 import os
 import statistics
-import sys
 import time
 from typing import Any
 
 import trio
 from llama_cpp import llama_cpp as C
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _stats import emit, percentile  # noqa: E402
+from _stats import emit, percentile  # the script's own folder is on sys.path
 
-from pydisco.device import DeviceEndpoint  # noqa: E402
-from pydisco.device._engine import LlamaEngine, _use_extra_buffers  # noqa: E402
-from pydisco._types import GenerationRequest, TokenPiece  # noqa: E402
+from pydisco.device import DeviceEndpoint
+from pydisco.device._engine import LlamaEngine, _use_extra_buffers
+from pydisco._types import GenerationRequest, TokenPiece
 
 PROMPT = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"  # the model keeps counting: no early end of text
 LONG_PROMPT = "A long report about harbours, ships and tides. " * 90

@@ -21,22 +21,18 @@
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 from typing import Any
 
 import trio
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _stats import emit  # noqa: E402
+from _stats import emit  # the script's own folder is on sys.path
 
-from pydisco import RuntimeConfig, open_runtime  # noqa: E402
-from pydisco.device import open_device_endpoint  # noqa: E402
-from pydisco.cloud import LoopbackCloud, open_loopback_cloud  # noqa: E402
-from pydisco._types import GenerationRequest, TokenPiece  # noqa: E402
-from pydisco.policies._base import Slo  # noqa: E402
+from pydisco import RuntimeConfig, open_runtime
+from pydisco.cloud import LoopbackCloud, open_loopback_cloud
+from pydisco._types import GenerationRequest, TokenPiece
+from pydisco.policies._base import Slo
 
 QUESTION = [{"role": "user", "content": "Write a short story about a lighthouse keeper and a storm."}]
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"  # the model keeps counting: no early end of text

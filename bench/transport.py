@@ -12,7 +12,9 @@ ones); a registered scheme that does not load here is reported as missing (null)
    (``time.monotonic_ns``, one clock for both processes on one host) into the token's text; a
    ``CloudEndpoint`` in this process receives it. So the figure is the whole stack: server
    protocol and writer task, transport, client reader and dispatch, up to the sink. The baseline
-   is the same pacing over bare trio-websocket: one small msgpack message per token.
+   is the same pacing over bare trio-websocket: one small msgpack message per token, like with
+   like — plain ``ws`` against bare WebSocket, the TLS schemes (``wss``, ``quic``) against bare
+   WebSocket over TLS.
 2. Sustained concurrent streams. The stub emits ``--rate`` tokens/s per stream on absolute
    deadlines; K streams (16 per connection) run at once for ``--stream-tokens`` tokens. Delivery
    "falls behind" when the p99 lag (receive - scheduled emit) exceeds one token period or a token
@@ -97,8 +99,14 @@ async def child_server(scheme: str, cert_dir: str) -> None:
         nursery.cancel_scope.cancel()
 
 
-async def child_baseline(period: float) -> None:
-    """Bare trio-websocket: for each request "<n>", n small msgpack messages, paced; "done" ends."""
+async def child_baseline(period: float, tls: bool, cert_dir: str) -> None:
+    """Bare trio-websocket (over TLS with ``tls``): for each request "<n>", n small msgpack
+    messages, paced; "done" ends."""
+    ssl_context = None
+    if tls:
+        credentials = self_signed()
+        credentials.write(cert_dir)
+        ssl_context = server_ssl_context(credentials)
 
     async def handler(request: trio_websocket.WebSocketRequest) -> None:
         ws = await request.accept()
@@ -110,8 +118,8 @@ async def child_baseline(period: float) -> None:
                                                      "tg": time.monotonic_ns()}))  # fmt: skip
 
     async with trio.open_nursery() as nursery:
-        server = await nursery.start(trio_websocket.serve_websocket, handler, "127.0.0.1", 0, None)
-        print(json.dumps({"url": f"ws://127.0.0.1:{server.port}/"}), flush=True)
+        server = await nursery.start(trio_websocket.serve_websocket, handler, "127.0.0.1", 0, ssl_context)
+        print(json.dumps({"url": f"{'wss' if tls else 'ws'}://127.0.0.1:{server.port}/"}), flush=True)
         await trio.to_thread.run_sync(sys.stdin.read, abandon_on_cancel=True)
         nursery.cancel_scope.cancel()
 
@@ -159,6 +167,11 @@ async def baseline_round(ws: trio_websocket.WebSocketConnection, count: int, del
         message = await ws.get_message()
         received = time.monotonic_ns()
         delays.append(received - msgpack.unpackb(message)["tg"])
+
+
+def baseline_for(scheme: str) -> str:
+    """Like with like: a scheme without TLS against bare ws, one with TLS against bare wss."""
+    return "ws" if scheme in PLAIN else "wss"
 
 
 def _request(tokens: int, period: float) -> GenerationRequest:
@@ -277,34 +290,40 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     for scheme in ("ws", "quic", *schemes):
         figures[f"{scheme}_p50_us"] = figures[f"{scheme}_p99_us"] = figures[f"max_streams_{scheme}"] = None
     children = {scheme: Child("--child-server", scheme) for scheme in schemes}
-    baseline = Child("--child-baseline", str(period))
+    baselines = {name: Child("--child-baseline", str(period), *(["--tls"] if name == "wss" else [])) for name in ("ws", "wss")}
     try:
-        # Overhead: rounds alternate between the baseline and every scheme, so a change in the
+        # Overhead: rounds alternate between the baselines and every scheme, so a change in the
         # machine's load (it is shared) falls on all of them alike.
-        delays: dict[str, list[float]] = {"baseline": [], **{s: [] for s in schemes}}
+        delays: dict[str, list[float]] = {**{f"baseline_{b}": [] for b in baselines}, **{s: [] for s in schemes}}
         per_round = max(1, args.tokens // args.rounds)
         async with contextlib.AsyncExitStack() as stack:
-            ws = await stack.enter_async_context(trio_websocket.open_websocket_url(baseline.url))
+            bare = {
+                name: await stack.enter_async_context(trio_websocket.open_websocket_url(child.url, ssl_context=child.trust()))
+                for name, child in baselines.items()
+            }
             clouds = {}
             for scheme, child in children.items():
                 clouds[scheme] = await stack.enter_async_context(
                     open_cloud_endpoint(child.url, token=TOKEN, ssl_context=child.trust())
                 )
                 await clouds[scheme].generate(_request(8, period), lambda p: None)  # connected, warm
-            await baseline_round(ws, 8, [])
+            for ws in bare.values():
+                await baseline_round(ws, 8, [])
             for _ in range(args.rounds):
-                await baseline_round(ws, per_round, delays["baseline"])
+                for name, ws in bare.items():
+                    await baseline_round(ws, per_round, delays[f"baseline_{name}"])
                 for scheme, cloud in clouds.items():
                     await stack_round(cloud, per_round, period, delays[scheme])
-            await ws.send_message(b"done")
-        figures["baseline_ws_p50_us"] = round(percentile(delays["baseline"], 50) / 1e3, 1)
-        figures["baseline_ws_p99_us"] = round(percentile(delays["baseline"], 99) / 1e3, 1)
-        figures["baseline_ws_max_us"] = round(max(delays["baseline"]) / 1e3, 1)
+            for ws in bare.values():
+                await ws.send_message(b"done")
+        for key, values in delays.items():
+            figures[f"{key}_p50_us"] = round(percentile(values, 50) / 1e3, 1)
+            figures[f"{key}_p99_us"] = round(percentile(values, 99) / 1e3, 1)
+            figures[f"{key}_max_us"] = round(max(values) / 1e3, 1)
         for scheme in schemes:
-            figures[f"{scheme}_p50_us"] = round(percentile(delays[scheme], 50) / 1e3, 1)
-            figures[f"{scheme}_p99_us"] = round(percentile(delays[scheme], 99) / 1e3, 1)
-            figures[f"{scheme}_max_us"] = round(max(delays[scheme]) / 1e3, 1)
-            figures[f"{scheme}_p50_vs_baseline"] = round(figures[f"{scheme}_p50_us"] / figures["baseline_ws_p50_us"], 2)
+            base = baseline_for(scheme)
+            figures[f"{scheme}_baseline"] = f"bare {base}"
+            figures[f"{scheme}_p50_vs_baseline"] = round(figures[f"{scheme}_p50_us"] / figures[f"baseline_{base}_p50_us"], 2)
         figures["stream_trials"] = {}
         if not args.no_streams:
             for scheme, child in children.items():
@@ -312,7 +331,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 figures[f"max_streams_{scheme}"] = best
                 figures["stream_trials"][scheme] = trials
     finally:
-        for child in (baseline, *children.values()):
+        for child in (*baselines.values(), *children.values()):
             child.stop()
     figures["load_avg_1min_after"] = round(os.getloadavg()[0], 2)
     return figures
@@ -322,17 +341,18 @@ def print_table(figures: dict[str, Any]) -> None:
     print(f"per-token overhead, server emit -> client receive ({figures['tokens']} tokens in {figures['rounds']} "
           f"alternating rounds, one per {figures['period_ms']} ms; {figures['cpus']} CPUs, load "
           f"{figures['load_avg_1min_before']} -> {figures['load_avg_1min_after']})")  # fmt: skip
-    print(f"  {'bare trio-websocket':<22} p50 {figures['baseline_ws_p50_us']:>8} us   p99 {figures['baseline_ws_p99_us']:>8} us"
-          f"   max {figures['baseline_ws_max_us']:>10} us")  # fmt: skip
+    for base in ("ws", "wss"):
+        print(f"  {'bare trio-websocket ' + base:<24} p50 {figures[f'baseline_{base}_p50_us']:>8} us"
+              f"   p99 {figures[f'baseline_{base}_p99_us']:>8} us   max {figures[f'baseline_{base}_max_us']:>10} us")  # fmt: skip
     schemes = [k[: -len("_p50_us")] for k in figures if k.endswith("_p50_us") and not k.startswith("baseline")]
     for s in schemes:
         p50, p99 = figures[f"{s}_p50_us"], figures[f"{s}_p99_us"]
         if p50 is None:
-            print(f"  {'pydisco ' + s:<22} missing: {figures['missing'].get(s, 'not measured')}")
+            print(f"  {'pydisco ' + s:<24} missing: {figures['missing'].get(s, 'not measured')}")
         else:
             ratio = figures.get(f"{s}_p50_vs_baseline")
-            print(f"  {'pydisco ' + s:<22} p50 {p50:>8} us   p99 {p99:>8} us   max {figures[f'{s}_max_us']:>10} us"
-                  f"   (p50 {ratio}x baseline)")  # fmt: skip
+            print(f"  {'pydisco ' + s:<24} p50 {p50:>8} us   p99 {p99:>8} us   max {figures[f'{s}_max_us']:>10} us"
+                  f"   (p50 {ratio}x {figures.get(f'{s}_baseline')})")  # fmt: skip
     print(f"sustained streams at {figures['stream_rate_tok_s']} tok/s each, {figures['stream_tokens']} tokens, "
           f"p99 lag <= one period (cap {figures['max_streams_cap']})")  # fmt: skip
     if not figures["stream_trials"]:
@@ -360,13 +380,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-streams", action="store_true", help="skip the concurrency test")
     parser.add_argument("--child-server", help=argparse.SUPPRESS)
     parser.add_argument("--child-baseline", help=argparse.SUPPRESS)
+    parser.add_argument("--tls", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--cert-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child_server:
         trio.run(child_server, args.child_server, args.cert_dir)
         return 0
     if args.child_baseline:
-        trio.run(child_baseline, float(args.child_baseline))
+        trio.run(child_baseline, float(args.child_baseline), args.tls, args.cert_dir)
         return 0
     if args.quick:
         args.tokens, args.stream_tokens, args.max_cap = min(args.tokens, 300), min(args.stream_tokens, 25), min(args.max_cap, 64)

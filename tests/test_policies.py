@@ -20,7 +20,6 @@ from pydisco.policies import (
     BudgetLedger,
     DeviceSpeed,
     DiscoDPolicy,
-    DiscoMigrationPolicy,
     DiscoSPolicy,
     DispatchDecision,
     DispatchPolicy,
