@@ -454,7 +454,8 @@ async def open_cloud_endpoint(
 ) -> AsyncIterator[CloudEndpoint]:
     """A :class:`CloudEndpoint` for ``url`` whose link tasks live inside this block.
 
-    Does not connect yet (the first generate does). On exit the link is closed.
+    Does not connect yet (the first generate does). On exit the link is closed; an exception
+    raised in the block comes out unchanged (never inside an ExceptionGroup).
     """
     endpoint: CloudEndpoint | None = None
     try:
@@ -473,7 +474,10 @@ async def open_cloud_endpoint(
             try:
                 yield endpoint
             finally:
-                await endpoint.aclose()
+                # Shielded: a cancelled block's close must not swap the body's error for
+                # Cancelled (aclose is bounded in time on its own).
+                with trio.CancelScope(shield=True):
+                    await endpoint.aclose()
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         raise single_exception(group) from None
