@@ -20,6 +20,7 @@ import trio.testing
 from pydisco.cloud import Backend, LlamaBackend
 from pydisco.cloud import RunningServer, ServerConfig, serve
 from pydisco.cloud import Credentials, client_ssl_context, self_signed, server_ssl_context
+from pydisco.cloud import protocol as P
 from pydisco._types import GenerationRequest, GenerationResult, TokenPiece, TokenSink
 
 from pydisco import transports
@@ -247,6 +248,19 @@ async def wait_until(predicate: Callable[[], bool], *, poll: float = 0.005) -> N
 
 async def raw_connect(url: str, scheme: str) -> transports.FrameConnection:
     return await transports.connect(url, ssl_context=client_context(scheme))
+
+
+async def handshake(connection: transports.FrameConnection, token: str = TOKEN) -> P.ClientProtocol:
+    """Hello + auth on a raw transport connection; returns the ready client protocol once
+    auth_ok arrived."""
+    proto = P.ClientProtocol(token=token)
+    for data in proto.handshake():
+        await connection.send_frame(0, data)
+    while proto.state is P.ClientState.HANDSHAKE:
+        sid, data = await connection.receive_frame()
+        for out in proto.receive(sid, data):
+            assert not isinstance(out, P.CloseConnection), out
+    return proto
 
 
 async def drain(connection: transports.FrameConnection) -> list[tuple[int, bytes]]:

@@ -12,6 +12,7 @@ from cloud_support import (
     StallingBackend,
     client_context,
     drain,
+    handshake,
     local_answer,
     raw_connect,
     running_server,
@@ -44,15 +45,6 @@ def expected(request: GenerationRequest) -> tuple[TokenPiece, ...]:
     if key not in _expected:
         _expected[key] = tuple(local_answer(request)[0])
     return _expected[key]
-
-
-async def handshake(connection: object, token: str = TOKEN) -> None:
-    """Hello + auth on a raw transport connection; returns once auth_ok arrived."""
-    for data in P.ClientProtocol(token=token).handshake():
-        await connection.send_frame(0, data)  # type: ignore[attr-defined]
-    for _ in range(2):
-        _, data = await connection.receive_frame()  # type: ignore[attr-defined]
-        assert isinstance(P.decode(data), (P.Welcome, P.AuthOk))
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
