@@ -346,22 +346,25 @@ class CloudEndpoint:
         """
         pinged_for = -math.inf  # the quiet spell already pinged about
         while link.lost is None:
+            # Deadlines, not durations: woken at ping_at, `now - quiet_since` may round to just
+            # under ping_after, and the loop would sleep until a deadline already past, forever.
             quiet_since = link.last_received
-            silence = trio.current_time() - quiet_since
-            if silence >= self._dead_after:
+            ping_at, dead_at = quiet_since + self._ping_after, quiet_since + self._dead_after
+            now = trio.current_time()
+            if now >= dead_at:
+                silence = now - quiet_since
                 self._drop(link, EndpointUnavailable(f"{self._url}: the server sent nothing for {silence:.1f} s",
                                                      code=Code.TIMEOUT))  # fmt: skip
                 with trio.CancelScope(shield=True), trio.move_on_after(_CANCEL_SEND_TIMEOUT):
                     await link.connection.aclose()  # ends the reader
                 return
-            if silence >= self._ping_after and pinged_for != quiet_since:
+            if now >= ping_at and pinged_for != quiet_since:
                 pinged_for = quiet_since
                 try:
                     await link.send(CONNECTION_STREAM, link.proto.ping())
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     return  # the reader sees the same and reports it
-            pinged = pinged_for == quiet_since
-            await trio.sleep_until(quiet_since + (self._dead_after if pinged else self._ping_after))
+            await trio.sleep_until(dead_at if pinged_for == quiet_since else ping_at)
 
     def _drop(self, link: _Link, error: EndpointError) -> None:
         if link.lost is None and link.answers:
