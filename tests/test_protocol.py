@@ -439,6 +439,15 @@ def test_client_refuses_a_request_over_the_servers_frame_limit() -> None:
     assert sid == 1  # the refused request used no stream id
 
 
+def test_client_pings_carry_nonces_that_the_pongs_bring_back() -> None:
+    client = ready_client()
+    first, data = client.ping()
+    assert P.decode(data) == P.Ping(first)
+    second, _ = client.ping()
+    assert second != first
+    assert client.receive(0, P.encode(P.Pong(first))) == [P.PongReceived(first)]
+
+
 def test_client_reports_a_connection_error_and_stops() -> None:
     client = ready_client()
     [close] = client.receive(0, P.encode(P.Error(P.Code.SHUTTING_DOWN, "bye")))

@@ -27,6 +27,7 @@ from .protocol import (
     ClientState,
     CloseConnection,
     Code,
+    PongReceived,
     ProtocolError,
     Ready,
     Send,
@@ -41,6 +42,7 @@ from .. import transports as _transports
 
 
 _CANCEL_SEND_TIMEOUT = 0.5  # a cancelled generate waits at most this long to tell the server
+_RTT_GAIN = 1 / 8  # weight of a new round-trip sample in the smoothed estimate (RFC 6298's alpha)
 _LINK_LOST_CODES = frozenset({Code.SHUTTING_DOWN, Code.TIMEOUT})
 
 
@@ -63,6 +65,7 @@ class CloudStatistics:
     inter_token_p99: float | None
     connected: bool  # a link is up now
     server_model: str | None  # model id the server announced on the last link
+    rtt_s: float | None  # the last link's smoothed round trip (hello -> welcome, then pongs); None before one
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -93,6 +96,7 @@ class _Answer:
         self._ended = False
 
     def token(self, piece: TokenPiece) -> None:
+        """Hand ``piece`` (its ``age_ns`` already set) to the sink."""
         if self._ended:
             return
         now = trio.current_time()
@@ -116,16 +120,38 @@ class _Answer:
 
 
 class _Link:
-    """One connected, authenticated connection and the streams open on it."""
+    """One connected, authenticated connection and the streams open on it.
 
-    def __init__(self, connection: _transports.FrameConnection, proto: ClientProtocol, welcome: Welcome) -> None:
+    ``rtt`` is the smoothed round trip, measured without a clock shared with the server: first
+    from sending hello to receiving welcome, then from each ping to its pong.
+    """
+
+    def __init__(self, connection: _transports.FrameConnection, proto: ClientProtocol, welcome: Welcome,
+                 rtt: float) -> None:  # fmt: skip
         self.connection = connection
         self.proto = proto
         self.welcome = welcome
         self.answers: dict[int, _Answer] = {}
         self.lost: EndpointError | None = None
         self.last_received = trio.current_time()
+        self.rtt = rtt
+        self._ping: tuple[int, float] | None = None  # the ping awaiting its pong: nonce, sent at
         self._send_lock = trio.Lock()
+
+    def one_way_ns(self) -> int:
+        """Half the round trip, in ns: the estimate of how long a frame takes to arrive."""
+        return int(self.rtt * 0.5e9)
+
+    async def send_ping(self) -> None:
+        nonce, data = self.proto.ping()
+        self._ping = (nonce, trio.current_time())
+        await self.send(CONNECTION_STREAM, data)
+
+    def pong(self, nonce: int) -> None:
+        if self._ping is not None and self._ping[0] == nonce:
+            sample = trio.current_time() - self._ping[1]
+            self._ping = None
+            self.rtt += _RTT_GAIN * (sample - self.rtt)
 
     async def send(self, stream_id: int, data: bytes) -> None:
         async with self._send_lock:
@@ -300,17 +326,21 @@ class CloudEndpoint:
 
     async def _handshake(self, connection: _transports.FrameConnection) -> _Link:
         proto = ClientProtocol(token=self._token, agent="pydisco-client")
+        sent_at = trio.current_time()
         for data in proto.handshake():
             await connection.send_frame(CONNECTION_STREAM, data)
+        first_reply: float | None = None  # the welcome: the server answers hello at once
         while True:
             try:
                 sid, data = await connection.receive_frame()
             except trio.EndOfChannel:
                 raise trio.BrokenResourceError("the server closed the connection during the handshake") from None
+            if first_reply is None:
+                first_reply = trio.current_time()
             for out in proto.receive(sid, data):
                 if isinstance(out, Ready):
                     self._server_model = out.welcome.model
-                    return _Link(connection, proto, out.welcome)
+                    return _Link(connection, proto, out.welcome, rtt=first_reply - sent_at)
                 if isinstance(out, Send):
                     await connection.send_frame(out.stream_id, out.data)
                 elif isinstance(out, CloseConnection):
@@ -361,7 +391,7 @@ class CloudEndpoint:
             if now >= ping_at and pinged_for != quiet_since:
                 pinged_for = quiet_since
                 try:
-                    await link.send(CONNECTION_STREAM, link.proto.ping())
+                    await link.send_ping()
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     return  # the reader sees the same and reports it
             await trio.sleep_until(dead_at if pinged_for == quiet_since else ping_at)
@@ -376,11 +406,17 @@ class CloudEndpoint:
             if isinstance(out, TokenReceived):
                 answer = link.answers.get(out.stream_id)
                 if answer is not None:
-                    answer.token(out.piece)
+                    # Produced this long before it reached us: the server's own queueing (both
+                    # times on its clock) plus the trip here (half the round trip).
+                    p = out.piece
+                    age_ns = max(0, out.sent_ns - out.generated_ns) + link.one_way_ns()
+                    answer.token(TokenPiece(p.position, p.token_id, p.text, age_ns))
             elif isinstance(out, (StreamDone, StreamFailed)):
                 answer = link.answers.get(out.stream_id)
                 if answer is not None:
                     answer.finish(out)
+            elif isinstance(out, PongReceived):
+                link.pong(out.nonce)
             elif isinstance(out, Send):
                 await link.send(out.stream_id, out.data)
             elif isinstance(out, CloseConnection):
@@ -424,6 +460,7 @@ class CloudEndpoint:
             inter_token_p99=_quantile(gaps, 0.99),
             connected=link is not None and link.lost is None and link.proto.state is ClientState.READY,
             server_model=self._server_model,
+            rtt_s=link.rtt if link is not None else None,
         )
 
 

@@ -696,13 +696,20 @@ class StreamDone:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class PongReceived:
+    """Output (client): the server answered the ping with this nonce (see ``ClientProtocol.ping``)."""
+
+    nonce: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class StreamFailed:
     stream_id: int
     code: str
     message: str
 
 
-ClientOutput = Union[Send, Ready, TokenReceived, StreamDone, StreamFailed, CloseConnection]
+ClientOutput = Union[Send, Ready, TokenReceived, StreamDone, StreamFailed, PongReceived, CloseConnection]
 
 
 @dataclasses.dataclass(slots=True)
@@ -759,9 +766,10 @@ class ClientProtocol:
     def open_streams(self) -> int:
         return len(self._streams)
 
-    def ping(self) -> bytes:
+    def ping(self) -> tuple[int, bytes]:
+        """A ping frame for stream 0 and its nonce, which the server's pong carries back."""
         self._ping_nonce += 1
-        return encode(Ping(self._ping_nonce))
+        return self._ping_nonce, encode(Ping(self._ping_nonce))
 
     def receive(self, sid: int, data: bytes) -> list[ClientOutput]:
         """Process one received frame. Never raises for anything the peer sent."""
@@ -783,7 +791,7 @@ class ClientProtocol:
             if isinstance(frame, Ping):
                 return [Send(CONNECTION_STREAM, encode(Pong(frame.nonce)))]
             if isinstance(frame, Pong):
-                return []
+                return [PongReceived(frame.nonce)]
             if isinstance(frame, Error):
                 return self._close(frame.code, frame.message)
             if isinstance(frame, Welcome) and self.state is ClientState.HANDSHAKE and self.welcome is None:
