@@ -111,6 +111,15 @@ def text_of(pieces: Sequence[TokenPiece]) -> str:
     return "".join(p.text for p in pieces)
 
 
+Token = tuple[int, int, str]
+
+
+def tokens_of(pieces: Sequence[TokenPiece]) -> tuple[Token, ...]:
+    """What the pieces say (position, token id, text), without their ages, which depend on
+    the run (a cloud piece's age includes the link's round trip)."""
+    return tuple((p.position, p.token_id, p.text) for p in pieces)
+
+
 # -- backends for tests -------------------------------------------------------------------
 
 
@@ -226,19 +235,35 @@ async def running_server(backend: Backend, schemes: Sequence[str], **options: An
         raise
 
 
+class ServerLife:
+    """A server started by :func:`start_server`: ``cancel()`` stops it (a crash or a restart);
+    ``stopped`` is set once it has let go of everything (a QUIC server's one UDP socket stays
+    bound while its sessions say goodbye, so a restart on the same port waits for this)."""
+
+    def __init__(self) -> None:
+        self.scope = trio.CancelScope()
+        self.stopped = trio.Event()
+
+    def cancel(self) -> None:
+        self.scope.cancel()
+
+
 async def start_server(
     nursery: trio.Nursery, backend: Backend, schemes: Sequence[str], **options: Any
-) -> tuple[RunningServer, trio.CancelScope]:
-    """A server in ``nursery``; cancel the returned scope to stop it (a crash or a restart)."""
+) -> tuple[RunningServer, ServerLife]:
+    """A server in ``nursery``, and its life to end it."""
     config = server_config(backend, schemes, **options)
-    scope = trio.CancelScope()
+    life = ServerLife()
 
     async def run(task_status: trio.TaskStatus[RunningServer]) -> None:
-        with scope:
-            await serve(config, task_status=task_status)
+        try:
+            with life.scope:
+                await serve(config, task_status=task_status)
+        finally:
+            life.stopped.set()
 
     server: RunningServer = await nursery.start(run)
-    return server, scope
+    return server, life
 
 
 async def wait_until(predicate: Callable[[], bool], *, poll: float = 0.005) -> None:
