@@ -408,9 +408,8 @@ class CloudEndpoint:
                 if answer is not None:
                     # Produced this long before it reached us: the server's own queueing (both
                     # times on its clock) plus the trip here (half the round trip).
-                    p = out.piece
                     age_ns = max(0, out.sent_ns - out.generated_ns) + link.one_way_ns()
-                    answer.token(TokenPiece(p.position, p.token_id, p.text, age_ns))
+                    answer.token(dataclasses.replace(out.piece, age_ns=age_ns))
             elif isinstance(out, (StreamDone, StreamFailed)):
                 answer = link.answers.get(out.stream_id)
                 if answer is not None:

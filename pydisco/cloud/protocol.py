@@ -446,7 +446,6 @@ class UsedStreamIds:
                 return True
 
 
-
 class ServerState(enum.IntEnum):
     """Ordered: ``state >= READY`` means authenticated, ``CLOSED`` is final."""
 

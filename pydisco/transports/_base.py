@@ -10,8 +10,8 @@ id onto one of its streams; one that has not (WebSocket) carries the id in an en
 Errors: a peer that closes cleanly ends ``receive_frame`` with ``trio.EndOfChannel``, and
 ``send_frame`` to it raises ``trio.BrokenResourceError`` (a closed peer is gone: nothing sent
 reaches it); a lost link or a reset raises ``trio.BrokenResourceError`` on both; using a closed
-connection raises ``trio.ClosedResourceError``. A frame larger than ``max_frame_size`` is refused by the
-receiving side with ``FrameTooLarge`` before it is buffered whole.
+connection raises ``trio.ClosedResourceError``. A frame larger than ``max_frame_size`` is
+refused by the receiving side with ``FrameTooLarge`` before it is buffered whole.
 """
 
 from __future__ import annotations
