@@ -20,6 +20,7 @@ import trio.testing
 from pydisco.cloud import Backend, LlamaBackend
 from pydisco.cloud import RunningServer, ServerConfig, serve
 from pydisco.cloud import Credentials, client_ssl_context, self_signed, server_ssl_context
+from pydisco.cloud import protocol as P
 from pydisco._types import GenerationRequest, GenerationResult, TokenPiece, TokenSink
 
 from pydisco import transports
@@ -108,6 +109,15 @@ def local_answer(request: GenerationRequest) -> tuple[list[TokenPiece], Generati
 
 def text_of(pieces: Sequence[TokenPiece]) -> str:
     return "".join(p.text for p in pieces)
+
+
+Token = tuple[int, int, str]
+
+
+def tokens_of(pieces: Sequence[TokenPiece]) -> tuple[Token, ...]:
+    """What the pieces say (position, token id, text), without their ages, which depend on
+    the run (a cloud piece's age includes the link's round trip)."""
+    return tuple((p.position, p.token_id, p.text) for p in pieces)
 
 
 # -- backends for tests -------------------------------------------------------------------
@@ -225,19 +235,35 @@ async def running_server(backend: Backend, schemes: Sequence[str], **options: An
         raise
 
 
+class ServerLife:
+    """A server started by :func:`start_server`: ``cancel()`` stops it (a crash or a restart);
+    ``stopped`` is set once it has let go of everything (a QUIC server's one UDP socket stays
+    bound while its sessions say goodbye, so a restart on the same port waits for this)."""
+
+    def __init__(self) -> None:
+        self.scope = trio.CancelScope()
+        self.stopped = trio.Event()
+
+    def cancel(self) -> None:
+        self.scope.cancel()
+
+
 async def start_server(
     nursery: trio.Nursery, backend: Backend, schemes: Sequence[str], **options: Any
-) -> tuple[RunningServer, trio.CancelScope]:
-    """A server in ``nursery``; cancel the returned scope to stop it (a crash or a restart)."""
+) -> tuple[RunningServer, ServerLife]:
+    """A server in ``nursery``, and its life to end it."""
     config = server_config(backend, schemes, **options)
-    scope = trio.CancelScope()
+    life = ServerLife()
 
     async def run(task_status: trio.TaskStatus[RunningServer]) -> None:
-        with scope:
-            await serve(config, task_status=task_status)
+        try:
+            with life.scope:
+                await serve(config, task_status=task_status)
+        finally:
+            life.stopped.set()
 
     server: RunningServer = await nursery.start(run)
-    return server, scope
+    return server, life
 
 
 async def wait_until(predicate: Callable[[], bool], *, poll: float = 0.005) -> None:
@@ -247,6 +273,19 @@ async def wait_until(predicate: Callable[[], bool], *, poll: float = 0.005) -> N
 
 async def raw_connect(url: str, scheme: str) -> transports.FrameConnection:
     return await transports.connect(url, ssl_context=client_context(scheme))
+
+
+async def handshake(connection: transports.FrameConnection, token: str = TOKEN) -> P.ClientProtocol:
+    """Hello + auth on a raw transport connection; returns the ready client protocol once
+    auth_ok arrived."""
+    proto = P.ClientProtocol(token=token)
+    for data in proto.handshake():
+        await connection.send_frame(0, data)
+    while proto.state is P.ClientState.HANDSHAKE:
+        sid, data = await connection.receive_frame()
+        for out in proto.receive(sid, data):
+            assert not isinstance(out, P.CloseConnection), out
+    return proto
 
 
 async def drain(connection: transports.FrameConnection) -> list[tuple[int, bytes]]:

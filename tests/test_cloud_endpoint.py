@@ -221,8 +221,18 @@ def test_an_unknown_scheme_is_a_configuration_error() -> None:
 Script = Callable[[transports.FrameConnection, P.ServerProtocol, int, GenerationRequest], Awaitable[None]]
 
 
-async def fake_server(nursery: trio.Nursery, script: Script, name: str = "fake") -> str:
+class FakeLink:
+    """What the scripted server's replies on stream 0 (welcome, auth_ok, pongs) wait: a link
+    with this round trip, as far as the client's measurement can tell. Change it at will."""
+
+    def __init__(self, rtt: float = 0.0) -> None:
+        self.rtt = rtt
+        self.pings = 0  # pings the client sent
+
+
+async def fake_server(nursery: trio.Nursery, script: Script, name: str = "fake", link: FakeLink | None = None) -> str:
     """A memory server that handshakes for real, then runs ``script`` for each generate."""
+    link = link or FakeLink()
 
     async def handle(connection: transports.FrameConnection) -> None:
         proto = P.ServerProtocol(check_token=lambda t: t == TOKEN, model="fake", max_frame_size=1 << 20,
@@ -232,8 +242,12 @@ async def fake_server(nursery: trio.Nursery, script: Script, name: str = "fake")
                 sid, data = await connection.receive_frame()
             except (trio.EndOfChannel, trio.BrokenResourceError, trio.ClosedResourceError):
                 return
+            if sid == P.CONNECTION_STREAM and isinstance(P.decode(data), P.Ping):
+                link.pings += 1
             for out in proto.receive(sid, data):
                 if isinstance(out, P.Send):
+                    if out.stream_id == P.CONNECTION_STREAM:
+                        await trio.sleep(link.rtt)
                     await connection.send_frame(out.stream_id, out.data)
                 elif isinstance(out, P.StartStream):
                     await script(connection, proto, out.stream_id, out.request)
@@ -269,6 +283,65 @@ async def test_a_link_lost_mid_answer_keeps_the_tokens_and_the_next_answer_recon
         nursery.cancel_scope.cancel()
     assert result.finish_reason == "length" and text_of(got) == "<0><1><2><0><1>"
     assert stats.connects == 2 and stats.links_lost == 1 and stats.failed == 1
+
+
+QUEUED_NS = 50_000_000  # the scripted server's own queueing of each token: ts - tg
+
+
+async def tokens_queued_50ms(conn: transports.FrameConnection, proto: P.ServerProtocol, sid: int,
+                             request: GenerationRequest) -> None:  # fmt: skip
+    for i in range(request.max_tokens):
+        generated = 10**12 + i  # the server's clock: meaningless to the client, only ts - tg counts
+        await conn.send_frame(sid, proto.token(sid, TokenPiece(i, i, "x"), generated, generated + QUEUED_NS) or b"")
+    await conn.send_frame(sid, proto.done(sid, GenerationResult("length", 1, 1, request.max_tokens), 0) or b"")
+
+
+@trio_test(60, mock_clock=True)
+async def test_token_ages_are_server_queueing_plus_half_the_measured_round_trip() -> None:
+    link = FakeLink(rtt=0.2)
+    async with trio.open_nursery() as nursery:
+        url = await fake_server(nursery, tokens_queued_50ms, link=link)
+        async with open_cloud_endpoint(url, token=TOKEN, ping_after=1.0, dead_after=5.0) as cloud:
+            assert cloud.statistics().rtt_s is None  # no link yet
+            got: list[TokenPiece] = []
+            await cloud.generate(ask(3), got.append)
+            assert cloud.statistics().rtt_s == pytest.approx(0.2)  # hello sent -> welcome received
+            assert [p.age_ns for p in got] == [QUEUED_NS + 100_000_000] * 3
+            link.rtt = 0.6
+            await trio.sleep(2.0)  # quiet for ping_after: one ping, its pong 0.6 s later
+            assert cloud.statistics().rtt_s == pytest.approx(0.2 + (0.6 - 0.2) / 8)  # smoothed
+            got.clear()
+            await cloud.generate(ask(2), got.append)
+            assert [p.age_ns for p in got] == [QUEUED_NS + 125_000_000] * 2
+        nursery.cancel_scope.cancel()
+
+
+@trio_test(30)
+async def test_a_real_server_gives_small_non_negative_ages() -> None:
+    async with running_server(StubBackend(period=0.001), ["ws"]) as server:
+        async with open_cloud_endpoint(server.urls[0], token=TOKEN) as cloud:
+            got: list[TokenPiece] = []
+            await cloud.generate(ask(20), got.append)
+            rtt = cloud.statistics().rtt_s
+    assert rtt is not None and 0 < rtt < 1.0
+    assert len(got) == 20 and all(0 <= p.age_ns < 1_000_000_000 for p in got)
+    assert all(p.age_ns >= int(rtt * 0.5e9) for p in got)  # at least the one-way delay
+
+
+@trio_test(60, mock_clock=True)
+async def test_a_quiet_link_is_pinged_whatever_the_time_of_its_last_frame() -> None:
+    # The last frame arrives at 0.4 s. Woken at 0.4 + 1.0, the watcher used to compute the
+    # silence as 1.4 - 0.4, which rounds to just under 1.0: no ping, and a sleep until a
+    # deadline already past, spinning for ever (under a mock clock time then never moves).
+    link = FakeLink(rtt=0.2)
+    async with trio.open_nursery() as nursery:
+        url = await fake_server(nursery, tokens_queued_50ms, link=link)
+        async with open_cloud_endpoint(url, token=TOKEN, ping_after=1.0, dead_after=5.0) as cloud:
+            await cloud.generate(ask(1), lambda piece: None)
+            assert trio.current_time() == pytest.approx(0.4)
+            await trio.sleep(1.1)
+            assert link.pings == 1
+        nursery.cancel_scope.cancel()
 
 
 @trio_test(60, mock_clock=True)

@@ -205,6 +205,15 @@ def test_a_bad_generate_before_auth_is_still_unauthorized() -> None:
     assert isinstance(out[-1], P.CloseConnection) and out[-1].code == P.Code.UNAUTHORIZED
 
 
+@pytest.mark.parametrize("fields", [{}, {"token": 5}, {"token": None}, {"token": b"good"}])
+def test_an_auth_frame_without_a_string_token_is_unauthorized(fields: dict[str, object]) -> None:
+    server = make_server()
+    server.receive(0, P.encode(P.Hello((1,))))
+    out = server.receive(0, msgpack.packb({"t": "auth", **fields}, use_bin_type=True))
+    assert isinstance(out[-1], P.CloseConnection) and out[-1].code == P.Code.UNAUTHORIZED
+    assert [f.code for _, f in frames_of(out) if isinstance(f, P.Error)] == [P.Code.UNAUTHORIZED]
+
+
 def test_wrong_token_is_unauthorized() -> None:
     server = make_server()
     server.receive(0, P.encode(P.Hello((1,))))
@@ -213,14 +222,60 @@ def test_wrong_token_is_unauthorized() -> None:
     assert server.state is P.ServerState.CLOSED
 
 
-def test_stream_ids_must_be_odd_and_increasing() -> None:
+def test_stream_ids_must_be_odd_and_never_reused() -> None:
     server = authed()
     assert isinstance(server.receive(3, gen())[0], P.StartStream)
-    for bad in (2, 3, 1, 0):
+    for bad in (2, 3, 0, P.MAX_STREAM_ID + 2):
         s = authed()
         s.receive(3, gen())
         out = s.receive(bad, gen())
         assert isinstance(out[-1], P.CloseConnection) and out[-1].code == P.Code.BAD_STREAM, bad
+
+
+def test_stream_ids_may_arrive_out_of_order() -> None:
+    # QUIC orders data within a stream only: a lower id's first datagram can be overtaken.
+    server = authed()
+    for sid in (5, 1, 3):
+        [start] = server.receive(sid, gen())
+        assert start == P.StartStream(sid, P.decode(gen()).request)  # type: ignore[union-attr]
+    out = server.receive(1, gen())
+    assert isinstance(out[-1], P.CloseConnection) and out[-1].code == P.Code.BAD_STREAM
+
+
+def test_a_refused_stream_uses_its_id_too() -> None:
+    server = authed()
+    bad = msgpack.packb({"t": "generate", "prompt": "x", "max_tokens": 0})
+    assert frames_of(server.receive(3, bad))[0][0] == 3
+    assert isinstance(server.receive(1, gen())[0], P.StartStream)
+    out = server.receive(3, gen())
+    assert isinstance(out[-1], P.CloseConnection) and out[-1].code == P.Code.BAD_STREAM
+
+
+@given(st.lists(st.integers(0, 40), min_size=1, max_size=300))
+def test_used_stream_ids_stay_bounded_and_are_never_accepted_twice(steps: list[int]) -> None:
+    # Ids move up with gaps (steps of 0 repeat an id); a lagging id comes back now and then.
+    window = 8
+    used = P.UsedStreamIds(window)
+    accepted: set[int] = set()
+    sid = 1
+    for i, step in enumerate(steps):
+        sid = min(sid + 2 * step, P.MAX_STREAM_ID)
+        candidate = max(1, sid - 2 * (i % 5)) if i % 3 == 0 else sid
+        if used.claim(candidate):
+            assert candidate not in accepted
+            accepted.add(candidate)
+        assert len(used) <= window
+
+
+def test_used_stream_ids_forget_nothing_within_the_window() -> None:
+    used = P.UsedStreamIds(4)
+    assert all(used.claim(sid) for sid in (9, 7, 5, 3))  # four ids overtook id 1
+    assert used.claim(1)  # still within the window: accepted
+    assert len(used) == 0  # 1..9 are contiguous now: all below the floor
+    assert not any(used.claim(sid) for sid in (1, 3, 5, 7, 9))
+    assert all(used.claim(sid) for sid in (21, 19, 17, 15, 13))  # the fifth pushes the floor up
+    assert len(used) <= 4
+    assert not used.claim(11)  # so far behind that it counts as used
 
 
 def test_connection_frames_belong_on_stream_zero() -> None:
@@ -382,6 +437,15 @@ def test_client_refuses_a_request_over_the_servers_frame_limit() -> None:
     assert info.value.code == P.Code.FRAME_TOO_LARGE
     sid, _ = client.open_stream(GenerationRequest(prompt="x", max_tokens=5))
     assert sid == 1  # the refused request used no stream id
+
+
+def test_client_pings_carry_nonces_that_the_pongs_bring_back() -> None:
+    client = ready_client()
+    first, data = client.ping()
+    assert P.decode(data) == P.Ping(first)
+    second, _ = client.ping()
+    assert second != first
+    assert client.receive(0, P.encode(P.Pong(first))) == [P.PongReceived(first)]
 
 
 def test_client_reports_a_connection_error_and_stops() -> None:

@@ -491,7 +491,7 @@ def test_datagrams_that_arrive_together_are_all_taken_in(frame_queue: int) -> No
             nursery.start_soon(wire.server.run)
             await wire.client.wait_connected()
             await wire.client.send_frame(1, b"go")
-            assert await wire.server.wait_control_opened()
+            assert await wire.server.wait_handshake()
             assert await wire.server.receive_frame() == (1, b"go")
             await trio.testing.wait_all_tasks_blocked()
             wire.held = []

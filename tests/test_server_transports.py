@@ -64,7 +64,7 @@ async def test_frames_keep_their_stream_ids_and_order(scheme: str) -> None:
 
 @pytest.mark.parametrize("scheme", SCHEMES)
 @trio_test(15)
-async def test_a_clean_close_by_the_peer_is_end_of_channel(scheme: str) -> None:
+async def test_a_clean_close_by_the_peer_is_end_of_channel_and_sending_to_it_is_broken(scheme: str) -> None:
     async with trio.open_nursery() as nursery:
         info = await start_echo(nursery, scheme)
         conn = await transports.connect(info.url, ssl_context=client_context(scheme), max_frame_size=LIMIT)
@@ -73,6 +73,8 @@ async def test_a_clean_close_by_the_peer_is_end_of_channel(scheme: str) -> None:
         assert await conn.receive_frame() == (1, b"before")
         with pytest.raises(trio.EndOfChannel):
             await conn.receive_frame()
+        with pytest.raises(trio.BrokenResourceError):  # a peer that closed is gone: nobody reads
+            await conn.send_frame(1, b"after")
         await conn.aclose()
         nursery.cancel_scope.cancel()
 

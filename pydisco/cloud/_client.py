@@ -27,6 +27,7 @@ from .protocol import (
     ClientState,
     CloseConnection,
     Code,
+    PongReceived,
     ProtocolError,
     Ready,
     Send,
@@ -41,6 +42,7 @@ from .. import transports as _transports
 
 
 _CANCEL_SEND_TIMEOUT = 0.5  # a cancelled generate waits at most this long to tell the server
+_RTT_GAIN = 1 / 8  # weight of a new round-trip sample in the smoothed estimate (RFC 6298's alpha)
 _LINK_LOST_CODES = frozenset({Code.SHUTTING_DOWN, Code.TIMEOUT})
 
 
@@ -63,6 +65,7 @@ class CloudStatistics:
     inter_token_p99: float | None
     connected: bool  # a link is up now
     server_model: str | None  # model id the server announced on the last link
+    rtt_s: float | None  # the last link's smoothed round trip (hello -> welcome, then pongs); None before one
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -93,6 +96,7 @@ class _Answer:
         self._ended = False
 
     def token(self, piece: TokenPiece) -> None:
+        """Hand ``piece`` (its ``age_ns`` already set) to the sink."""
         if self._ended:
             return
         now = trio.current_time()
@@ -116,16 +120,38 @@ class _Answer:
 
 
 class _Link:
-    """One connected, authenticated connection and the streams open on it."""
+    """One connected, authenticated connection and the streams open on it.
 
-    def __init__(self, connection: _transports.FrameConnection, proto: ClientProtocol, welcome: Welcome) -> None:
+    ``rtt`` is the smoothed round trip, measured without a clock shared with the server: first
+    from sending hello to receiving welcome, then from each ping to its pong.
+    """
+
+    def __init__(self, connection: _transports.FrameConnection, proto: ClientProtocol, welcome: Welcome,
+                 rtt: float) -> None:  # fmt: skip
         self.connection = connection
         self.proto = proto
         self.welcome = welcome
         self.answers: dict[int, _Answer] = {}
         self.lost: EndpointError | None = None
         self.last_received = trio.current_time()
+        self.rtt = rtt
+        self._ping: tuple[int, float] | None = None  # the ping awaiting its pong: nonce, sent at
         self._send_lock = trio.Lock()
+
+    def one_way_ns(self) -> int:
+        """Half the round trip, in ns: the estimate of how long a frame takes to arrive."""
+        return int(self.rtt * 0.5e9)
+
+    async def send_ping(self) -> None:
+        nonce, data = self.proto.ping()
+        self._ping = (nonce, trio.current_time())
+        await self.send(CONNECTION_STREAM, data)
+
+    def pong(self, nonce: int) -> None:
+        if self._ping is not None and self._ping[0] == nonce:
+            sample = trio.current_time() - self._ping[1]
+            self._ping = None
+            self.rtt += _RTT_GAIN * (sample - self.rtt)
 
     async def send(self, stream_id: int, data: bytes) -> None:
         async with self._send_lock:
@@ -300,17 +326,21 @@ class CloudEndpoint:
 
     async def _handshake(self, connection: _transports.FrameConnection) -> _Link:
         proto = ClientProtocol(token=self._token, agent="pydisco-client")
+        sent_at = trio.current_time()
         for data in proto.handshake():
             await connection.send_frame(CONNECTION_STREAM, data)
+        first_reply: float | None = None  # the welcome: the server answers hello at once
         while True:
             try:
                 sid, data = await connection.receive_frame()
             except trio.EndOfChannel:
                 raise trio.BrokenResourceError("the server closed the connection during the handshake") from None
+            if first_reply is None:
+                first_reply = trio.current_time()
             for out in proto.receive(sid, data):
                 if isinstance(out, Ready):
                     self._server_model = out.welcome.model
-                    return _Link(connection, proto, out.welcome)
+                    return _Link(connection, proto, out.welcome, rtt=first_reply - sent_at)
                 if isinstance(out, Send):
                     await connection.send_frame(out.stream_id, out.data)
                 elif isinstance(out, CloseConnection):
@@ -346,22 +376,25 @@ class CloudEndpoint:
         """
         pinged_for = -math.inf  # the quiet spell already pinged about
         while link.lost is None:
+            # Deadlines, not durations: woken at ping_at, `now - quiet_since` may round to just
+            # under ping_after, and the loop would sleep until a deadline already past, forever.
             quiet_since = link.last_received
-            silence = trio.current_time() - quiet_since
-            if silence >= self._dead_after:
+            ping_at, dead_at = quiet_since + self._ping_after, quiet_since + self._dead_after
+            now = trio.current_time()
+            if now >= dead_at:
+                silence = now - quiet_since
                 self._drop(link, EndpointUnavailable(f"{self._url}: the server sent nothing for {silence:.1f} s",
                                                      code=Code.TIMEOUT))  # fmt: skip
                 with trio.CancelScope(shield=True), trio.move_on_after(_CANCEL_SEND_TIMEOUT):
                     await link.connection.aclose()  # ends the reader
                 return
-            if silence >= self._ping_after and pinged_for != quiet_since:
+            if now >= ping_at and pinged_for != quiet_since:
                 pinged_for = quiet_since
                 try:
-                    await link.send(CONNECTION_STREAM, link.proto.ping())
+                    await link.send_ping()
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     return  # the reader sees the same and reports it
-            pinged = pinged_for == quiet_since
-            await trio.sleep_until(quiet_since + (self._dead_after if pinged else self._ping_after))
+            await trio.sleep_until(dead_at if pinged_for == quiet_since else ping_at)
 
     def _drop(self, link: _Link, error: EndpointError) -> None:
         if link.lost is None and link.answers:
@@ -373,11 +406,16 @@ class CloudEndpoint:
             if isinstance(out, TokenReceived):
                 answer = link.answers.get(out.stream_id)
                 if answer is not None:
-                    answer.token(out.piece)
+                    # Produced this long before it reached us: the server's own queueing (both
+                    # times on its clock) plus the trip here (half the round trip).
+                    age_ns = max(0, out.sent_ns - out.generated_ns) + link.one_way_ns()
+                    answer.token(dataclasses.replace(out.piece, age_ns=age_ns))
             elif isinstance(out, (StreamDone, StreamFailed)):
                 answer = link.answers.get(out.stream_id)
                 if answer is not None:
                     answer.finish(out)
+            elif isinstance(out, PongReceived):
+                link.pong(out.nonce)
             elif isinstance(out, Send):
                 await link.send(out.stream_id, out.data)
             elif isinstance(out, CloseConnection):
@@ -421,6 +459,7 @@ class CloudEndpoint:
             inter_token_p99=_quantile(gaps, 0.99),
             connected=link is not None and link.lost is None and link.proto.state is ClientState.READY,
             server_model=self._server_model,
+            rtt_s=link.rtt if link is not None else None,
         )
 
 
@@ -454,7 +493,8 @@ async def open_cloud_endpoint(
 ) -> AsyncIterator[CloudEndpoint]:
     """A :class:`CloudEndpoint` for ``url`` whose link tasks live inside this block.
 
-    Does not connect yet (the first generate does). On exit the link is closed.
+    Does not connect yet (the first generate does). On exit the link is closed; an exception
+    raised in the block comes out unchanged (never inside an ExceptionGroup).
     """
     endpoint: CloudEndpoint | None = None
     try:
@@ -473,7 +513,10 @@ async def open_cloud_endpoint(
             try:
                 yield endpoint
             finally:
-                await endpoint.aclose()
+                # Shielded: a cancelled block's close must not swap the body's error for
+                # Cancelled (aclose is bounded in time on its own).
+                with trio.CancelScope(shield=True):
+                    await endpoint.aclose()
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         raise single_exception(group) from None

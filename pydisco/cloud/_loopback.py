@@ -20,6 +20,7 @@ from ._backends import Backend, LlamaBackend
 from ..linkemu import REALISTIC_LAST_HOP, LinkControl, LinkProfile, serve_tcp_proxy, serve_udp_proxy
 from ._server import RunningServer, ServerConfig, serve
 from ._tls import client_ssl_context, self_signed, server_ssl_context
+from .._groups import single_exception
 
 LOOPBACK = "127.0.0.1"
 
@@ -52,7 +53,7 @@ async def open_loopback_cloud(
 ) -> AsyncIterator[LoopbackCloud]:
     """Start the server (a llama.cpp backend on ``model_path`` unless ``backend`` is given)
     and the link emulator in front of it; stop both on exit. ``profile=None``: a link that
-    adds nothing (still cuttable)."""
+    adds nothing (still cuttable). An exception raised in the block comes out unchanged."""
     if transport not in ("ws", "wss", "quic"):
         raise ValueError(f"transport must be ws, wss or quic, not {transport!r}")
     credentials = self_signed()
@@ -63,30 +64,33 @@ async def open_loopback_cloud(
     link_profile = profile or LinkProfile(latency=0.0)
     control = LinkControl()
     try:
-        async with trio.open_nursery() as nursery:
-            config = ServerConfig(
-                listen=[f"{transport}://{LOOPBACK}:0"],
-                tokens=[token],
-                backend=backend,
-                ssl_context=server_ssl_context(credentials) if transport != "ws" else None,
-            )
-            server: RunningServer = await nursery.start(serve, config)
-            port = server.listeners[0].port
-            proxy = serve_udp_proxy if transport == "quic" else serve_tcp_proxy
-            proxy_port: int = await nursery.start(
-                functools.partial(
-                    proxy, LOOPBACK, 0, LOOPBACK, port, link_profile, link_profile, seed=seed, control=control
+        try:
+            async with trio.open_nursery() as nursery:
+                config = ServerConfig(
+                    listen=[f"{transport}://{LOOPBACK}:0"],
+                    tokens=[token],
+                    backend=backend,
+                    ssl_context=server_ssl_context(credentials) if transport != "ws" else None,
                 )
-            )
-            yield LoopbackCloud(
-                url=f"{transport}://{LOOPBACK}:{proxy_port}",
-                direct_url=f"{transport}://{LOOPBACK}:{port}",
-                token=token,
-                ssl_context=client_ssl_context(credentials),
-                link=control,
-                server=server,
-            )
-            nursery.cancel_scope.cancel()
+                server: RunningServer = await nursery.start(serve, config)
+                port = server.listeners[0].port
+                proxy = serve_udp_proxy if transport == "quic" else serve_tcp_proxy
+                proxy_port: int = await nursery.start(
+                    functools.partial(
+                        proxy, LOOPBACK, 0, LOOPBACK, port, link_profile, link_profile, seed=seed, control=control
+                    )
+                )
+                yield LoopbackCloud(
+                    url=f"{transport}://{LOOPBACK}:{proxy_port}",
+                    direct_url=f"{transport}://{LOOPBACK}:{port}",
+                    token=token,
+                    ssl_context=client_ssl_context(credentials),
+                    link=control,
+                    server=server,
+                )
+                nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:  # the block's own error, not a group around it
+            raise single_exception(group) from None
     finally:
         if owned:
             close = getattr(backend, "close", None)

@@ -326,21 +326,29 @@ class _Session:
         self._cancel_all = trio.CancelScope()  # replaced by the session nursery's scope in run()
 
     async def run(self) -> None:
+        """Serve the connection until it closes. A cancellation from outside is the server
+        stopping: the client is told ``shutting_down`` (briefly), then Cancelled propagates."""
         try:
-            async with trio.open_nursery() as nursery:
-                self._cancel_all = nursery.cancel_scope
-                nursery.start_soon(self._writer)
-                nursery.start_soon(self._watchdog)
-                await self._reader(nursery)
-                nursery.cancel_scope.cancel()
-        except BaseExceptionGroup as group:
-            raise single_exception(group) from None
-        finally:
-            if not self._peer_gone and self._proto.state is not ServerState.CLOSED:
-                await self._tell_shutdown()
+            try:
+                async with trio.open_nursery() as nursery:
+                    self._cancel_all = nursery.cancel_scope
+                    nursery.start_soon(self._writer)
+                    nursery.start_soon(self._watchdog)
+                    await self._reader(nursery)
+                    nursery.cancel_scope.cancel()
+            except BaseExceptionGroup as group:
+                raise single_exception(group) from None
+        except trio.Cancelled:
+            # Only the server stopping cancels a session from outside: its own ends (the
+            # peer gone, a protocol error, a timeout) cancel its nursery, which absorbs that.
+            await self._tell_shutdown()
+            raise
 
     async def _tell_shutdown(self) -> None:
-        """The server is stopping (we were cancelled): say so on stream 0, briefly."""
+        """The server is stopping: say so on stream 0, briefly, unless the peer is gone or
+        the connection was closed for another reason already."""
+        if self._peer_gone or self._proto.state is ServerState.CLOSED:
+            return
         for out in self._proto.fail(Code.SHUTTING_DOWN, "the server is shutting down"):
             if isinstance(out, Send):
                 with trio.CancelScope(shield=True), trio.move_on_after(_SHUTDOWN_NOTICE):
@@ -359,8 +367,8 @@ class _Session:
             except _transports.FrameTooLarge as e:
                 outputs.extend(self._proto.frame_too_large())
                 log.info("closing a connection: %s", e)
-            except (trio.EndOfChannel, trio.BrokenResourceError, trio.ClosedResourceError):
-                self._peer_gone = True
+            except (trio.EndOfChannel, trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                self._gone("reading", e)
                 return
             else:
                 self._last_received = trio.current_time()
@@ -419,12 +427,18 @@ class _Session:
                 # the protocol only emits refusals as plain frames there).
                 if not isinstance(item, _TokenOut) and item.stream_id != CONNECTION_STREAM:
                     await self._conn.end_stream(item.stream_id)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
             # The client is gone: stop every answer now rather than at the next read.
-            self._peer_gone = True
+            self._gone("sending", e)
             self._cancel_all.cancel()
         finally:
             self._flushed.set()
+
+    def _gone(self, doing: str, error: BaseException) -> None:
+        # A client that leaves, however it leaves, is ordinary: no warning, nothing more sent.
+        if not self._peer_gone:
+            self._peer_gone = True
+            log.debug("the client went away (seen while %s: %s)", doing, error or type(error).__name__)
 
     async def _watchdog(self) -> None:
         """Pings the client every heartbeat interval and closes the connection when the

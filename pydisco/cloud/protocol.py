@@ -104,9 +104,10 @@ class Welcome:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Auth:
-    """Client, stream 0, after hello: a bearer token."""
+    """Client, stream 0, after hello: a bearer token. ``None`` when the frame carried no string
+    token: the server refuses that like a wrong token (``unauthorized``), not as a bad frame."""
 
-    token: str = dataclasses.field(repr=False)
+    token: str | None = dataclasses.field(repr=False)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -389,7 +390,7 @@ def _parse_error(o: dict[str, Any]) -> Error:
 _PARSERS: Final[dict[str, Callable[[dict[str, Any]], Frame]]] = {
     "hello": _parse_hello,
     "welcome": _parse_welcome,
-    "auth": lambda o: Auth(_str(o, "token")),
+    "auth": lambda o: Auth(o["token"] if isinstance(o.get("token"), str) else None),
     "auth_ok": lambda o: AuthOk(),
     "generate": _parse_generate,
     "token": _parse_token,
@@ -402,6 +403,47 @@ _PARSERS: Final[dict[str, Callable[[dict[str, Any]], Frame]]] = {
 
 
 # -- the server's side of one connection --------------------------------------------------
+
+
+REORDER_WINDOW_PER_STREAM: Final = 4
+"""The server remembers this many used stream ids per allowed concurrent stream above its floor
+(see :class:`UsedStreamIds`)."""
+
+
+class UsedStreamIds:
+    """Which odd client stream ids a connection has used, so that none is used twice, while ids
+    may arrive in any order (QUIC orders data within a stream, not across streams).
+
+    Memory is bounded: every odd id up to ``floor`` counts as used, and only the used ids above
+    it are kept. The floor moves up over ids used without a gap below them and, once more than
+    ``window`` ids are kept, up to the smallest kept one: an id still missing below it then
+    counts as used, because that many later ids overtook it.
+    """
+
+    def __init__(self, window: int) -> None:
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window!r}")
+        self.window = window
+        self.floor = -1  # no id used yet (the first is 1)
+        self._above: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self._above)
+
+    def claim(self, sid: int) -> bool:
+        """Mark the odd id ``sid`` used; False if it was used (or counts as used) already."""
+        if sid <= self.floor or sid in self._above:
+            return False
+        self._above.add(sid)
+        while True:
+            if self.floor + 2 in self._above:
+                self._above.discard(self.floor + 2)
+                self.floor += 2
+            elif len(self._above) > self.window:
+                self.floor = min(self._above)
+                self._above.discard(self.floor)
+            else:
+                return True
 
 
 class ServerState(enum.IntEnum):
@@ -480,7 +522,7 @@ class ServerProtocol:
         self.version = 0
         self.open_streams: set[int] = set()  # started and not yet ended by done/error
         self._cancelling: set[int] = set()  # cancelled by the client: only done/error may follow
-        self._last_stream_id = CONNECTION_STREAM
+        self.stream_ids = UsedStreamIds(REORDER_WINDOW_PER_STREAM * max_streams)
         self._ping_nonce = 0
 
     # Incoming ----------------------------------------------------------------------------
@@ -556,17 +598,23 @@ class ServerProtocol:
     def _on_auth(self, frame: Auth) -> list[ServerOutput]:
         if self.state is not ServerState.AWAIT_AUTH:
             return self.fail(Code.BAD_FRAME, "already authenticated")
-        if not self._check_token(frame.token):
+        if frame.token is None or not self._check_token(frame.token):
             return self.fail(Code.UNAUTHORIZED, "the bearer token was not accepted")
         self.state = ServerState.READY
         return [Send(CONNECTION_STREAM, encode(AuthOk())), Authenticated()]
 
-    def _on_generate(self, sid: int, request: GenerationRequest) -> list[ServerOutput]:
+    def _claim_stream(self, sid: int) -> str | None:
+        """Why ``sid`` cannot open a stream, or None after marking it used."""
         if sid % 2 != 1 or sid > MAX_STREAM_ID:
-            return self.fail(Code.BAD_STREAM, f"generate needs an odd client stream id, got {sid}")
-        if sid <= self._last_stream_id:
-            return self.fail(Code.BAD_STREAM, f"stream ids must increase: {sid} after {self._last_stream_id}")
-        self._last_stream_id = sid
+            return f"generate needs an odd client stream id below 2**31, got {sid}"
+        if not self.stream_ids.claim(sid):
+            return f"stream id {sid} was used before on this connection"
+        return None
+
+    def _on_generate(self, sid: int, request: GenerationRequest) -> list[ServerOutput]:
+        refusal = self._claim_stream(sid)
+        if refusal is not None:
+            return self.fail(Code.BAD_STREAM, refusal)
         if len(self.open_streams) >= self.max_streams:
             return [Send(sid, encode(Error(Code.TOO_MANY_STREAMS,
                                            f"at most {self.max_streams} concurrent streams per connection")))]  # fmt: skip
@@ -575,9 +623,9 @@ class ServerProtocol:
 
     def _refuse_stream(self, sid: int, code: str, message: str) -> list[ServerOutput]:
         """A well-formed but unusable generate: refuse that stream, keep the connection."""
-        if sid % 2 != 1 or sid <= self._last_stream_id or sid > MAX_STREAM_ID:
-            return self.fail(Code.BAD_STREAM, f"bad stream id {sid}")
-        self._last_stream_id = sid
+        refusal = self._claim_stream(sid)
+        if refusal is not None:
+            return self.fail(Code.BAD_STREAM, refusal)
         return [Send(sid, encode(Error(code, message)))]
 
     # Outgoing ----------------------------------------------------------------------------
@@ -647,13 +695,20 @@ class StreamDone:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class PongReceived:
+    """Output (client): the server answered the ping with this nonce (see ``ClientProtocol.ping``)."""
+
+    nonce: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class StreamFailed:
     stream_id: int
     code: str
     message: str
 
 
-ClientOutput = Union[Send, Ready, TokenReceived, StreamDone, StreamFailed, CloseConnection]
+ClientOutput = Union[Send, Ready, TokenReceived, StreamDone, StreamFailed, PongReceived, CloseConnection]
 
 
 @dataclasses.dataclass(slots=True)
@@ -710,9 +765,10 @@ class ClientProtocol:
     def open_streams(self) -> int:
         return len(self._streams)
 
-    def ping(self) -> bytes:
+    def ping(self) -> tuple[int, bytes]:
+        """A ping frame for stream 0 and its nonce, which the server's pong carries back."""
         self._ping_nonce += 1
-        return encode(Ping(self._ping_nonce))
+        return self._ping_nonce, encode(Ping(self._ping_nonce))
 
     def receive(self, sid: int, data: bytes) -> list[ClientOutput]:
         """Process one received frame. Never raises for anything the peer sent."""
@@ -734,7 +790,7 @@ class ClientProtocol:
             if isinstance(frame, Ping):
                 return [Send(CONNECTION_STREAM, encode(Pong(frame.nonce)))]
             if isinstance(frame, Pong):
-                return []
+                return [PongReceived(frame.nonce)]
             if isinstance(frame, Error):
                 return self._close(frame.code, frame.message)
             if isinstance(frame, Welcome) and self.state is ClientState.HANDSHAKE and self.welcome is None:

@@ -7,10 +7,11 @@ and each generate request gets its own stream id, chosen by the client (odd numb
 client-initiated bidirectional streams). A transport that has native streams (QUIC) maps each
 id onto one of its streams; one that has not (WebSocket) carries the id in an envelope.
 
-Errors: a peer that closes cleanly ends ``receive_frame`` with ``trio.EndOfChannel``; a lost
-link or a reset raises ``trio.BrokenResourceError``; using a closed connection raises
-``trio.ClosedResourceError``. A frame larger than ``max_frame_size`` is refused by the
-receiving side with ``FrameTooLarge`` before it is buffered whole.
+Errors: a peer that closes cleanly ends ``receive_frame`` with ``trio.EndOfChannel``, and
+``send_frame`` to it raises ``trio.BrokenResourceError`` (a closed peer is gone: nothing sent
+reaches it); a lost link or a reset raises ``trio.BrokenResourceError`` on both; using a closed
+connection raises ``trio.ClosedResourceError``. A frame larger than ``max_frame_size`` is
+refused by the receiving side with ``FrameTooLarge`` before it is buffered whole.
 """
 
 from __future__ import annotations

@@ -166,7 +166,7 @@ class QuicFrameConnection:
         self._stopped = False  # run() has ended: the socket may be gone
         self._progress = trio.lowlevel.ParkingLot()  # senders waiting for acknowledgements
         self._handshake_done = trio.Event()
-        self._control_opened = trio.Event()  # server: the client opened the control stream
+        self._control_opened = trio.Event()  # server: the client opened stream 0 (or never will)
         self._handshake_ok = False
         self._ended: events.ConnectionTerminated | None = None
         self._failure: str | None = None  # the socket failed (e.g. ICMP port unreachable)
@@ -226,15 +226,20 @@ class QuicFrameConnection:
         self._open_stream(0)  # QUIC stream 0, so the server can answer on it
         self._output()
 
-    async def wait_control_opened(self) -> bool:
-        """Server: wait until the client opened its control stream; False if it never will."""
-        await self._control_opened.wait()
-        return self._streams.quic_id(0) is not None and not self._gone()
+    async def wait_handshake(self) -> bool:
+        """Server: wait for the TLS handshake; False if it failed or the connection ended.
+
+        The control stream need not be open yet (a send on it waits until it is): whatever
+        deadline the handler keeps for it (the cloud server's ``handshake_timeout``) starts
+        then."""
+        await self._handshake_done.wait()
+        return self._handshake_ok and not self._gone()
 
     def abort(self, reason: str) -> None:
         """Close now with an error code (the peer sees a broken connection)."""
         self._closing = True
         self._frames_recv.close()
+        self._control_opened.set()  # a sender waiting for stream 0 re-checks and raises
         self._quic.close(error_code=QuicErrorCode.INTERNAL_ERROR, reason_phrase=reason)
         self._output()
 
@@ -243,14 +248,18 @@ class QuicFrameConnection:
     async def send_frame(self, stream_id: int, frame: bytes) -> None:
         """Queue one frame on ``stream_id`` for sending.
 
-        Waits while too much sent data is unacknowledged. Cancellation while waiting leaves the
-        frame unsent; once queued, the whole frame is sent. Raises ``ClosedResourceError`` when
-        this side closed the connection or can no longer send on the stream (it ended it, or
-        the client has not opened it), ``BrokenResourceError`` when the connection has ended.
+        Waits while too much sent data is unacknowledged, and on a server, for stream 0, until
+        the client has opened it (the handler starts before). Cancellation while waiting leaves
+        the frame unsent; once queued, the whole frame is sent. Raises ``ClosedResourceError``
+        when this side closed the connection or can no longer send on the stream (it ended it,
+        or the client has not opened it), ``BrokenResourceError`` when the connection has ended.
         """
         _check_stream_id(stream_id)
         await trio.lowlevel.checkpoint_if_cancelled()
         self._check_usable()
+        if stream_id == 0 and not self._is_client:
+            await self._control_opened.wait()
+            self._check_usable()
         while _unacked_bytes(self._quic) >= self._settings.send_buffer:
             await self._progress.park()
             self._check_usable()
@@ -324,6 +333,7 @@ class QuicFrameConnection:
             return
         self._closing = True
         self._frames_recv.close()
+        self._control_opened.set()
         self._progress.unpark_all()  # blocked senders re-check and raise
         clean = False
         try:

@@ -23,13 +23,14 @@ also sets the idle timeout and buffer sizes.
 Structure: one non-blocking UDP socket per endpoint and a single reader task on it. The reader
 drains the socket in bursts, hands each datagram to its connection (the server demultiplexes by
 destination connection id), then has each connection it fed take the burst in and answer, in
-the reader task itself; senders send their own datagrams. Each connection also has a driver task
-for timers and for what had to wait (``_quic_connection``). The server runs a task per connection that starts the
-handler once the client has opened its control stream and removes the connection when QUIC
-has finished closing it. A client connection's reader and driver run as a Trio *system task*,
-because ``connect()`` returns a plain connection object rather than a context manager; the
-task ends when the connection does (``aclose()``, the peer, or the idle timeout), and when the
-Trio run ends. Not implemented: address validation by Retry packets, connection migration on
+the reader task itself; senders send their own datagrams. Each connection also has a driver
+task for timers and for what had to wait (``_quic_connection``). The server runs a task per
+connection that starts the handler once the TLS handshake is done (the handler's own deadline
+then covers the control stream) and removes the connection when QUIC has finished closing it.
+A client connection's reader and driver run as a Trio *system task*, because ``connect()``
+returns a plain connection object rather than a context manager; the task ends when the
+connection does (``aclose()``, the peer, or the idle timeout), and when the Trio run ends.
+Not implemented: address validation by Retry packets, connection migration on
 the client, 0-RTT, client certificates.
 """
 
@@ -340,11 +341,24 @@ class _ServerEndpoint:
             self._cids[conn].discard(cid)
 
     async def _serve_connection(self, conn: QuicFrameConnection) -> None:
+        # The handler starts once TLS is done, not once the control stream is open, so that its
+        # own deadline covers a client that never opens it (and keeps QUIC alive with PINGs).
+        # The driver is shielded while the handler runs: a stopping server's handler still gets
+        # its last frames (shutting_down) out before the driver aborts the connection.
+        driving = trio.CancelScope(shield=True)
+
+        async def drive() -> None:
+            with driving:
+                await conn.run()
+
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(conn.run)
-                if await conn.wait_control_opened():
-                    await self._run_handler(conn)
+                nursery.start_soon(drive)
+                try:
+                    if await conn.wait_handshake():
+                        await self._run_handler(conn)
+                finally:
+                    driving.shield = False  # an outer cancellation now reaches the driver
         finally:
             for cid in self._cids.pop(conn):
                 self._by_cid.pop(cid, None)

@@ -48,7 +48,8 @@ class WebSocketConnection:
 
     async def send_frame(self, stream_id: int, frame: bytes) -> None:
         """Send one frame. The write is shielded (and bounded in time) so that cancellation never
-        leaves half a WebSocket frame on the wire; a cancelled caller sees Cancelled after it."""
+        leaves half a WebSocket frame on the wire; a cancelled caller sees Cancelled after it.
+        BrokenResourceError once the peer has closed, however cleanly: nobody will read it."""
         if self._closed_locally:
             raise trio.ClosedResourceError("this connection is closed")
         message = _ENVELOPE.pack(stream_id) + frame
@@ -57,7 +58,7 @@ class WebSocketConnection:
             try:
                 await self._ws.send_message(message)
             except tws.ConnectionClosed as e:
-                raise self._closed_error(e) from None
+                raise self._closed_error(e, sending=True) from None
         if scope.cancelled_caught:
             await self._abort()
             raise trio.BrokenResourceError(f"the peer did not take a frame within {_SEND_TIMEOUT} s")
@@ -107,12 +108,15 @@ class WebSocketConnection:
         if self._on_close is not None:
             self._on_close.set()
 
-    def _closed_error(self, e: tws.ConnectionClosed) -> Exception:
+    def _closed_error(self, e: tws.ConnectionClosed, *, sending: bool = False) -> Exception:
         if self._closed_locally:
             return trio.ClosedResourceError("this connection is closed")
         reason = e.reason
         code = reason.code if reason is not None else None
         if code in _CLEAN_CLOSE:
+            # A clean close ends what the peer sends; what we would send to it has nowhere to go.
+            if sending:
+                return trio.BrokenResourceError(f"the peer closed the connection (code {code})")
             return trio.EndOfChannel()
         if code == _TOO_BIG:
             detail = "the peer refused a message as too big (close code 1009)"
