@@ -435,3 +435,23 @@ def test_budget_holds_over_a_workload_through_the_runtime(share: float, dispatch
     assert answer_sizes > 0
     event(f"{dispatch} b={share}: constrained endpoint used" if constrained_tokens else f"{dispatch} b={share}: unused")
     assert constrained_tokens <= share * answer_sizes + 1e-9, (constrained_tokens, answer_sizes)
+
+
+def test_status_says_who_generates_and_what_is_unread() -> None:
+    endpoints = {"device": ScriptedEndpoint("device", script("device", 10), prefill_s=0.1, gaps_s=[0.01])}
+
+    async def main() -> list[pydisco.runtime.AnswerStatus]:
+        cfg = config(dispatch="device-only", slo=Slo(ttft_target_s=1.0, reading_rate=10.0))
+        seen = []
+        async with open_runtime(cfg, endpoints=endpoints) as rt:
+            async with rt.stream(prompt="hi", max_tokens=10) as answer:
+                async for _ in answer:
+                    seen.append(answer.status())
+        return seen
+
+    seen = run_virtual(main)
+    # The device decodes at 100 tok/s, the reader takes 10 tok/s: the buffer grows, then drains.
+    assert (seen[0].state, seen[0].generating, seen[0].consumed) == ("streaming", "device", 1)
+    middle = seen[4]  # at 0.5 s the device (done at 0.19 s) committed all ten, the reader took five
+    assert (middle.state, middle.generating, middle.committed, middle.consumed, middle.unread) == ("finished", None, 10, 5, 5)
+    assert seen[-1].unread == 0

@@ -12,6 +12,7 @@ from ._realtime import realtime_thread as realtime_thread
 from ._realtime import set_thread_normal as set_thread_normal
 from ._realtime import set_thread_realtime as set_thread_realtime
 from ._report import AnswerReport as AnswerReport
+from ._report import AnswerStatus as AnswerStatus
 from ._report import EndpointUsage as EndpointUsage
 from ._report import MigrationRecord as MigrationRecord
 from ._report import Piece as Piece
@@ -24,6 +25,7 @@ __all__ = [
     "ENDPOINT_IDS",
     "AnswerFailed",
     "AnswerReport",
+    "AnswerStatus",
     "AnswerStream",
     "BlockingAnswer",
     "BlockingRuntime",

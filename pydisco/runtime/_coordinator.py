@@ -37,7 +37,7 @@ from ._dispatch import Dispatch
 from ._handover import AnswerFailed, Handover
 from ._migration import MigrationFacts, MigrationTrigger
 from ._reader import AnswerReader
-from ._report import AnswerReport, Piece, build_report
+from ._report import AnswerReport, AnswerStatus, Piece, build_report
 from ._standby import DeviceStandby
 from ._supervision import Deadlines, Runs, Usage
 
@@ -192,6 +192,18 @@ class AnswerCoordinator:
         if self.answer.machine.finish_reason != _core.FinishReason.FAILED or self._handover is None:
             return None
         return self._handover.error
+
+    def status(self) -> AnswerStatus:
+        answer = self.answer
+        committed, consumed = answer.committed, answer.consumed()
+        return AnswerStatus(
+            state=answer.state.name.lower(),
+            generating=answer.source,
+            committed=committed,
+            consumed=consumed,
+            unread=committed - consumed,
+            elapsed_s=answer.seconds(answer.clock.now_ns()),
+        )
 
     # -- what is learnt from it ---------------------------------------------------------
 

@@ -60,6 +60,27 @@ class EndpointUsage:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class AnswerStatus:
+    """An answer in flight, now (``AnswerStream.status()``): for a live view or a log line.
+
+    Fields:
+        state: the migration machine's state ("streaming", "preparing", ...).
+        generating: the endpoint committing tokens now (None while racing or handing over).
+        committed: tokens committed so far.
+        consumed: tokens the reader has taken.
+        unread: committed but not yet taken (DiSCo's buffer B).
+        elapsed_s: seconds since the request started.
+    """
+
+    state: str
+    generating: str | None
+    committed: int
+    consumed: int
+    unread: int
+    elapsed_s: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class AnswerReport:
     """The report of one answer: timing as the reader saw it, QoE, and who did what."""
 

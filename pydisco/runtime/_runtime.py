@@ -27,7 +27,7 @@ from ..policies._base import DeviceSpeed, DispatchPolicy, DispatchView, Migratio
 from ._config import RuntimeConfig
 from ._coordinator import AnswerCoordinator, AnswerSettings
 from ._migration import MigrationFacts
-from ._report import AnswerReport, Piece
+from ._report import AnswerReport, AnswerStatus, Piece
 from ._supervision import Deadlines
 
 __all__ = ["AnswerStream", "Runtime", "RuntimeConfig", "open_runtime"]
@@ -66,6 +66,10 @@ class AnswerStream:
     def final_count(self) -> int | None:
         """How many tokens the answer has, once it has ended (else None)."""
         return self._coordinator.final_count()
+
+    def status(self) -> AnswerStatus:
+        """The answer now: who generates, what is committed, read and unread."""
+        return self._coordinator.status()
 
     @property
     def report(self) -> AnswerReport:
