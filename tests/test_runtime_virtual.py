@@ -455,3 +455,71 @@ def test_status_says_who_generates_and_what_is_unread() -> None:
     middle = seen[4]  # at 0.5 s the device (done at 0.19 s) committed all ten, the reader took five
     assert (middle.state, middle.generating, middle.committed, middle.consumed, middle.unread) == ("finished", None, 10, 5, 5)
     assert seen[-1].unread == 0
+
+
+# ----- cloud health -------------------------------------------------------------------------
+
+
+def test_a_cloud_that_dropped_sits_out_with_exponential_backoff() -> None:
+    from pydisco.runtime import Backoff
+
+    scripts = {"device": script("device", 3), "cloud": script("cloud", 3)}
+    cloud = ScriptedEndpoint("cloud", scripts["cloud"], prefill_s=0.01, fails_after=0, fails_on_run=None)
+    endpoints = {"device": ScriptedEndpoint("device", scripts["device"], prefill_s=0.05), "cloud": cloud}
+
+    async def main() -> list[tuple[int, float | None, str]]:
+        cfg = config(dispatch="disco-d", migration="never", health_backoff=Backoff(initial_s=1.0, max_s=8.0, jitter=0.0))
+        seen = []
+        async with open_runtime(cfg, endpoints=endpoints) as rt:
+            for pause in (0.0, 0.5, 1.0, 0.5, 2.0):
+                await trio.sleep(pause)
+                start = trio.current_time()
+                pieces, report, error = await read_all(rt, max_tokens=3)
+                assert error is None and [p.endpoint for p in pieces] == ["device"] * 3
+                seen.append((cloud.runs, report.ttft_s, report.dispatch))
+        return seen
+
+    seen = run_virtual(main)
+    runs = [s[0] for s in seen]
+    # 1st: the cloud is tried and drops (the fallback starts at once). 2nd, 0.5 s later: it is
+    # down for 1 s, so the device alone starts, without waiting w(l). 3rd, past the 1 s: tried
+    # again, drops again: down for 2 s. 4th: down. 5th, 2 s later: tried once more.
+    assert runs == [1, 1, 2, 2, 3]
+    assert "only endpoint" in seen[1][2] and "only endpoint" in seen[3][2]
+    assert seen[1][1] == pytest.approx(0.05, abs=1e-6)  # no w(l) wait for a cloud known down
+
+
+def test_a_request_the_cloud_refuses_does_not_mark_it_down() -> None:
+    from pydisco._errors import EndpointError
+
+    class Refusing:
+        name = "cloud"
+        runs = 0
+
+        async def generate(self, request: GenerationRequest, sink: TokenSink) -> GenerationResult:
+            self.runs += 1
+            raise EndpointError("prompt too long for the cloud", code="prompt_too_long")
+
+    refusing = Refusing()
+    endpoints = {"device": ScriptedEndpoint("device", script("device", 3)), "cloud": refusing}
+
+    async def main() -> None:
+        async with open_runtime(config(dispatch="cloud-only", migration="never"), endpoints=endpoints) as rt:  # type: ignore[arg-type]
+            for _ in range(2):
+                pieces, _, error = await read_all(rt, max_tokens=3)
+                assert error is None and len(pieces) == 3
+
+    run_virtual(main)
+    assert refusing.runs == 2  # asked again: refusing one request says nothing of its health
+
+
+def test_backoff_grows_exponentially_within_its_jitter() -> None:
+    import random
+
+    from pydisco.runtime import Backoff
+
+    backoff = Backoff(initial_s=0.5, max_s=4.0, jitter=0.2)
+    rng = random.Random(1)
+    for failures, base in ((1, 0.5), (2, 1.0), (3, 2.0), (4, 4.0), (9, 4.0)):
+        delays = [backoff.delay(failures, rng) for _ in range(200)]
+        assert base * 0.8 <= min(delays) < max(delays) <= base * 1.2

@@ -17,6 +17,7 @@ from ._report import EndpointUsage as EndpointUsage
 from ._report import MigrationRecord as MigrationRecord
 from ._report import Piece as Piece
 from ._config import RuntimeConfig as RuntimeConfig
+from ._health import Backoff as Backoff
 from ._runtime import AnswerStream as AnswerStream
 from ._runtime import Runtime as Runtime
 from ._runtime import open_runtime as open_runtime
@@ -27,6 +28,7 @@ __all__ = [
     "AnswerReport",
     "AnswerStatus",
     "AnswerStream",
+    "Backoff",
     "BlockingAnswer",
     "BlockingRuntime",
     "EndpointUsage",

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 
 from .._errors import ConfigurationError
 from ..policies._base import Budget, Slo
+from ._health import Backoff
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +25,8 @@ class RuntimeConfig:
     ``virtual_time``: run pacing and timeouts on Trio's clock (use with MockClock).
     ``first_token_timeout_s`` / ``silence_timeout_s``: an endpoint that produces no token for
     this long after it started / after its last token has failed (failover follows).
+    ``health_backoff``: how long an endpoint that refused, timed out or dropped is left out of
+    dispatch (exponential, jittered; docs/embedding.md); ``seed`` seeds the jitter.
     """
 
     device_model: str | None = "default"
@@ -43,6 +46,8 @@ class RuntimeConfig:
     first_token_timeout_s: float = 10.0
     silence_timeout_s: float = 2.0
     max_migrations: int = 1
+    health_backoff: Backoff = Backoff()
+    seed: int | None = None
     # While the cloud decodes, the device prefills the committed prefix as it grows (device
     # energy for a short failover/migration gap), where the dispatch policy allows it.
     # False: the device computes it all on demand.

@@ -35,6 +35,7 @@ from ..policies._base import AnswerOutcome, DispatchDecision, MigrationPolicy, S
 from ._answer import ENDPOINT_IDS, ENDPOINT_NAMES, Answer
 from ._dispatch import Dispatch
 from ._handover import AnswerFailed, Handover
+from ._health import Health
 from ._migration import MigrationFacts, MigrationTrigger
 from ._reader import AnswerReader
 from ._report import AnswerReport, AnswerStatus, Piece, build_report
@@ -72,6 +73,7 @@ class AnswerCoordinator:
         migration: MigrationPolicy,
         settings: AnswerSettings,
         facts: MigrationFacts,
+        health: Health,
     ) -> None:
         if not any(e in endpoints for e in decision.start):
             raise AnswerFailed(f"the dispatch decision names no available endpoint: {decision.reason or decision}")
@@ -80,6 +82,7 @@ class AnswerCoordinator:
         self._migration = migration
         self._settings = settings
         self._facts = facts
+        self._health = health
         self._reading_interval_ns = round(1e9 / settings.slo.reading_rate) if settings.pace else 0
         # P/D-Device paces the cloud's first tokens at its own interval, then at the reader's.
         interval = self._reading_interval_ns if decision.handoff is None else round(decision.handoff.interval_s * 1e9)
@@ -118,9 +121,9 @@ class AnswerCoordinator:
         by_token_ids = settings.same_vocabulary
         runs = Runs(
             answer, endpoints, settings.deadlines, self._usage, self._facts.prompt_tokens, by_token_ids,
-            nursery, on_failure=self._endpoint_failed, on_commit=self._committed,
+            nursery, on_failure=self._endpoint_failed, on_commit=self._committed, health=self._health,
         )  # fmt: skip
-        handover = Handover(answer, endpoints, runs, self._usage, by_token_ids, nursery)
+        handover = Handover(answer, endpoints, runs, self._usage, by_token_ids, nursery, self._health)
         device = endpoints.get("device")
         standby: DeviceStandby | None = None
         if settings.device_standby and self._decision.device_standby and "cloud" in endpoints and DeviceStandby.possible(device):
@@ -129,7 +132,7 @@ class AnswerCoordinator:
         self._runs, self._handover = runs, handover
         self._trigger = MigrationTrigger(
             self._migration, self._facts, answer, endpoints, handover,
-            device_synced=lambda: standby.synced if standby is not None else None,
+            device_synced=lambda: standby.synced if standby is not None else None, health=self._health,
         )  # fmt: skip
         if answer.virtual_pacer is not None:
             nursery.start_soon(answer.virtual_pacer.run, name="pydisco virtual pacer")

@@ -25,6 +25,7 @@ import trio
 from .._errors import ConfigurationError, EndpointError, PydiscoError
 from .._types import Endpoint
 from ._answer import Answer, Role, State
+from ._health import Health
 from ._supervision import Runs, Usage
 
 
@@ -44,6 +45,7 @@ class Handover:
         usage: Usage,
         by_token_ids: Callable[[], bool],
         nursery: trio.Nursery,
+        health: Health,
     ) -> None:
         self._answer = answer
         self._endpoints = endpoints
@@ -51,6 +53,7 @@ class Handover:
         self._usage = usage
         self._by_token_ids = by_token_ids
         self._nursery = nursery
+        self._health = health
         self.error: Exception | None = None  # why the answer failed, once it has
         self._failures: list[tuple[str, BaseException]] = []
 
@@ -101,19 +104,22 @@ class Handover:
         if answer.role(name) == Role.NONE:
             return  # never started on this answer (a failed standby prefill, say)
         self._failures.append((name, error))
+        if not _refused(error):
+            self._health[name].failed()  # left out of dispatch for a while
         answer.endpoint_failed(name)
         if answer.state == State.RECOVERING:
             self._resume_elsewhere(name, error)
 
     def _resume_elsewhere(self, failed: str, error: BaseException) -> None:
         answer = self._answer
-        for name in self._endpoints:
-            if not answer.has_failed(name):
-                # A racer that lost a moment ago may not have been stopped yet: its run restarts
-                # from the committed prefix.
-                self._runs.stop(name)
-                self._runs.launch(name, answer.resume(name))
-                return
+        candidates = [name for name in self._endpoints if not answer.has_failed(name)]
+        if candidates:
+            name = self._health.usable(candidates)[0]  # a healthy one if there is one
+            # A racer that lost a moment ago may not have been stopped yet: its run restarts
+            # from the committed prefix.
+            self._runs.stop(name)
+            self._runs.launch(name, answer.resume(name))
+            return
         self.error = self._why_failed(failed, error)
         answer.give_up()
 

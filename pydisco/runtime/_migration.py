@@ -12,6 +12,7 @@ from .._types import Endpoint
 from ..policies._base import DeviceSpeed, MigrationPolicy, MigrationView
 from ._answer import Answer, State
 from ._handover import Handover
+from ._health import Health
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +37,7 @@ class MigrationTrigger:
         endpoints: Mapping[str, Endpoint],
         handover: Handover,
         device_synced: Callable[[], int | None],
+        health: Health,
     ) -> None:
         self._policy = policy
         self._facts = facts
@@ -43,6 +45,7 @@ class MigrationTrigger:
         self._endpoints = endpoints
         self._handover = handover
         self._device_synced = device_synced
+        self._health = health
 
     def consider(self) -> None:
         answer, facts = self._answer, self._facts
@@ -50,7 +53,7 @@ class MigrationTrigger:
             return
         source = answer.source
         target = "device" if source == "cloud" else "cloud"
-        if source is None or target not in self._endpoints or answer.has_failed(target):
+        if source is None or target not in self._endpoints or answer.has_failed(target) or self._health.down(target):
             return
         view = MigrationView(
             now_s=answer.seconds(answer.clock.now_ns()),

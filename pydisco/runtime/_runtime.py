@@ -26,6 +26,7 @@ from ..policies import UNPROFILED_DEVICE, create_dispatch_policy, create_migrati
 from ..policies._base import DeviceSpeed, DispatchPolicy, DispatchView, MigrationPolicy, Slo
 from ._config import RuntimeConfig
 from ._coordinator import AnswerCoordinator, AnswerSettings
+from ._health import Health
 from ._migration import MigrationFacts
 from ._report import AnswerReport, AnswerStatus, Piece
 from ._supervision import Deadlines
@@ -96,6 +97,7 @@ class Runtime:
         self._migration = migration
         self._tokens_spent: collections.Counter[str] = collections.Counter()
         self._answer_lengths: collections.deque[int] = collections.deque(maxlen=ANSWER_HISTORY)
+        self._health = Health(list(self._endpoints), config.health_backoff, seed=config.seed)
 
     @property
     def endpoints(self) -> Mapping[str, Endpoint]:
@@ -161,13 +163,14 @@ class Runtime:
         prompt_tokens = self._prompt_tokens(request)
         ttft_samples, tbt = self._cloud_samples()
         device_speed = self._device_speed()
+        usable = self._health.usable(list(self._endpoints))  # an endpoint that is down sits out
         view = DispatchView(
             prompt_tokens=prompt_tokens,
             max_tokens=max_tokens,
             slo=slo,
             budget=config.budget,
-            device=device_speed,
-            cloud_available="cloud" in self._endpoints,
+            device=device_speed if "device" in usable else None,
+            cloud_available="cloud" in usable,
             server_ttft_samples_s=ttft_samples,
             server_tbt_s=tbt,
             tokens_spent=dict(self._tokens_spent),
@@ -196,6 +199,7 @@ class Runtime:
                 cost_per_token=config.cost_per_token,
                 max_migrations=config.max_migrations,
             ),
+            health=self._health,
         )
         answer = AnswerStream(coordinator)
         try:

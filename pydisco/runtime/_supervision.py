@@ -20,6 +20,7 @@ import trio
 from .._errors import EndpointError, PydiscoError
 from .._types import Endpoint, GenerationResult, TokenPiece
 from ._answer import Answer
+from ._health import Health
 
 log = logging.getLogger("pydisco.runtime")
 
@@ -69,6 +70,7 @@ class Runs:
         nursery: trio.Nursery,
         on_failure: FailureHandler,
         on_commit: Callable[[], None],
+        health: Health,
     ) -> None:
         self._answer = answer
         self._endpoints = endpoints
@@ -79,6 +81,7 @@ class Runs:
         self._nursery = nursery
         self._on_failure = on_failure
         self._on_commit = on_commit
+        self._health = health
         self._runs: dict[str, _Run] = {}
         self.cloud_ttft_s: float | None = None  # the cloud's TTFT on a fresh start (DiSCo's F_s)
 
@@ -118,6 +121,7 @@ class Runs:
             now = trio.current_time()
             if run.offered == 0:
                 run.first_token_s = now - run.started
+                self._health[run.name].succeeded()
                 if run.name == "cloud" and run.position == 0:
                     self.cloud_ttft_s = run.first_token_s
             run.offered += 1
