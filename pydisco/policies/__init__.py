@@ -1,4 +1,4 @@
-"""Dispatch and migration policies, chosen by name.
+"""Dispatch, migration and step-scheduling policies, chosen by name.
 
 The runtime asks for a policy by name and never imports a concrete one::
 
@@ -49,6 +49,17 @@ from ._estimates import cloud_ttft_estimate as cloud_ttft_estimate
 from ._estimates import expected_answer_tokens as expected_answer_tokens
 from ._estimates import expected_remaining_tokens as expected_remaining_tokens
 from ._estimates import migration_overhead as migration_overhead
+from ._step import Phase as Phase
+from ._step import SequenceView as SequenceView
+from ._step import StepPlan as StepPlan
+from ._step import StepProfile as StepProfile
+from ._step import StepScheduler as StepScheduler
+from ._step import StepView as StepView
+from .scheduling import AndesScheduler as AndesScheduler
+from .scheduling import FastServeScheduler as FastServeScheduler
+from .scheduling import FcfsScheduler as FcfsScheduler
+from .scheduling import SliceScheduler as SliceScheduler
+from .scheduling import slice_feasibility as slice_feasibility
 from .migration import DiscoMigrationPolicy as DiscoMigrationPolicy
 from .migration import NeverMigrationPolicy as NeverMigrationPolicy
 
@@ -56,6 +67,7 @@ _P = TypeVar("_P")
 
 DispatchFactory = Callable[..., DispatchPolicy]
 MigrationFactory = Callable[..., MigrationPolicy]
+StepSchedulerFactory = Callable[..., StepScheduler]
 
 _DISPATCH: dict[str, DispatchFactory] = {
     "device-only": DeviceOnlyPolicy,
@@ -69,16 +81,22 @@ _MIGRATION: dict[str, MigrationFactory] = {
     "disco-migrate": DiscoMigrationPolicy,
     "never": NeverMigrationPolicy,
 }
+_STEP: dict[str, StepSchedulerFactory] = {
+    "fcfs": FcfsScheduler,
+    "fastserve": FastServeScheduler,
+    "slice": SliceScheduler,
+    "andes": AndesScheduler,
+}
 
 
 def _register(table: dict[str, Callable[..., _P]], kind: str, name: str,
               factory: Callable[..., _P], replace: bool) -> None:
     if not isinstance(name, str) or not name:
-        raise ValueError(f"a {kind} policy name must be a non-empty string, got {name!r}")
+        raise ValueError(f"a {kind} name must be a non-empty string, got {name!r}")
     if not callable(factory):
-        raise TypeError(f"the factory for {kind} policy {name!r} is not callable")
+        raise TypeError(f"the factory for {kind} {name!r} is not callable")
     if name in table and not replace:
-        raise ValueError(f"{kind} policy {name!r} is already registered (pass replace=True)")
+        raise ValueError(f"{kind} {name!r} is already registered (pass replace=True)")
     table[name] = factory
 
 
@@ -87,11 +105,11 @@ def _create(table: dict[str, Callable[..., _P]], kind: str, name: str, options: 
         factory = table[name]
     except KeyError:
         known = ", ".join(sorted(table))
-        raise ConfigurationError(f"unknown {kind} policy {name!r}; known: {known}") from None
+        raise ConfigurationError(f"unknown {kind} {name!r}; known: {known}") from None
     try:
         inspect.signature(factory).bind(**options)
     except TypeError as e:
-        raise ConfigurationError(f"{kind} policy {name!r}: bad options {sorted(options)}: {e}") from None
+        raise ConfigurationError(f"{kind} {name!r}: bad options {sorted(options)}: {e}") from None
     except ValueError:
         pass  # no signature to check (some builtins); the call itself will tell
     return factory(**options)
@@ -99,24 +117,24 @@ def _create(table: dict[str, Callable[..., _P]], kind: str, name: str, options: 
 
 def register_dispatch_policy(name: str, factory: DispatchFactory, *, replace: bool = False) -> None:
     """Make ``create_dispatch_policy(name, **options)`` call ``factory(**options)``."""
-    _register(_DISPATCH, "dispatch", name, factory, replace)
+    _register(_DISPATCH, "dispatch policy", name, factory, replace)
 
 
 def register_migration_policy(name: str, factory: MigrationFactory, *, replace: bool = False) -> None:
     """Make ``create_migration_policy(name, **options)`` call ``factory(**options)``."""
-    _register(_MIGRATION, "migration", name, factory, replace)
+    _register(_MIGRATION, "migration policy", name, factory, replace)
 
 
 def create_dispatch_policy(name: str, **options: Any) -> DispatchPolicy:
     """A new dispatch policy by name; ``ConfigurationError`` (a ``ValueError``) for an unknown
     name or option."""
-    return _create(_DISPATCH, "dispatch", name, options)
+    return _create(_DISPATCH, "dispatch policy", name, options)
 
 
 def create_migration_policy(name: str, **options: Any) -> MigrationPolicy:
     """A new migration policy by name; ``ConfigurationError`` (a ``ValueError``) for an unknown
     name or option."""
-    return _create(_MIGRATION, "migration", name, options)
+    return _create(_MIGRATION, "migration policy", name, options)
 
 
 def dispatch_policy_names() -> tuple[str, ...]:
@@ -125,3 +143,17 @@ def dispatch_policy_names() -> tuple[str, ...]:
 
 def migration_policy_names() -> tuple[str, ...]:
     return tuple(sorted(_MIGRATION))
+
+
+def register_step_scheduler(name: str, factory: StepSchedulerFactory, *, replace: bool = False) -> None:
+    """Make ``create_step_scheduler(name, **options)`` call ``factory(**options)``."""
+    _register(_STEP, "step scheduler", name, factory, replace)
+
+
+def create_step_scheduler(name: str, **options: Any) -> StepScheduler:
+    """A new step scheduler by name; ``ConfigurationError`` for an unknown name or option."""
+    return _create(_STEP, "step scheduler", name, options)
+
+
+def step_scheduler_names() -> tuple[str, ...]:
+    return tuple(sorted(_STEP))

@@ -49,14 +49,36 @@ class Budget:
 
 @dataclasses.dataclass(frozen=True)
 class Slo:
-    """Per-request service level: a TTFT target and the user's reading rate (tokens/s)."""
+    """Per-request service level: a TTFT target and the rate its consumer takes tokens at.
+
+    ``reading_rate`` (tokens/s) is the pace the reader is released tokens at and the rate a
+    step scheduler must sustain: its time per output token is ``tpot_s = 1/reading_rate`` (a
+    control loop's 50 ms TPOT is ``reading_rate=20``). ``realtime`` marks a task whose TPOT is
+    a hard need (SLICE's real-time class); ``utility`` orders admission when not everything
+    fits (SLICE; default 100 for real-time tasks, 1 for others, as in the authors' code).
+    """
 
     ttft_target_s: float = 1.0
     reading_rate: float = 4.5  # tokens/s, Andes' reading speed
+    realtime: bool = False
+    utility: float | None = None
 
     def __post_init__(self) -> None:
-        if self.ttft_target_s <= 0 or self.reading_rate <= 0:
+        if not (self.ttft_target_s > 0 and self.reading_rate > 0):
             raise ValueError("SLO targets must be positive")
+        if self.utility is not None and not self.utility > 0:
+            raise ValueError(f"utility must be positive, got {self.utility!r}")
+
+    @property
+    def tpot_s(self) -> float:
+        return 1.0 / self.reading_rate
+
+    @property
+    def weight(self) -> float:
+        """The utility SLICE orders by."""
+        if self.utility is not None:
+            return self.utility
+        return 100.0 if self.realtime else 1.0
 
 
 @dataclasses.dataclass(frozen=True)
