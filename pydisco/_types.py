@@ -112,7 +112,20 @@ class GenerationResult:
 
 
 TokenSink = Callable[[TokenPiece], None]
-"""Called in the Trio thread for each token, in order. Must not block."""
+"""Called in the Trio thread for each token, in order. Must not block.
+
+The runtime's sinks also have an ``admitted()`` method: an endpoint that makes requests wait
+(one model serving them in turn, a step scheduler's admission) declares
+``queues_requests = True`` and calls ``getattr(sink, "admitted", None)`` when the request leaves
+its queue and starts, so the runtime's first-token deadline counts from there, not from the
+wait."""
+
+
+def notify_admitted(sink: TokenSink) -> None:
+    """Tell ``sink`` its request has started (a no-op for a plain function)."""
+    admitted = getattr(sink, "admitted", None)
+    if admitted is not None:
+        admitted()
 
 
 class Endpoint(Protocol):

@@ -523,3 +523,28 @@ def test_backoff_grows_exponentially_within_its_jitter() -> None:
     for failures, base in ((1, 0.5), (2, 1.0), (3, 2.0), (4, 4.0), (9, 4.0)):
         delays = [backoff.delay(failures, rng) for _ in range(200)]
         assert base * 0.8 <= min(delays) < max(delays) <= base * 1.2
+
+
+def test_waiting_for_a_busy_device_is_not_silence() -> None:
+    """Two answers at once on one device: the second waits behind the first (3 s of decoding,
+    longer than the 2 s first-token deadline) and must not be failed for it."""
+    device = ScriptedEndpoint("device", script("device", 30), prefill_s=0.05, gaps_s=[0.1])
+
+    async def main() -> list[tuple[list[pydisco.Piece], pydisco.AnswerReport, BaseException | None]]:
+        results = []
+        async with open_runtime(config(dispatch="device-only", migration="never"), endpoints={"device": device}) as rt:
+
+            async def one(n: int) -> None:
+                results.append(await read_all(rt, max_tokens=n))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(one, 30)
+                await trio.sleep(0.01)
+                nursery.start_soon(one, 5)
+        return results
+
+    results = run_virtual(main)
+    assert [len(pieces) for pieces, _, _ in results] == [30, 5]
+    assert all(error is None and report.migrations == () for _, report, error in results)
+    # The first ends at 0.05 + 29·0.1 = 2.95 s; the second then prefills (0.05 s): TTFT 3.0 − 0.01.
+    assert results[1][1].ttft_s == pytest.approx(3.0 - 0.01, abs=1e-6)  # it waited its turn

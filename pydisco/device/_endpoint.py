@@ -23,7 +23,7 @@ import trio
 
 from ._engine import LlamaEngine
 from ._profile import AnswerCost, CostRates, DeviceProfile, load_or_measure_profile
-from .._types import GenerationRequest, GenerationResult, TokenPiece, TokenSink
+from .._types import GenerationRequest, GenerationResult, TokenPiece, TokenSink, notify_admitted
 from .._groups import single_exception
 
 T = TypeVar("T")
@@ -124,6 +124,8 @@ class DeviceEndpoint:
         self._profile = profile
         self.cost = CostLedger(rates or CostRates())
 
+    queues_requests = True  # one engine: requests take turns (the sink hears when one starts)
+
     @property
     def name(self) -> str:
         return self._name
@@ -184,7 +186,9 @@ class DeviceEndpoint:
 
         async def run_worker() -> None:
             with send:
-                result = await self._in_worker(work)
+                async with self._limiter:  # requests take turns: this one starts now
+                    notify_admitted(sink)
+                    result = await trio.to_thread.run_sync(work, abandon_on_cancel=False)
             # Recorded here so that a cancelled answer is accounted for too.
             entry = self.cost.record(
                 request.request_id, result.prefilled_tokens, result.generated_tokens, result.finish_reason

@@ -2,7 +2,8 @@
 
 A run calls ``endpoint.generate`` and offers every token it gets to the machine. Its deadlines
 are Trio cancel-scope deadlines, moved on at each token: ``first_token_timeout_s`` from the run's
-start, then ``silence_timeout_s`` after each token. A run that misses one, or whose endpoint raises
+start — for an endpoint that queues requests, from when it says the request left its queue
+(``sink.admitted()``) — then ``silence_timeout_s`` after each token. A run that misses one, or whose endpoint raises
 anything but a cancellation, has failed: the failure goes to the coordinator's handler, which
 decides what happens next (``_handover.Failover``). A run stopped by the coordinator (lost race,
 handover) just ends.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import math
 from collections.abc import Callable, Mapping
 
 import trio
@@ -42,6 +44,19 @@ class _Run:
     first_token_s: float | None = None  # seconds from start to its first offer
     offered: int = 0
     next_position: int = 0  # after the last token it reported: where its answer ends
+
+
+class _RunSink:
+    """A run's sink: each token to the machine, and the endpoint's word that it started."""
+
+    __slots__ = ("_offer", "admitted")
+
+    def __init__(self, offer: Callable[[TokenPiece], None], admitted: Callable[[], None]) -> None:
+        self._offer = offer
+        self.admitted = admitted
+
+    def __call__(self, piece: TokenPiece) -> None:
+        self._offer(piece)
 
 
 class Usage:
@@ -117,7 +132,7 @@ class Runs:
         request = answer.request_at(run.position, by_token_ids=self._by_token_ids())
         watch = trio.CancelScope(deadline=run.started + deadlines.first_token_s)
 
-        def sink(piece: TokenPiece) -> None:
+        def offer(piece: TokenPiece) -> None:
             now = trio.current_time()
             if run.offered == 0:
                 run.first_token_s = now - run.started
@@ -129,6 +144,16 @@ class Runs:
             watch.deadline = now + deadlines.silence_s
             if answer.offer(run.name, piece):
                 self._on_commit()
+
+        def admitted() -> None:
+            # Waiting for the endpoint is not silence: the first-token deadline starts now.
+            run.started = trio.current_time()
+            if run.offered == 0:
+                watch.deadline = run.started + deadlines.first_token_s
+
+        sink = _RunSink(offer, admitted)
+        if getattr(endpoint, "queues_requests", False):
+            watch.deadline = math.inf  # until it says the request started
 
         result: GenerationResult | None = None
         failure: BaseException | None = None

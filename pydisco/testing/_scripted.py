@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 import trio
 
 from .._errors import EndpointUnavailable
-from .._types import GenerationRequest, GenerationResult, TokenPiece, TokenSink
+from .._types import GenerationRequest, GenerationResult, TokenPiece, TokenSink, notify_admitted
 
 
 class ScriptedEndpoint:
@@ -59,6 +59,8 @@ class ScriptedEndpoint:
         self.runs = 0
         self.tokens_sent = 0
 
+    queues_requests = True  # one request at a time, like one model on one thread
+
     @property
     def name(self) -> str:
         return self._name
@@ -97,6 +99,7 @@ class ScriptedEndpoint:
         """Deliver the answer from ``request.start_position`` (after any request in progress
         here: one at a time). Cancellation stops it at once."""
         async with self._busy:
+            notify_admitted(sink)
             return await self._generate(request, sink)
 
     async def _generate(self, request: GenerationRequest, sink: TokenSink) -> GenerationResult:

@@ -1,0 +1,148 @@
+"""The step loop's mechanism over a fake batched executor: answers interleave as the scheduler
+plans, each gets exactly its own tokens, cancellation and refusal end one answer only, and
+admission is signalled. (The real llama.cpp batched engine: tests/test_batched_engine.py.)"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import pytest
+import trio
+
+from pydisco._types import GenerationRequest, TokenPiece
+from pydisco.batching import Admission, AdmissionRefused, StepEvent, StepLoop, rough_profile
+from pydisco.policies import Slo, create_step_scheduler
+
+
+class FakeExecutor:
+    """Sequence i answers "i:0 i:1 …" (max_tokens tokens); a step takes ``step_s``."""
+
+    kv_capacity = 4096
+    max_batch = 4
+    prefill_chunk = 16
+
+    def __init__(self, step_s: float = 0.002) -> None:
+        self.step_s = step_s
+        self.steps: list[tuple[tuple[int, ...], tuple[int, int] | None]] = []
+        self.live: dict[int, list[int]] = {}  # id -> [prefill left, next position, limit]
+        self.released: list[int] = []
+
+    def validate(self, request: GenerationRequest) -> None:
+        pass
+
+    def admission(self, seq_id: int, request: GenerationRequest) -> Admission:
+        return Admission(prefill_tokens=20, prompt_tokens=20, max_new_tokens=request.max_tokens)
+
+    def admit(self, seq_id: int, request: GenerationRequest) -> None:
+        self.live[seq_id] = [20, 0, request.max_tokens]
+
+    def step(self, decode: Sequence[int], prefill: tuple[int, int] | None) -> list[StepEvent]:
+        time.sleep(self.step_s)
+        self.steps.append((tuple(decode), prefill))
+        events = []
+        ids = list(decode)
+        if prefill is not None:
+            seq = self.live[prefill[0]]
+            seq[0] -= prefill[1]
+            if seq[0] <= 0:
+                ids.append(prefill[0])  # the last prefill chunk samples the first token
+        for i in ids:
+            seq = self.live[i]
+            piece = TokenPiece(seq[1], i * 1000 + seq[1], f"{i}:{seq[1]} ")
+            seq[1] += 1
+            events.append(StepEvent(i, piece, "length" if seq[1] >= seq[2] else None))
+        return events
+
+    def release(self, seq_id: int) -> None:
+        self.live.pop(seq_id, None)
+        self.released.append(seq_id)
+
+
+def loop(executor: FakeExecutor, scheduler: str = "fcfs") -> StepLoop:
+    step_loop = StepLoop(executor, create_step_scheduler(scheduler), rough_profile(0.002, 0.0001, executor.max_batch))
+    step_loop.start()
+    return step_loop
+
+
+def test_answers_share_the_steps_and_each_gets_only_its_tokens() -> None:
+    executor = FakeExecutor()
+    step_loop = loop(executor)
+    got: dict[int, list[TokenPiece]] = {}
+
+    async def one(n: int) -> None:
+        got[n] = []
+        result = await step_loop.generate(GenerationRequest(prompt=f"q{n}", max_tokens=6 + n), got[n].append)
+        assert result.finish_reason == "length" and result.generated_tokens == 6 + n
+
+    async def main() -> None:
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for n in range(3):
+                    nursery.start_soon(one, n)
+
+    try:
+        trio.run(main)
+    finally:
+        step_loop.close()
+    for n, pieces in got.items():
+        seq_ids = {p.token_id // 1000 for p in pieces}
+        assert len(seq_ids) == 1  # no cross-talk
+        (seq_id,) = seq_ids
+        assert [p.text for p in pieces] == [f"{seq_id}:{k} " for k in range(6 + n)]
+    assert max(len(decode) for decode, _ in executor.steps) == 3  # they really shared steps
+
+
+def test_cancelling_one_answer_leaves_the_others_and_waits_for_its_release() -> None:
+    executor = FakeExecutor(step_s=0.005)
+    step_loop = loop(executor)
+
+    async def main() -> tuple[list[TokenPiece], list[TokenPiece]]:
+        long_one: list[TokenPiece] = []
+        other: list[TokenPiece] = []
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(step_loop.generate, GenerationRequest(prompt="b", max_tokens=30), other.append)
+                with trio.move_on_after(0.1):
+                    await step_loop.generate(GenerationRequest(prompt="a", max_tokens=1000), long_one.append)
+                # Cancellation returned only once the loop had let it go.
+                assert long_one and long_one[0].token_id // 1000 in executor.released
+        return long_one, other
+
+    try:
+        long_one, other = trio.run(main)
+    finally:
+        step_loop.close()
+    assert len(other) == 30 and len(long_one) < 1000
+
+
+def test_slice_refuses_a_rate_it_cannot_meet_and_signals_admission() -> None:
+    executor = FakeExecutor()
+    step_loop = loop(executor, "slice")
+    admitted: list[float] = []
+
+    class Sink:
+        def __init__(self) -> None:
+            self.pieces: list[TokenPiece] = []
+
+        def __call__(self, piece: TokenPiece) -> None:
+            self.pieces.append(piece)
+
+        def admitted(self) -> None:
+            admitted.append(trio.current_time())
+
+    async def main() -> None:
+        with trio.fail_after(30):
+            sink = Sink()
+            result = await step_loop.generate(GenerationRequest(prompt="ok", max_tokens=5), sink, Slo(reading_rate=20.0, realtime=True))
+            assert result.generated_tokens == 5 and len(admitted) == 1
+            # 2000 tokens/s at ≥ 2 ms a step cannot fit one second.
+            with pytest.raises(AdmissionRefused, match="slice scheduler refused it"):
+                await step_loop.generate(GenerationRequest(prompt="no", max_tokens=5), Sink(), Slo(reading_rate=2000.0, realtime=True))
+            assert len(admitted) == 1  # the refused one was never admitted
+
+    try:
+        trio.run(main)
+    finally:
+        step_loop.close()
+    assert step_loop.statistics().rejected == 1
