@@ -5,11 +5,13 @@ step (docs/device.md, docs/policies.md). The llama.cpp batched engine is
 from ._executor import Admission as Admission
 from ._executor import BatchExecutor as BatchExecutor
 from ._executor import StepEvent as StepEvent
-from ._loop import AdmissionRefused as AdmissionRefused
-from ._loop import LoopStatistics as LoopStatistics
+from ._state import AdmissionRefused as AdmissionRefused
+from ._state import LoopStatistics as LoopStatistics
 from ._loop import StepLoop as StepLoop
 from ._loop import rough_profile as rough_profile
 from ._profile import LearnedStepProfile as LearnedStepProfile
+from ._virtual import SimulatedExecutor as SimulatedExecutor
+from ._virtual import VirtualStepLoop as VirtualStepLoop
 
 __all__ = [
     "Admission",
@@ -18,6 +20,8 @@ __all__ = [
     "LearnedStepProfile",
     "LoopStatistics",
     "StepEvent",
+    "SimulatedExecutor",
     "StepLoop",
+    "VirtualStepLoop",
     "rough_profile",
 ]

@@ -1,0 +1,206 @@
+"""The answers in a step loop and what each step does to them — no thread, no clock of its own.
+
+``StepState`` is shared by the real-time loop (a thread driving the llama.cpp batched engine,
+``_loop.StepLoop``) and the virtual-time loop (a Trio task driving a simulated engine,
+``_virtual.VirtualStepLoop``): the same scheduler calls, the same plan application, the same
+bookkeeping, whichever clock and engine. Callbacks to an answer's Trio task go through the
+answer's own ``call`` (``TrioToken.run_sync_soon`` from a thread; a direct call in the task).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from .._errors import EndpointError
+from .._types import GenerationRequest, GenerationResult, TokenPiece
+from ..policies._base import Slo
+from ..policies._step import Phase, SequenceView, StepPlan, StepProfile, StepScheduler, StepView
+from ._executor import BatchExecutor, StepEvent
+from ._profile import LearnedStepProfile
+
+log = logging.getLogger("pydisco.batching")
+
+
+class AdmissionRefused(EndpointError):
+    """The step scheduler will not serve this request (SLICE: its rate cannot be met here).
+    Nothing was generated; another endpoint may serve it."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="rejected")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopStatistics:
+    """A step loop now and since it started.
+
+    Fields:
+        queued: answers waiting for admission.
+        running: answers admitted (prefilling, decoding or preempted).
+        steps: engine steps run.
+        tokens: tokens produced.
+        rejected: answers the scheduler refused.
+        preemptions: times the scheduler preempted an answer.
+        profile: the step latencies the loop has learnt.
+    """
+
+    queued: int
+    running: int
+    steps: int
+    tokens: int
+    rejected: int
+    preemptions: int
+    profile: StepProfile
+
+
+class Answer:
+    """One answer in a step loop."""
+
+    def __init__(
+        self,
+        seq_id: int,
+        request: GenerationRequest,
+        slo: Slo,
+        arrived_s: float,
+        call: Callable[..., Any],
+        deliver: Callable[[list[TokenPiece]], None],
+        done: Callable[[GenerationResult | BaseException], None],
+        admitted: Callable[[], None],
+    ) -> None:
+        self.id = seq_id
+        self.request = request
+        self.slo = slo
+        self.arrived_s = arrived_s
+        self.call = call  # runs a callback in the answer's Trio thread
+        self.deliver = deliver
+        self.done = done
+        self.on_admitted = admitted
+        self.cancelled = False  # set by the answer's task; read between steps
+        self.phase = Phase.WAITING
+        self.prefill_tokens = 0
+        self.prompt_tokens = 0
+        self.prefilled = 0
+        self.generated = 0
+        self.max_new_tokens = 0
+        self.first_token_s: float | None = None
+        self.preemptions = 0
+        self.deferred_why: str | None = None
+
+    def view(self) -> SequenceView:
+        return SequenceView(
+            id=self.id, slo=self.slo, arrived_s=self.arrived_s, phase=self.phase,
+            prefill_tokens=self.prefill_tokens, prefilled=self.prefilled, generated=self.generated,
+            max_new_tokens=self.max_new_tokens, kv_tokens=self.prefilled + self.generated,
+            first_token_s=self.first_token_s, preemptions=self.preemptions,
+        )  # fmt: skip
+
+    def result(self, reason: str) -> GenerationResult:
+        return GenerationResult(reason, self.prompt_tokens, self.prefilled, self.generated)
+
+
+class StepState:
+    def __init__(self, executor: BatchExecutor, scheduler: StepScheduler, profile: StepProfile) -> None:
+        self.executor = executor
+        self.scheduler = scheduler
+        self.profile = LearnedStepProfile(profile, executor.max_batch)
+        self.answers: dict[int, Answer] = {}
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def statistics(self, extra_queued: int = 0) -> LoopStatistics:
+        answers = list(self.answers.values())
+        queued = extra_queued + sum(1 for a in answers if a.phase == Phase.WAITING)
+        c = self.counts
+        return LoopStatistics(queued, len(answers) + extra_queued - queued, c["steps"], c["tokens"], c["rejected"],
+                              c["preemptions"], self.profile.current())  # fmt: skip
+
+    def take_in(self, answer: Answer) -> None:
+        """A new answer: the executor says what admitting it would take."""
+        try:
+            admission = self.executor.admission(answer.id, answer.request)
+        except Exception as e:
+            answer.call(answer.done, e)
+            return
+        answer.prefill_tokens = admission.prefill_tokens
+        answer.prompt_tokens = admission.prompt_tokens
+        answer.max_new_tokens = admission.max_new_tokens
+        self.answers[answer.id] = answer
+
+    def drop_cancelled(self, everyone: bool = False) -> None:
+        for answer in [a for a in self.answers.values() if a.cancelled or everyone]:
+            self._end(answer, answer.result("cancelled"))
+
+    def plan(self, now_s: float) -> StepPlan:
+        executor = self.executor
+        view = StepView(now_s, tuple(a.view() for a in self.answers.values()), executor.kv_capacity,
+                        self.profile.current(), executor.max_batch, executor.prefill_chunk)  # fmt: skip
+        plan = self.scheduler.schedule(view)
+        self._carry_out(plan)
+        return plan
+
+    def _carry_out(self, plan: StepPlan) -> None:
+        for seq_id, why in plan.reject:
+            answer = self.answers[seq_id]
+            self.counts["rejected"] += 1
+            log.info("answer %s refused by the %s scheduler: %s", answer.request.request_id or seq_id, self.scheduler.name, why)
+            self._end(answer, AdmissionRefused(f"the {self.scheduler.name} scheduler refused it: {why}"))
+        for seq_id, why in plan.defer:
+            answer = self.answers[seq_id]
+            if answer.deferred_why is None:
+                log.info("answer %s waits for admission: %s", answer.request.request_id or seq_id, why)
+            answer.deferred_why = why
+        for seq_id in plan.admit:
+            answer = self.answers[seq_id]
+            self.executor.admit(seq_id, answer.request)
+            answer.phase = Phase.PREFILLING if answer.prefill_tokens else Phase.DECODING
+            answer.call(answer.on_admitted)
+        for seq_id in plan.preempt:
+            answer = self.answers[seq_id]
+            answer.phase = Phase.PREEMPTED
+            answer.preemptions += 1
+            self.counts["preemptions"] += 1
+
+    def run(self, plan: StepPlan, seconds: float, events: list[StepEvent], now_s: float) -> None:
+        """The executor ran ``plan`` in ``seconds``, with ``events``, ending at ``now_s``."""
+        self.profile.record(len(plan.decode), plan.prefill[1] if plan.prefill else 0, seconds)
+        self.counts["steps"] += 1
+        if plan.prefill is not None:
+            answer = self.answers[plan.prefill[0]]
+            answer.prefilled = min(answer.prefill_tokens, answer.prefilled + plan.prefill[1])
+            if answer.prefilled == answer.prefill_tokens:
+                answer.phase = Phase.DECODING
+        for seq_id in plan.decode:
+            self.answers[seq_id].phase = Phase.DECODING
+        pieces: dict[int, list[TokenPiece]] = collections.defaultdict(list)
+        for event in events:
+            answer = self.answers[event.seq_id]
+            if event.piece is not None:
+                pieces[answer.id].append(event.piece)
+                answer.generated += 1
+                answer.max_new_tokens -= 1
+                self.counts["tokens"] += 1
+                if answer.first_token_s is None:
+                    answer.first_token_s = now_s
+            if event.finish is not None:
+                self._flush(answer, pieces.pop(answer.id, []))
+                self._end(answer, answer.result(event.finish))
+        for seq_id, batch in pieces.items():
+            self._flush(self.answers[seq_id], batch)
+
+    @staticmethod
+    def _flush(answer: Answer, pieces: list[TokenPiece]) -> None:
+        if pieces:
+            answer.call(answer.deliver, pieces)
+
+    def _end(self, answer: Answer, result: GenerationResult | BaseException) -> None:
+        if answer.phase != Phase.WAITING:
+            self.executor.release(answer.id)
+        self.answers.pop(answer.id, None)
+        answer.call(answer.done, result)
+
+    def fail_all(self, error: BaseException) -> None:
+        for answer in list(self.answers.values()):
+            self.answers.pop(answer.id, None)
+            answer.call(answer.done, EndpointError(f"the batched engine failed: {error}"))
