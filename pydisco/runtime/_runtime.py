@@ -189,6 +189,7 @@ class Runtime:
                 cost_per_token=config.cost_per_token,
                 same_vocabulary=self._same_vocabulary,
                 device_standby=config.device_standby,
+                pacer_spin_s=config.pacer_spin_s,
             ),
             facts=MigrationFacts(
                 prompt_tokens=prompt_tokens,
