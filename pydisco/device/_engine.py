@@ -32,6 +32,17 @@ from .._types import GenerationRequest, GenerationResult, Sampling, TokenPiece
 _CHUNK = 64
 _DECODE_ABORTED = 2  # llama_decode's return code when the abort callback said stop
 
+# Why any cached prefix can be reused and a greedy resume is still exact (measured here, guarded
+# by tests/test_llama_engine.py): without flash attention, llama.cpp's CPU kernels compute a row
+# of a multi-row batch the same whatever the batch's size or offset, so prompt rows may come from
+# any earlier schedule; only a batch of one row takes other kernels (a matrix-vector product), and
+# generation decodes exactly such batches. So each cached row remembers whether it was computed
+# alone, and is reused only where the uninterrupted run would have computed it the same way.
+# Flash attention stays off as in llama-cpp-python's default: its tiled path for batches makes a
+# row depend on its batch (logits moved by up to ~0.9 between schedules, greedy answers diverged
+# within 20 tokens); with a BF16 V cache it is batch invariant too, but 6-14 % slower here.
+_FLASH_ATTENTION = C.LLAMA_FLASH_ATTN_TYPE_DISABLED
+
 _backend_lock = threading.Lock()
 _backend_ready = False
 
@@ -179,10 +190,11 @@ class LlamaEngine:
             self.close()
             raise
 
-        # KV cache bookkeeping: self._cached[i] is the token whose KV sits at position i, and
-        # _logits_ready says the context's last logits belong to self._cached[-1].
+        # KV cache bookkeeping: self._cached[i] is the token whose KV sits at position i,
+        # self._alone[i] whether it was computed in a batch of one row, and _logits_ready says
+        # the context's last logits belong to self._cached[-1].
         self._cached: list[int] = []
-        self._cached_prompt = 0  # prompt length of the schedule that produced the cache
+        self._alone: list[bool] = []
         self._logits_ready = False
         # The abort callback is installed only around prefill: llama.cpp calls it for every
         # graph node, and taking the GIL that often would slow single-token decoding.
@@ -196,6 +208,7 @@ class LlamaEngine:
         ctx_params.n_batch = ctx_params.n_ubatch = min(_CHUNK, n_ctx)
         ctx_params.n_threads = ctx_params.n_threads_batch = self.n_threads
         ctx_params.no_perf = True
+        ctx_params.flash_attn_type = _FLASH_ATTENTION
         ctx = C.llama_init_from_model(model, ctx_params)
         if not ctx:
             raise ModelError(
@@ -253,6 +266,34 @@ class LlamaEngine:
         checking that the request fits."""
         self._check_open()
         return len(self._prompt(request))
+
+    def tokens_to_prefill(self, request: GenerationRequest) -> int:
+        """Tokens ``request`` would compute before its first token, given what the KV cache holds
+        now (prompt + resumed prefix, less the cached prefix it can keep). An estimate when
+        another thread is generating: the cache may change before the request runs."""
+        try:
+            plan = self._plan(request)
+        except PromptTooLongError:  # it cannot run here; what it would cost does not matter
+            return len(self._prompt(request)) + request.start_position
+        return len(plan.target) - self._reusable(plan)
+
+    def _reusable(self, plan: _Plan) -> int:
+        """How many cached rows ``plan`` keeps: the longest cached prefix whose tokens match and
+        whose rows were computed as its uninterrupted run computes them (see _FLASH_ATTENTION),
+        less the last row when it must be decoded again for fresh logits, less one more when
+        that would leave a single prompt row to compute alone."""
+        target, n_prompt = plan.target, len(plan.prompt)
+        common = 0
+        for i, (token, alone) in enumerate(zip(self._cached, self._alone)):
+            if i >= len(target) or token != target[i] or alone != _computed_alone(i, n_prompt):
+                break
+            common += 1
+        if common == len(target) == len(self._cached) and self._logits_ready:
+            return common
+        keep = min(common, len(target) - 1)
+        if keep == n_prompt - 1 and n_prompt >= 2:
+            keep -= 1
+        return keep
 
     def _prompt(self, request: GenerationRequest) -> list[int]:
         if request.messages is not None:
@@ -412,30 +453,16 @@ class LlamaEngine:
     def _prefill(self, plan: _Plan, should_abort: Callable[[], bool], computed: list[int]) -> None:
         """Make the cache hold exactly ``plan.target`` with logits for its last token.
 
-        llama.cpp's numbers for a row depend on how it was batched (kernel choice, KV padding),
-        so every row is computed on one canonical schedule: the prompt in chunks aligned to
-        multiples of _CHUNK, then answer tokens one by one, exactly as generation decodes them.
-        A cached row is reused only if that schedule produced it, which is what makes a greedy
-        resume at position k reproduce an uninterrupted run bit for bit. ``computed[0]``
+        Keeps what :meth:`_reusable` allows, then decodes the rest of the prompt in chunks of up
+        to _CHUNK rows from wherever it starts (never a chunk of one row: see _FLASH_ATTENTION)
+        and the resumed answer tokens one by one, as generation decodes them. ``computed[0]``
         counts the tokens decoded here.
         """
-        target, n_prompt, chunk = plan.target, len(plan.prompt), self._chunk
-        common = 0
-        for a, b in zip(self._cached, target):
-            if a != b:
-                break
-            common += 1
-        same_schedule = self._cached_prompt == n_prompt
-        if common == len(target) == len(self._cached) and self._logits_ready and same_schedule:
+        target, n_prompt = plan.target, len(plan.prompt)
+        keep = self._reusable(plan)
+        if keep == len(target):
             return
-        reuse = min(common, len(target) - 1)  # the last row is decoded again for fresh logits
-        if not same_schedule:
-            # Another prompt length: only whole chunks shared by both schedules agree.
-            reuse = min(reuse, min(self._cached_prompt, n_prompt) // chunk * chunk)
-        if reuse < n_prompt:
-            reuse = reuse // chunk * chunk
-        self._truncate(reuse)
-        self._cached_prompt = n_prompt
+        self._truncate(keep)
         ctx = self._ctx
         assert ctx is not None
         self._should_abort = should_abort
@@ -444,7 +471,7 @@ class LlamaEngine:
                 if should_abort():
                     raise _Aborted
                 pos = len(self._cached)
-                end = min(n_prompt, (pos // chunk + 1) * chunk) if pos < n_prompt else pos + 1
+                end = _chunk_end(pos, n_prompt, self._chunk)
                 # A chunk can take long enough to need the abort callback; one token cannot.
                 guarded = end - pos > 1
                 if guarded:
@@ -477,6 +504,7 @@ class LlamaEngine:
         rc = C.llama_decode(ctx, batch)
         if rc == 0:
             self._cached.extend(tokens)
+            self._alone.extend([n == 1] * n)
             self._logits_ready = logits_last
             return
         # Whatever llama.cpp did keep (finished ubatches on abort) stays cached and reusable.
@@ -484,6 +512,7 @@ class LlamaEngine:
         kept = C.llama_memory_seq_pos_max(mem, 0) + 1 if mem else 0
         kept = max(base, min(kept, base + n))
         self._cached.extend(tokens[: kept - base])
+        self._alone.extend([n == 1] * (kept - base))
         self._truncate(kept)
         if rc == _DECODE_ABORTED:
             raise _Aborted
@@ -498,6 +527,7 @@ class LlamaEngine:
             C.llama_memory_clear(mem, True)
             n = 0
         del self._cached[n:]
+        del self._alone[n:]
         self._logits_ready = False
 
     def _abort_requested(self, _data: ctypes.c_void_p) -> bool:
@@ -512,6 +542,23 @@ class LlamaEngine:
 
     def _exclusive(self) -> _Exclusive:
         return _Exclusive(self._in_use)
+
+
+def _computed_alone(position: int, n_prompt: int) -> bool:
+    """Whether the uninterrupted run computes row ``position`` in a batch of one row: every
+    answer row (generation decodes them one by one), and the prompt only when it is one token."""
+    return position >= n_prompt or n_prompt == 1
+
+
+def _chunk_end(pos: int, n_prompt: int, chunk: int) -> int:
+    """End of the batch that starts at ``pos``: up to ``chunk`` prompt rows, never leaving one
+    prompt row for a batch of its own; past the prompt, one row."""
+    if pos >= n_prompt:
+        return pos + 1
+    end = min(n_prompt, pos + chunk)
+    if n_prompt - end == 1:
+        end -= 1  # chunk >= 3 keeps both this batch and the last one multi-row
+    return end
 
 
 class _Exclusive:

@@ -95,6 +95,14 @@ class DispatchView:
     server_tbt_s: float | None  # recent cloud inter-token time, if known
     # Tokens processed so far by each endpoint over the workload (for budget accounting).
     tokens_spent: Mapping[str, int]
+    # Prompt tokens the device's KV cache already holds (a shared system prompt, earlier turns):
+    # its time to first token is TTFT_d(prompt_tokens - device_cached_tokens).
+    device_cached_tokens: int = 0
+
+    @property
+    def device_prefill_tokens(self) -> int:
+        """Prompt tokens the device must compute before its first token."""
+        return max(0, self.prompt_tokens - self.device_cached_tokens)
 
 
 @dataclasses.dataclass(frozen=True)

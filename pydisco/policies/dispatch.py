@@ -272,7 +272,7 @@ class DiscoDPolicy(_PromptLearning):
             wait: float | None = view.slo.ttft_target_s
             why = "no server TTFT sample yet, w = TTFT target"
         else:
-            wait = plan.wait_for(view.prompt_tokens)
+            wait = plan.wait_for(view.device_prefill_tokens)  # w(l) of the device's TTFT_d(l)
             why = "w(l) from F_s"
         if wait is None:
             decision = DispatchDecision(start=("cloud",), reason="disco-d: no device fallback")
@@ -364,7 +364,7 @@ class PdDevicePolicy(_LedgerPolicy):
         if not view.cloud_available:
             return DispatchDecision(start=("device",), reason="pd-device: cloud unavailable")
         handoff = pd_device_plan(
-            view.prompt_tokens,
+            view.device_prefill_tokens,
             view.max_tokens,
             view.device.prefill_a_s,
             view.device.prefill_c_s_per_token,

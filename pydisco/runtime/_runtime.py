@@ -131,6 +131,11 @@ class Runtime:
         text = request.prompt if request.prompt is not None else "\n".join(m["content"] for m in request.messages or ())
         return max(1, len(text) // 4)
 
+    def _device_prefill_tokens(self, request: GenerationRequest, prompt_tokens: int) -> int:
+        """Prompt tokens the device must compute (its cache holds the rest), if it can say."""
+        count = getattr(self._endpoints.get("device"), "tokens_to_prefill", None)
+        return prompt_tokens if count is None else min(prompt_tokens, max(0, int(count(request))))
+
     def _same_vocabulary(self) -> bool:
         device, cloud = self._endpoints.get("device"), self._endpoints.get("cloud")
         if device is None or cloud is None:
@@ -174,6 +179,7 @@ class Runtime:
             server_ttft_samples_s=ttft_samples,
             server_tbt_s=tbt,
             tokens_spent=dict(self._tokens_spent),
+            device_cached_tokens=prompt_tokens - self._device_prefill_tokens(request, prompt_tokens),
         )
         coordinator = AnswerCoordinator(
             request,

@@ -76,7 +76,8 @@ class ScriptedEndpoint:
             return 0
         return self._cached[1]
 
-    def _to_prefill(self, request: GenerationRequest) -> int:
+    def tokens_to_prefill(self, request: GenerationRequest) -> int:
+        """Tokens ``request`` would compute before its first token (its cache holds the rest)."""
         return max(0, self.count_prompt_tokens(request) + request.start_position - self.cached_tokens(request))
 
     def _remember(self, request: GenerationRequest, tokens: int) -> None:
@@ -84,7 +85,7 @@ class ScriptedEndpoint:
             self._cached = (_prompt_key(request), tokens)
 
     async def _prefill(self, request: GenerationRequest) -> int:
-        tokens = self._to_prefill(request)
+        tokens = self.tokens_to_prefill(request)
         await trio.sleep(self._prefill_s + self._prefill_s_per_token * tokens)
         self._remember(request, self.count_prompt_tokens(request) + request.start_position)
         return tokens
