@@ -121,8 +121,13 @@ def fresh_cold_prompt(i: int) -> str:
 
 async def device_ttft(device: DeviceEndpoint, request: GenerationRequest) -> float:
     first: list[float] = []
+
+    def sink(_: TokenPiece) -> None:
+        if not first:
+            first.append(time.perf_counter())
+
     started = time.perf_counter()
-    await device.generate(request, lambda _: first or first.append(time.perf_counter()))
+    await device.generate(request, sink)
     return first[0] - started
 
 
