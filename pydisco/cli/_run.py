@@ -21,6 +21,7 @@ from ..policies._base import Slo
 from ..runtime._runtime import RuntimeConfig, open_runtime
 from ._args import dispatch_policy, gguf_model, migration_policy, non_empty, non_negative_float, positive_int
 from ._args import shell_schemes, transport_url
+from ._args import add_logging_options, configure_logging_from
 
 LOOPBACK_TRANSPORTS = ("wss", "ws", "quic")
 
@@ -54,6 +55,7 @@ def add_parser(subparsers: Any) -> None:
                         help="GGUF model for the device and the loopback cloud (default: SmolLM2)")  # fmt: skip
     parser.add_argument("--threads", type=positive_int, metavar="N", help="llama.cpp threads per engine")
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of text")
+    add_logging_options(parser)
     parser.set_defaults(func=run)
 
 
@@ -117,6 +119,7 @@ def _jsonable(report: Any) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     _check_combination(args)
+    configure_logging_from(args, default=None)  # quiet unless asked: the answer is the output
     pace = args.reading_rate > 0
     config = RuntimeConfig(
         device_model=None if args.no_device else (args.model or "default"),

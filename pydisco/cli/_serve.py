@@ -15,6 +15,7 @@ from .._errors import ConfigurationError
 from .._groups import single_exception
 from . import EXIT_INTERRUPTED
 from ._args import existing_file, gguf_model, http_url, non_empty, positive_int, transport_url
+from ._args import add_logging_options, configure_logging_from
 
 if TYPE_CHECKING:
     from ..cloud._backends import Backend
@@ -51,7 +52,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--threads", type=positive_int, default=None, metavar="N", help="threads per llama.cpp engine")
     parser.add_argument("--max-streams", type=positive_int, default=16, metavar="N",
                         help="concurrent answers per connection (default 16)")  # fmt: skip
-    parser.add_argument("-v", "--verbose", action="store_true", help="log every connection")
+    add_logging_options(parser)
     parser.set_defaults(func=run)
 
 
@@ -113,7 +114,7 @@ def _tls(args: argparse.Namespace, folder: str) -> ssl.SSLContext | None:
 def run(args: argparse.Namespace) -> int:
     from ..cloud._server import ServerConfig
 
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    configure_logging_from(args, default=logging.WARNING)
     _check_backend_options(args)
     tokens = _tokens(args)
     with tempfile.TemporaryDirectory(prefix="pydisco-serve-") as folder:

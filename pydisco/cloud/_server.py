@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hmac
-import logging
 import math
 import ssl
 import time
@@ -40,9 +39,10 @@ from ._tls import Credentials, server_ssl_context
 from .._types import GenerationRequest, GenerationResult, TokenPiece
 from .._groups import single_exception
 from .. import transports as _transports
+from ..observability._logging import ANSWER_ID, get_logger
 
 
-log = logging.getLogger("pydisco.server")
+log = get_logger("pydisco.server")
 
 PLAIN_SCHEMES = frozenset({"ws", "memory"})  # every other scheme gets the TLS context
 _FLUSH_TIMEOUT = 2.0  # how long a closing session tries to deliver its last frames
@@ -388,7 +388,7 @@ class _Session:
                     await self._close(out)
                     return
                 elif isinstance(out, Authenticated):
-                    log.debug("a client authenticated")
+                    log.info("a client authenticated")
 
     async def _close(self, reason: CloseConnection) -> None:
         if reason.code == Code.UNAUTHORIZED:
@@ -469,8 +469,10 @@ class _Session:
     # Answering ---------------------------------------------------------------------------
 
     async def _answer(self, sid: int, request: GenerationRequest, scope: trio.CancelScope) -> None:
+        ANSWER_ID.set(request.request_id or None)  # the client's answer id: one id on both sides
         counters = self._counters
         produced = 0
+        asked_at, ahead = trio.current_time(), self._scheduler.queued
 
         def sink(piece: TokenPiece) -> None:
             nonlocal produced
@@ -482,6 +484,8 @@ class _Session:
         try:
             with scope:
                 async with self._scheduler.admit(request):
+                    log.info("admitted on stream %d after %.1f ms (%d waiting before it)", sid,
+                             (trio.current_time() - asked_at) * 1e3, ahead)  # fmt: skip
                     counters.streams_started += 1
                     result = await self._config.backend.generate(request, sink)
                 out = _DoneOut(sid, self._priced(result))
@@ -500,6 +504,10 @@ class _Session:
             code, message = _error_code(e)
             if code == Code.INTERNAL:
                 log.exception("answer on stream %d failed", sid)
+            elif code == Code.OVERLOADED:
+                log.warning("refused stream %d: %s", sid, message)
+            else:
+                log.info("answer on stream %d failed (%s): %s", sid, code, message)
             out = _ErrorOut(sid, code, message)
         finally:
             self._answers.pop(sid, None)
