@@ -16,6 +16,10 @@ from ._report import AnswerStatus as AnswerStatus
 from ._report import EndpointUsage as EndpointUsage
 from ._report import MigrationRecord as MigrationRecord
 from ._report import Piece as Piece
+from ._timeline import Timeline as Timeline
+from ._timeline import TokenTimes as TokenTimes
+from ._timeline import TransitionTimes as TransitionTimes
+from ._timeline import chrome_trace as chrome_trace
 from ._config import RuntimeConfig as RuntimeConfig
 from ._health import Backoff as Backoff
 from ._runtime import AnswerStream as AnswerStream
@@ -37,7 +41,11 @@ __all__ = [
     "ReleasedTokens",
     "Runtime",
     "RuntimeConfig",
+    "Timeline",
+    "TokenTimes",
+    "TransitionTimes",
     "VirtualTimePacer",
+    "chrome_trace",
     "open_runtime",
     "realtime_thread",
     "set_thread_normal",

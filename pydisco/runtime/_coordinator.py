@@ -220,6 +220,7 @@ class AnswerCoordinator:
         self._releases.extend(self.answer.pacer.take_releases())
         slo = self._settings.slo
         return build_report(
+            answer_id=self.answer.request.request_id,
             machine=self.answer.machine,
             releases=self._releases,
             names=ENDPOINT_NAMES,
