@@ -118,6 +118,18 @@ def gguf_model(text: str) -> str:
     return text
 
 
+def host_port(text: str) -> str:
+    """``HOST:PORT`` for a plain HTTP listener (``[::1]:9100`` for IPv6)."""
+    from .._errors import ConfigurationError
+    from ..observability._http import parse_host_port
+
+    try:
+        parse_host_port(text)
+    except ConfigurationError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def log_level(text: str) -> int:
     """A logging level by name: debug, info, warning, error, critical (any case)."""
     from ..observability._logging import LEVELS

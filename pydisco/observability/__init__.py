@@ -1,6 +1,6 @@
-"""Seeing what pydisco does: logging with the answer id on every record, and metrics in
-Prometheus' format (docs/observability.md). Timelines are part of each answer's report
-(``AnswerReport.timeline``)."""
+"""Seeing what pydisco does: logging with the answer id on every record (here), metrics in
+Prometheus' format (``pydisco.observability.metrics``, which loads prometheus_client), and
+per-answer timelines (``AnswerReport.timeline``). See docs/observability.md."""
 
 from ._logging import ANSWER_ID as ANSWER_ID
 from ._logging import AnswerIdFilter as AnswerIdFilter

@@ -24,6 +24,8 @@ from ._config import RuntimeConfig as RuntimeConfig
 from ._health import Backoff as Backoff
 from ._runtime import AnswerStream as AnswerStream
 from ._runtime import Runtime as Runtime
+from ._statistics import QOE_BUCKETS as QOE_BUCKETS
+from ._statistics import RuntimeStatistics as RuntimeStatistics
 from ._runtime import open_runtime as open_runtime
 
 __all__ = [
@@ -39,7 +41,9 @@ __all__ = [
     "MigrationRecord",
     "Piece",
     "ReleasedTokens",
+    "QOE_BUCKETS",
     "Runtime",
+    "RuntimeStatistics",
     "RuntimeConfig",
     "Timeline",
     "TokenTimes",

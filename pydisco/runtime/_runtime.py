@@ -31,6 +31,7 @@ from ._coordinator import AnswerCoordinator, AnswerSettings
 from ._health import Health
 from ._migration import MigrationFacts
 from ._report import AnswerReport, AnswerStatus, Piece
+from ._statistics import RuntimeStatistics, StatisticsRecorder
 from ._supervision import Deadlines
 
 __all__ = ["AnswerStream", "Runtime", "RuntimeConfig", "open_runtime"]
@@ -102,10 +103,15 @@ class Runtime:
         self._tokens_spent: collections.Counter[str] = collections.Counter()
         self._answer_lengths: collections.deque[int] = collections.deque(maxlen=ANSWER_HISTORY)
         self._health = Health(list(self._endpoints), config.health_backoff, seed=config.seed)
+        self._statistics = StatisticsRecorder(config.budget)
 
     @property
     def endpoints(self) -> Mapping[str, Endpoint]:
         return self._endpoints
+
+    def statistics(self) -> RuntimeStatistics:
+        """The answers so far: by outcome and endpoint, handovers, late tokens, QoE, budget."""
+        return self._statistics.statistics()
 
     def _device_speed(self) -> DeviceSpeed | None:
         """The device's measured speed; a device with no profile yet gets the policies'
@@ -229,6 +235,7 @@ class Runtime:
             self._tokens_spent.update(outcome.tokens_by_endpoint)
             self._answer_lengths.append(answer.report.tokens)
             self._dispatch.observe(outcome)
+            self._statistics.record(answer.report, outcome)
             _log_end(answer_id, answer.report)
 
 
