@@ -111,3 +111,47 @@ def test_json_formatter_keeps_the_traceback() -> None:
         record = logging.getLogger("pydisco.x").makeRecord("pydisco.x", logging.ERROR, "f", 1, "failed", None, __import__("sys").exc_info())
     data = json.loads(JsonLinesFormatter().format(record))
     assert "ValueError: boom" in data["exception"] and data["answer_id"] is None
+
+
+def test_a_lost_link_and_the_reconnect_are_logged(caplog: pytest.LogCaptureFixture) -> None:
+    from cloud_support import TOKEN, StubBackend, start_server, trio_test, wait_until
+    from pydisco._errors import EndpointUnavailable
+    from pydisco._types import GenerationRequest
+    from pydisco.cloud import open_cloud_endpoint
+
+    url = "memory://logged-link:7"
+
+    @trio_test(30, mock_clock=True)
+    async def main() -> None:
+        got: list[TokenPiece] = []
+        async with trio.open_nursery() as nursery:
+            _, life = await start_server(nursery, StubBackend(period=0.1), ["memory"], url=url)
+            async with open_cloud_endpoint(url, token=TOKEN) as cloud:
+
+                async def stop_after_three() -> None:
+                    await wait_until(lambda: len(got) == 3)
+                    life.cancel()
+
+                nursery.start_soon(stop_after_three)
+                with answer_context("a1"), pytest.raises(EndpointUnavailable):
+                    await cloud.generate(GenerationRequest(prompt="x", max_tokens=50, request_id="a1"), got.append)
+                await life.stopped.wait()
+                await start_server(nursery, StubBackend(period=0.01), ["memory"], url=url)
+                with answer_context("a2"):
+                    await cloud.generate(GenerationRequest(prompt="x", max_tokens=3, request_id="a2"), got.append)
+            nursery.cancel_scope.cancel()
+
+    with caplog.at_level(logging.INFO, logger="pydisco"):
+        main()
+    client = [r for r in caplog.records if r.name == "pydisco.cloud.client"]
+    connected, lost, reconnected = (
+        [r for r in client if r.getMessage().startswith(start)]
+        for start in ("connected to", f"link to {url} lost", "reconnected to")
+    )
+    assert len(connected) == 1 and connected[0].answer_id == "a1"  # type: ignore[attr-defined]
+    assert len(lost) == 1 and lost[0].levelno == logging.WARNING
+    assert lost[0].answers == ["a1"] and lost[0].answer_id is None  # type: ignore[attr-defined]  # the link's own task
+    assert len(reconnected) == 1 and reconnected[0].answer_id == "a2"  # type: ignore[attr-defined]
+    # The server logs the answers it admitted under the client's answer ids.
+    admitted = [r for r in caplog.records if r.name == "pydisco.server" and r.getMessage().startswith("admitted")]
+    assert [r.answer_id for r in admitted] == ["a1", "a2"]  # type: ignore[attr-defined]

@@ -205,3 +205,43 @@ def test_runtime_statistics_and_its_exporter_count_answers_failovers_and_the_bud
     assert value(samples, "pydisco_runtime_budget_share", endpoint="cloud") == 0.9
     assert value(samples, "pydisco_runtime_budget_share_spent", endpoint="cloud") == pytest.approx(stats.budget_share_spent)  # type: ignore[attr-defined]
     assert value(samples, "pydisco_runtime_late_tokens_total") == stats.late_tokens  # type: ignore[attr-defined]
+
+
+@pytest.mark.model
+def test_pydisco_serve_metrics_listen_serves_metrics_and_healthz() -> None:
+    import re
+    import time
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pydisco.cli", "serve", "--listen", "ws://127.0.0.1:0", "--token", "t", "--threads", "1",
+         "--metrics-listen", "127.0.0.1:0", "--log-json"],  # fmt: skip
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        lines: list[str] = []
+        deadline = time.monotonic() + 120
+        assert process.stdout is not None
+        while not any(line.startswith("metrics on ") for line in lines):
+            assert time.monotonic() < deadline and process.poll() is None, lines
+            lines.append(process.stdout.readline())
+        listen = next(line.split()[-1] for line in lines if line.startswith("listening on "))
+        metrics = next(line.split()[-1] for line in lines if line.startswith("metrics on "))
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+/metrics", metrics)
+
+        @trio_test(120)
+        async def ask() -> None:
+            async with httpx.AsyncClient(timeout=10) as http:
+                assert (await http.get(metrics.removesuffix("/metrics") + "/healthz")).status_code == 200
+                async with open_cloud_endpoint(listen, token="t") as cloud:
+                    got: list[TokenPiece] = []
+                    await cloud.generate(GenerationRequest(prompt="Hello", max_tokens=4, request_id="q1"), got.append)
+                samples = parse((await http.get(metrics)).text)
+            assert value(samples, "pydisco_server_tokens_generated_total") == len(got) > 0
+            assert value(samples, "pydisco_server_answers_total", outcome="completed") == 1
+
+        ask()
+    finally:
+        process.terminate()
+        _, stderr = process.communicate(timeout=60)
+    records = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    assert any(r["answer_id"] == "q1" and r["message"].startswith("admitted") for r in records), stderr
