@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -36,3 +37,25 @@ def test_run_json_report_over_quic_cloud_only() -> None:
     assert 0 < report["tokens"] <= 8 and report["text"]
     assert report["usage"]["cloud"]["generated_tokens"] == report["tokens"]
 
+
+
+def test_run_writes_a_trace_and_logs_json_lines_with_the_answer_id(tmp_path: pathlib.Path) -> None:
+    from test_timeline import check_trace_event_format, thread_names
+
+    trace_file = tmp_path / "answer.trace.json"
+    result = pydisco(
+        "run", "Say hello.", "--max-tokens", "6", "--reading-rate", "0", "--threads", "1", "--no-cloud",
+        "--trace", str(trace_file), "--log-json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    events = check_trace_event_format(json.loads(trace_file.read_text()))
+    assert "device" in thread_names(events).values()
+    records = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    ours = [r for r in records if r["logger"].startswith("pydisco.")]
+    assert ours and len({r["answer_id"] for r in ours}) == 1 and ours[0]["answer_id"]
+    assert any(r["message"].startswith("answer ended") for r in ours)
+
+
+def test_run_refuses_a_trace_file_in_a_missing_folder(tmp_path: pathlib.Path) -> None:
+    result = pydisco("run", "Hi", "--no-cloud", "--trace", str(tmp_path / "nowhere" / "t.json"))
+    assert result.returncode == 2 and "--trace" in result.stderr and "Traceback" not in result.stderr

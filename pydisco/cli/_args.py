@@ -116,3 +116,54 @@ def gguf_model(text: str) -> str:
     except ModelError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return text
+
+
+def host_port(text: str) -> str:
+    """``HOST:PORT`` for a plain HTTP listener (``[::1]:9100`` for IPv6)."""
+    from .._errors import ConfigurationError
+    from ..observability._http import parse_host_port
+
+    try:
+        parse_host_port(text)
+    except ConfigurationError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def log_level(text: str) -> int:
+    """A logging level by name: debug, info, warning, error, critical (any case)."""
+    from ..observability._logging import LEVELS
+
+    level = LEVELS.get(text.strip().lower())
+    if level is None:
+        raise argparse.ArgumentTypeError(f"unknown log level {text!r}; known: {', '.join(LEVELS)}")
+    return level
+
+
+def add_logging_options(parser: argparse.ArgumentParser) -> None:
+    """``-v`` (info; ``-vv`` debug), ``--log-level LEVEL`` and ``--log-json``: pydisco's log
+    records on stderr, each with the id of the answer it is about."""
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log what pydisco does on stderr (-v: decisions and events, -vv: debug detail)")  # fmt: skip
+    parser.add_argument("--log-level", type=log_level, metavar="LEVEL",
+                        help="log records at this level and above: debug, info, warning, error or critical")  # fmt: skip
+    parser.add_argument("--log-json", action="store_true",
+                        help="log as JSON lines, one object per record with its answer_id")  # fmt: skip
+
+
+def configure_logging_from(args: argparse.Namespace, default: int | None) -> None:
+    """Set up logging as the options of ``add_logging_options`` say. With none of them, log at
+    ``default`` (None: nothing at all, the library's own default)."""
+    import logging
+
+    from ..observability._logging import configure_logging
+
+    level = args.log_level
+    if level is None and args.verbose:
+        level = logging.INFO if args.verbose == 1 else logging.DEBUG
+    if level is None and args.log_json:
+        level = logging.INFO
+    if level is None:
+        level = default
+    if level is not None:
+        configure_logging(level, json_lines=args.log_json)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import pathlib
 import sys
 from typing import Any
 
@@ -21,6 +22,7 @@ from ..policies._base import Slo
 from ..runtime._runtime import RuntimeConfig, open_runtime
 from ._args import dispatch_policy, gguf_model, migration_policy, non_empty, non_negative_float, positive_int
 from ._args import shell_schemes, transport_url
+from ._args import add_logging_options, configure_logging_from
 
 LOOPBACK_TRANSPORTS = ("wss", "ws", "quic")
 
@@ -54,6 +56,9 @@ def add_parser(subparsers: Any) -> None:
                         help="GGUF model for the device and the loopback cloud (default: SmolLM2)")  # fmt: skip
     parser.add_argument("--threads", type=positive_int, metavar="N", help="llama.cpp threads per engine")
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of text")
+    parser.add_argument("--trace", type=pathlib.Path, metavar="FILE",
+                        help="write the answer's timeline to FILE as a Chrome/Perfetto trace (open it in ui.perfetto.dev)")  # fmt: skip
+    add_logging_options(parser)
     parser.set_defaults(func=run)
 
 
@@ -91,6 +96,8 @@ async def _main(args: argparse.Namespace, config: RuntimeConfig) -> int:
                         print(flush=True)  # end the answer's line, also one that failed part-way
             report = answer.report
         nursery.cancel_scope.cancel()
+    if args.trace is not None:
+        args.trace.write_text(json.dumps(report.timeline.to_chrome_trace()))
     if args.json:
         print(json.dumps(_jsonable(report), indent=2))
     else:
@@ -111,12 +118,16 @@ async def _loopback(args: argparse.Namespace, *, task_status: trio.TaskStatus[An
 
 def _jsonable(report: Any) -> Any:
     data = dataclasses.asdict(report)
+    del data["timeline"]  # --trace FILE exports it
     data["total_cost"] = report.total_cost
     return data
 
 
 def run(args: argparse.Namespace) -> int:
     _check_combination(args)
+    configure_logging_from(args, default=None)  # quiet unless asked: the answer is the output
+    if args.trace is not None and not args.trace.parent.is_dir():
+        raise ConfigurationError(f"--trace {args.trace}: no such directory {str(args.trace.parent)!r}")
     pace = args.reading_rate > 0
     config = RuntimeConfig(
         device_model=None if args.no_device else (args.model or "default"),

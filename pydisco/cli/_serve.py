@@ -15,6 +15,7 @@ from .._errors import ConfigurationError
 from .._groups import single_exception
 from . import EXIT_INTERRUPTED
 from ._args import existing_file, gguf_model, http_url, non_empty, positive_int, transport_url
+from ._args import add_logging_options, configure_logging_from, host_port
 
 if TYPE_CHECKING:
     from ..cloud._backends import Backend
@@ -51,7 +52,9 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--threads", type=positive_int, default=None, metavar="N", help="threads per llama.cpp engine")
     parser.add_argument("--max-streams", type=positive_int, default=16, metavar="N",
                         help="concurrent answers per connection (default 16)")  # fmt: skip
-    parser.add_argument("-v", "--verbose", action="store_true", help="log every connection")
+    parser.add_argument("--metrics-listen", type=host_port, metavar="HOST:PORT",
+                        help="serve Prometheus metrics on http://HOST:PORT/metrics and a health check on /healthz")  # fmt: skip
+    add_logging_options(parser)
     parser.set_defaults(func=run)
 
 
@@ -113,7 +116,7 @@ def _tls(args: argparse.Namespace, folder: str) -> ssl.SSLContext | None:
 def run(args: argparse.Namespace) -> int:
     from ..cloud._server import ServerConfig
 
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    configure_logging_from(args, default=logging.WARNING)
     _check_backend_options(args)
     tokens = _tokens(args)
     with tempfile.TemporaryDirectory(prefix="pydisco-serve-") as folder:
@@ -125,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
             ssl_context=ssl_context,
             parallel=args.parallel,
             max_streams_per_connection=args.max_streams,
+            metrics_listen=args.metrics_listen,
         )
         stopped_by = trio.run(_serve_until_signal, config)
     return EXIT_INTERRUPTED if stopped_by == signal.SIGINT else 0
@@ -145,6 +149,8 @@ async def _serve_until_signal(config: ServerConfig) -> int:
                     raise ConfigurationError(f"cannot listen on {where}: {e.strerror or e}") from e
                 for url in server.urls:
                     print(f"listening on {url}", flush=True)
+                if server.metrics_listener is not None:
+                    print(f"metrics on {server.metrics_listener.url}/metrics", flush=True)
                 async for stopped_by in signals:
                     print("stopping", flush=True)
                     nursery.cancel_scope.cancel()

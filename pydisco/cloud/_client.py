@@ -38,12 +38,15 @@ from .protocol import (
 )
 from .._types import GenerationRequest, GenerationResult, TokenPiece, TokenSink
 from .._groups import single_exception
+from ..observability._logging import ANSWER_ID, get_logger
 from .. import transports as _transports
 
 
 _CANCEL_SEND_TIMEOUT = 0.5  # a cancelled generate waits at most this long to tell the server
 _RTT_GAIN = 1 / 8  # weight of a new round-trip sample in the smoothed estimate (RFC 6298's alpha)
 _LINK_LOST_CODES = frozenset({Code.SHUTTING_DOWN, Code.TIMEOUT})
+
+log = get_logger("pydisco.cloud.client")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,8 +89,9 @@ class _Answer:
     the wire and the sink); the answer's own task waits only for how it ends."""
 
     def __init__(self, sink: TokenSink, fresh: bool, ttft: collections.deque[float],
-                 gaps: collections.deque[float], counts: collections.Counter[str]) -> None:  # fmt: skip
+                 gaps: collections.deque[float], counts: collections.Counter[str], request_id: str = "") -> None:  # fmt: skip
         self.sink = sink
+        self.request_id = request_id  # the answer's id, for the link's log records
         self.fresh = fresh
         self.delivered = 0
         self.started = self.last = 0.0
@@ -250,7 +254,7 @@ class CloudEndpoint:
         except ProtocolError as e:
             raise EndpointError(str(e), code=e.code) from None
         fresh = not request.resume_token_ids and request.resume_text is None
-        answer = _Answer(sink, fresh, self._ttft, self._gaps, self._counts)
+        answer = _Answer(sink, fresh, self._ttft, self._gaps, self._counts, request.request_id)
         link.answers[sid] = answer
         finished = False
         try:
@@ -293,10 +297,14 @@ class CloudEndpoint:
                 return link
             try:
                 link = await self._connect()
-            except BaseException:
+            except BaseException as e:
                 self._counts["connect_failures"] += 1
+                if isinstance(e, Exception):
+                    log.warning("cannot connect to %s: %s", self._url, e)
                 raise
             self._counts["connects"] += 1
+            again = self._counts["connects"] > 1
+            log.info("%s %s (model %s)", "reconnected to" if again else "connected to", self._url, link.welcome.model)
             self._link = link
             self._nursery.start_soon(self._read, link)
             self._nursery.start_soon(self._watch, link)
@@ -348,6 +356,7 @@ class CloudEndpoint:
 
     async def _read(self, link: _Link) -> None:
         """The link's reader: frames to answers (tokens straight to their sinks), pings answered."""
+        ANSWER_ID.set(None)  # this task serves every answer on the link, not the one that opened it
         proto, connection = link.proto, link.connection
         error: EndpointError | None = None
         try:
@@ -374,6 +383,7 @@ class CloudEndpoint:
         A separate task rather than a timeout around each receive: a cancel scope per frame
         costs more than the rest of the client's per-token work.
         """
+        ANSWER_ID.set(None)  # the link's, not the answer's that opened it
         pinged_for = -math.inf  # the quiet spell already pinged about
         while link.lost is None:
             # Deadlines, not durations: woken at ping_at, `now - quiet_since` may round to just
@@ -399,6 +409,11 @@ class CloudEndpoint:
     def _drop(self, link: _Link, error: EndpointError) -> None:
         if link.lost is None and link.answers:
             self._counts["links_lost"] += 1
+            ids = sorted(a.request_id for a in link.answers.values())
+            log.warning("link to %s lost with %d answers streaming: %s", self._url, len(ids), error,
+                        extra={"answers": ids})  # fmt: skip
+        elif link.lost is None and not self._closed:
+            log.info("link to %s closed: %s", self._url, error)
         link.fail(error)
 
     async def _dispatch(self, link: _Link, outputs: list[ClientOutput]) -> EndpointError | None:

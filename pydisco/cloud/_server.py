@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hmac
-import logging
+import json
 import math
 import ssl
 import time
@@ -40,9 +40,12 @@ from ._tls import Credentials, server_ssl_context
 from .._types import GenerationRequest, GenerationResult, TokenPiece
 from .._groups import single_exception
 from .. import transports as _transports
+from ..observability._logging import ANSWER_ID, get_logger
+from ..observability._http import HttpListener, parse_host_port, serve_http
+from ..observability._prometheus import ServerMetrics
 
 
-log = logging.getLogger("pydisco.server")
+log = get_logger("pydisco.server")
 
 PLAIN_SCHEMES = frozenset({"ws", "memory"})  # every other scheme gets the TLS context
 _FLUSH_TIMEOUT = 2.0  # how long a closing session tries to deliver its last frames
@@ -57,6 +60,8 @@ class ServerConfig:
     ``quic`` listeners, comes from ``ssl_context`` or from ``cert_file`` + ``key_file``.
     ``parallel`` answers run at once (the backend should have as many engines); up to
     ``max_queue`` more wait in FCFS order, beyond that requests get ``overloaded``.
+    ``metrics_listen`` (``HOST:PORT``): serve ``/metrics`` (Prometheus) and ``/healthz`` over
+    plain HTTP there (docs/observability.md).
     """
 
     listen: Sequence[str]
@@ -75,6 +80,7 @@ class ServerConfig:
     scheduler: str = "fcfs"  # a name in SCHEDULERS
     cost_per_prompt_token: float = 0.0  # added to the backend's own cost in each done frame
     cost_per_generated_token: float = 0.0
+    metrics_listen: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.listen, str) or not self.listen:
@@ -99,6 +105,8 @@ class ServerConfig:
             raise ConfigurationError("give both cert_file and key_file, or neither")
         if self.ssl_context is not None and self.cert_file is not None:
             raise ConfigurationError("give ssl_context or cert_file/key_file, not both")
+        if self.metrics_listen is not None:
+            parse_host_port(self.metrics_listen)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,16 +196,31 @@ class RunningServer:
     listeners: tuple[_transports.ListenerInfo, ...]
     _counters: _Counters = dataclasses.field(repr=False)
     _scheduler: Scheduler = dataclasses.field(repr=False)
+    metrics: ServerMetrics = dataclasses.field(repr=False)
+    metrics_listener: HttpListener | None = None  # where /metrics and /healthz are served
 
     @property
     def urls(self) -> tuple[str, ...]:
         return tuple(info.url for info in self.listeners)
 
     def statistics(self) -> ServerStatistics:
-        c = self._counters
-        return ServerStatistics(
-            **dataclasses.asdict(c), queued=self._scheduler.queued, running=self._scheduler.running
-        )
+        return _snapshot(self._counters, self._scheduler)
+
+    def health(self) -> tuple[int, str, bytes]:
+        """``/healthz``: 200 and a few figures while the server serves."""
+        s = self.statistics()
+        body = {"status": "serving", "listeners": list(self.urls), "connections_open": s.connections_open,
+                "queued": s.queued, "running": s.running}  # fmt: skip
+        return 200, "application/json", (json.dumps(body) + "\n").encode()
+
+    def _metrics_page(self) -> tuple[int, str, bytes]:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return 200, CONTENT_TYPE_LATEST, self.metrics.exposition()
+
+
+def _snapshot(counters: _Counters, scheduler: Scheduler) -> ServerStatistics:
+    return ServerStatistics(**dataclasses.asdict(counters), queued=scheduler.queued, running=scheduler.running)
 
 
 async def serve(config: ServerConfig, *, task_status: trio.TaskStatus[RunningServer] = trio.TASK_STATUS_IGNORED) -> None:
@@ -210,7 +233,8 @@ async def serve(config: ServerConfig, *, task_status: trio.TaskStatus[RunningSer
     plans = [_listener_plan(url, config) for url in config.listen]
     counters = _Counters()
     scheduler = SCHEDULERS[config.scheduler](config.parallel, config.max_queue)
-    handler = functools.partial(_serve_connection, config, scheduler, counters)
+    metrics = ServerMetrics(functools.partial(_snapshot, counters, scheduler), trio.current_time)
+    handler = functools.partial(_serve_connection, config, scheduler, counters, metrics)
     try:
         async with trio.open_nursery() as nursery:
             listeners = []
@@ -226,7 +250,17 @@ async def serve(config: ServerConfig, *, task_status: trio.TaskStatus[RunningSer
                 )
                 listeners.append(info)
                 log.info("listening on %s", info.url)
-            task_status.started(RunningServer(tuple(listeners), counters, scheduler))
+            running = RunningServer(tuple(listeners), counters, scheduler, metrics)
+            if config.metrics_listen is not None:
+                host, port = parse_host_port(config.metrics_listen)
+                routes = {"/metrics": running._metrics_page, "/healthz": running.health}
+                try:
+                    where: HttpListener = await nursery.start(serve_http, host, port, routes)
+                except OSError as e:
+                    raise ConfigurationError(f"cannot serve metrics on {config.metrics_listen}: {e.strerror or e}") from e
+                running = dataclasses.replace(running, metrics_listener=where)
+                log.info("metrics on %s/metrics", where.url)
+            task_status.started(running)
     except BaseExceptionGroup as group:
         raise single_exception(group) from None
 
@@ -284,12 +318,13 @@ _Out = Union[_Frame, _TokenOut, _DoneOut, _ErrorOut, _Flush]
 
 
 async def _serve_connection(
-    config: ServerConfig, scheduler: Scheduler, counters: _Counters, connection: _transports.FrameConnection
-) -> None:
+    config: ServerConfig, scheduler: Scheduler, counters: _Counters, metrics: ServerMetrics,
+    connection: _transports.FrameConnection,
+) -> None:  # fmt: skip
     counters.connections_accepted += 1
     counters.connections_open += 1
     try:
-        await _Session(config, scheduler, counters, connection).run()
+        await _Session(config, scheduler, counters, connection, metrics).run()
     except Exception:  # a bug in one session must not stop the server
         log.exception("connection session failed")
     finally:
@@ -302,9 +337,11 @@ class _Session:
     """Reader, writer, heartbeat and answer tasks of one connection, sharing one protocol."""
 
     def __init__(
-        self, config: ServerConfig, scheduler: Scheduler, counters: _Counters, connection: _transports.FrameConnection
-    ) -> None:
+        self, config: ServerConfig, scheduler: Scheduler, counters: _Counters, connection: _transports.FrameConnection,
+        metrics: ServerMetrics,
+    ) -> None:  # fmt: skip
         self._config = config
+        self._metrics = metrics
         self._scheduler = scheduler
         self._counters = counters
         self._conn = connection
@@ -388,7 +425,7 @@ class _Session:
                     await self._close(out)
                     return
                 elif isinstance(out, Authenticated):
-                    log.debug("a client authenticated")
+                    log.info("a client authenticated")
 
     async def _close(self, reason: CloseConnection) -> None:
         if reason.code == Code.UNAUTHORIZED:
@@ -469,12 +506,16 @@ class _Session:
     # Answering ---------------------------------------------------------------------------
 
     async def _answer(self, sid: int, request: GenerationRequest, scope: trio.CancelScope) -> None:
+        ANSWER_ID.set(request.request_id or None)  # the client's answer id: one id on both sides
         counters = self._counters
         produced = 0
+        asked_at, ahead = trio.current_time(), self._scheduler.queued
+        timer = self._metrics.answer()  # TTFT from now: the server's queue counts
 
         def sink(piece: TokenPiece) -> None:
             nonlocal produced
             produced += 1
+            timer.token()
             counters.tokens_generated += 1
             self._out_send.send_nowait(_TokenOut(sid, piece, time.monotonic_ns()))
 
@@ -482,6 +523,8 @@ class _Session:
         try:
             with scope:
                 async with self._scheduler.admit(request):
+                    log.info("admitted on stream %d after %.1f ms (%d waiting before it)", sid,
+                             (trio.current_time() - asked_at) * 1e3, ahead)  # fmt: skip
                     counters.streams_started += 1
                     result = await self._config.backend.generate(request, sink)
                 out = _DoneOut(sid, self._priced(result))
@@ -500,6 +543,10 @@ class _Session:
             code, message = _error_code(e)
             if code == Code.INTERNAL:
                 log.exception("answer on stream %d failed", sid)
+            elif code == Code.OVERLOADED:
+                log.warning("refused stream %d: %s", sid, message)
+            else:
+                log.info("answer on stream %d failed (%s): %s", sid, code, message)
             out = _ErrorOut(sid, code, message)
         finally:
             self._answers.pop(sid, None)

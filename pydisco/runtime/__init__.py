@@ -16,10 +16,16 @@ from ._report import AnswerStatus as AnswerStatus
 from ._report import EndpointUsage as EndpointUsage
 from ._report import MigrationRecord as MigrationRecord
 from ._report import Piece as Piece
+from ._timeline import Timeline as Timeline
+from ._timeline import TokenTimes as TokenTimes
+from ._timeline import TransitionTimes as TransitionTimes
+from ._timeline import chrome_trace as chrome_trace
 from ._config import RuntimeConfig as RuntimeConfig
 from ._health import Backoff as Backoff
 from ._runtime import AnswerStream as AnswerStream
 from ._runtime import Runtime as Runtime
+from ._statistics import QOE_BUCKETS as QOE_BUCKETS
+from ._statistics import RuntimeStatistics as RuntimeStatistics
 from ._runtime import open_runtime as open_runtime
 
 __all__ = [
@@ -35,9 +41,15 @@ __all__ = [
     "MigrationRecord",
     "Piece",
     "ReleasedTokens",
+    "QOE_BUCKETS",
     "Runtime",
+    "RuntimeStatistics",
     "RuntimeConfig",
+    "Timeline",
+    "TokenTimes",
+    "TransitionTimes",
     "VirtualTimePacer",
+    "chrome_trace",
     "open_runtime",
     "realtime_thread",
     "set_thread_normal",

@@ -28,6 +28,7 @@ from ._config import RuntimeConfig
 from ._reader import piece_from
 from ._report import AnswerReport, Piece
 from ._runtime import AnswerStream, Runtime, open_runtime
+from ._statistics import RuntimeStatistics
 
 T = TypeVar("T")
 
@@ -141,6 +142,12 @@ class BlockingRuntime:
 
     def _call(self, fn: Callable[[], T]) -> T:
         return trio.from_thread.run_sync(fn, trio_token=self._token)
+
+    def statistics(self) -> RuntimeStatistics:
+        """See :meth:`Runtime.statistics` (read in the runtime's thread)."""
+        if self._runtime is None:
+            raise RuntimeError("use BlockingRuntime as a context manager")
+        return self._call(self._runtime.statistics)
 
     def stream(
         self,

@@ -31,6 +31,7 @@ import trio
 
 from .. import _core
 from .._types import Endpoint, GenerationRequest
+from ..observability._logging import get_logger
 from ..policies._base import AnswerOutcome, DispatchDecision, MigrationPolicy, Slo
 from ._answer import ENDPOINT_IDS, ENDPOINT_NAMES, Answer
 from ._dispatch import Dispatch
@@ -43,6 +44,8 @@ from ._standby import DeviceStandby
 from ._supervision import Deadlines, Runs, Usage
 
 __all__ = ["ENDPOINT_IDS", "AnswerCoordinator", "AnswerFailed", "AnswerSettings"]
+
+log = get_logger("pydisco.runtime")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +105,7 @@ class AnswerCoordinator:
         """Drive the answer to its end. On cancellation every endpoint run is cancelled and the
         machine records the cancellation (its end record follows the committed tokens)."""
         answer, settings = self.answer, self._settings
+        log.info("dispatch: %s (prompt %d tokens)", self._decision.reason or _describe(self._decision), self._facts.prompt_tokens)
         if not settings.virtual_time:
             answer.pacer.start(realtime=settings.realtime_pacer)
         try:
@@ -217,6 +221,7 @@ class AnswerCoordinator:
         self._releases.extend(self.answer.pacer.take_releases())
         slo = self._settings.slo
         return build_report(
+            answer_id=self.answer.request.request_id,
             machine=self.answer.machine,
             releases=self._releases,
             names=ENDPOINT_NAMES,

@@ -9,10 +9,13 @@ from collections.abc import Callable, Mapping
 import trio
 
 from .._types import Endpoint
+from ..observability._logging import get_logger
 from ..policies._base import DispatchDecision
 from ._answer import Answer, Role, State
 from ._handover import AnswerFailed, Handover
 from ._supervision import Runs
+
+log = get_logger("pydisco.runtime")
 
 
 class Dispatch:
@@ -44,6 +47,7 @@ class Dispatch:
             self._answer.start(racers[0])
         else:
             self._answer.race(racers)
+            log.info("race between %s", " and ".join(racers))
         for name in self._start:
             self._runs.launch(name, 0)
         if len(racers) > 1:
@@ -52,6 +56,7 @@ class Dispatch:
             nursery.start_soon(self._fallback_after, *self._fallback, name="pydisco fallback")
         if self._handoff is not None:
             cloud_tokens = self._handoff.cloud_tokens
+            log.info("P/D handoff planned: the device prepares and takes over after %d cloud tokens", cloud_tokens)
             self._handover.begin(
                 "device",
                 ready_when=lambda: self._answer.committed >= cloud_tokens,
@@ -64,6 +69,8 @@ class Dispatch:
         time this runs the winner may have failed and a standby been resumed."""
         answer = self._answer
         await answer.wait_until(lambda: answer.state != State.RACING)
+        if answer.source is not None:
+            log.info("%s won the race", answer.source)
         for name in racers:
             if answer.role(name) == Role.STANDBY:
                 self._runs.stop(name)
@@ -77,4 +84,6 @@ class Dispatch:
                 lambda: answer.state != State.RACING or all(answer.has_failed(n) for n in self._start)
             )
         if answer.state == State.RACING and answer.committed == 0:
+            why = "every endpoint started before it failed" if all(answer.has_failed(n) for n in self._start) else f"no token within {wait_s * 1e3:.0f} ms"
+            log.info("fallback to %s: %s", name, why)
             self._runs.launch(name, 0)

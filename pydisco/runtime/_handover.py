@@ -24,9 +24,12 @@ import trio
 
 from .._errors import ConfigurationError, EndpointError, PydiscoError
 from .._types import Endpoint
+from ..observability._logging import get_logger
 from ._answer import Answer, Role, State
 from ._health import Health
 from ._supervision import Runs, Usage
+
+log = get_logger("pydisco.runtime")
 
 
 class AnswerFailed(PydiscoError):
@@ -73,24 +76,36 @@ class Handover:
             try:
                 computed = await prepare(answer.request_at(answer.committed, by_token_ids=self._by_token_ids()))
             except Exception as e:  # the target cannot take over: the source goes on
+                log.info("%s could not prepare (%s): the source goes on", target, e)
                 self.endpoint_failed(target, e)
                 return
             self._usage.add_prefill(target, computed)
         await answer.wait_until(lambda: answer.state != State.PREPARING or ready_when is None or ready_when())
         if answer.state == State.PREPARING:
             source = answer.source
-            position = answer.target_ready()
+            position: int = answer.target_ready()
+            log.info("handover %s -> %s at position %d", source, target, position)
             if source is not None:
                 self._runs.stop(source)
             self._runs.launch(target, position)
         elif answer.state == State.HANDING_OVER and answer.target == target:
-            self._runs.launch(target, answer.committed)  # the source failed while we prepared
+            position = answer.committed  # the source failed while we prepared
+            log.warning("failover to %s, prepared while the source failed, at position %d", target, position)
+            self._runs.launch(target, position)
         else:
             return  # the answer ended, or the target failed meanwhile
-        if on_taken_over is not None:
-            await answer.wait_until(lambda: answer.state != State.HANDING_OVER)
-            if answer.source == target:
-                on_taken_over()
+        await self._taken_over(target, position, on_taken_over)
+
+    async def _taken_over(self, target: str, position: int, then: Callable[[], None] | None = None) -> None:
+        """Wait for ``target``'s first commit (the handover's end); say so, then ``then()``."""
+        answer = self._answer
+        handed_ns = answer.clock.now_ns()
+        await answer.wait_until(lambda: answer.state != State.HANDING_OVER)
+        if answer.source == target:
+            gap_ms = (answer.clock.now_ns() - handed_ns) / 1e6
+            log.info("%s took over at position %d, %.1f ms after the handover", target, position, gap_ms)
+            if then is not None:
+                then()
 
     # -- failover -----------------------------------------------------------------------
 
@@ -118,9 +133,13 @@ class Handover:
             # A racer that lost a moment ago may not have been stopped yet: its run restarts
             # from the committed prefix.
             self._runs.stop(name)
-            self._runs.launch(name, answer.resume(name))
+            position = answer.resume(name)
+            log.warning("failover %s -> %s at position %d: %s", failed, name, position, error)
+            self._runs.launch(name, position)
+            self._nursery.start_soon(self._taken_over, name, position, name=f"pydisco failover to {name}")
             return
         self.error = self._why_failed(failed, error)
+        log.warning("the answer failed after %d tokens: %s", answer.committed, self.error)
         answer.give_up()
 
     def _why_failed(self, failed: str, error: BaseException) -> Exception:

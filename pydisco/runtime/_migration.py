@@ -9,10 +9,13 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 
 from .._types import Endpoint
+from ..observability._logging import get_logger
 from ..policies._base import DeviceSpeed, MigrationPolicy, MigrationView
 from ._answer import Answer, State
 from ._handover import Handover
 from ._health import Health
+
+log = get_logger("pydisco.runtime")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +74,11 @@ class MigrationTrigger:
             cost_per_token=facts.cost_per_token,
         )
         if self._policy.should_migrate(view):
+            log.info(
+                "migrate %s -> %s: %s decided at token %d (unread %d, catch-up %d tokens)",
+                source, target, getattr(self._policy, "name", type(self._policy).__name__), view.committed,
+                view.unread, view.catch_up_tokens,
+            )  # fmt: skip
             self._handover.begin(target)
 
     def _catch_up_tokens(self, target: str) -> int:

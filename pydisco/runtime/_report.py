@@ -1,6 +1,7 @@
 """What the runtime reports about one answer, derived from the native logs: the machine's
 commit log and transition log, and the pacer's release log. Nothing here is recorded twice —
-the report is a function of those logs and of what each endpoint prefilled."""
+the report is a function of those logs and of what each endpoint prefilled. The timeline is
+those logs in seconds and names; the released pieces are read from it."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Mapping, Sequence
 
 from .. import _core
 from ..qoe import qoe as andes_qoe
+from ._timeline import Timeline, TokenTimes, TransitionTimes
 
 LATE_THRESHOLD_NS = 1_000_000  # a token more than 1 ms past its pacing deadline counts as late
 
@@ -96,6 +98,9 @@ class AnswerReport:
     usage: Mapping[str, EndpointUsage]
     late_tokens: int  # tokens released later than their pacing deadline by more than 1 ms
     max_lateness_s: float
+    # Every token's produced/arrived/committed/released times and every machine transition;
+    # ``timeline.to_chrome_trace()`` for a trace viewer.
+    timeline: Timeline
 
     @property
     def total_cost(self) -> float:
@@ -199,35 +204,73 @@ def migration_records(
     return tuple(out)
 
 
-def released_pieces(
-    releases: Sequence[_core.ReleaseRecord],
+def build_timeline(
+    *,
+    answer_id: str,
     commits: Sequence[_core.CommitRecord],
     committed_text: str,
+    transitions: Sequence[_core.TransitionRecord],
+    releases: Sequence[_core.ReleaseRecord],
     names: Mapping[int, str],
     started_ns: int,
-) -> list[Piece]:
-    """The tokens as the pacer released them to the reader, in order."""
+) -> Timeline:
+    """The three logs joined by position, in seconds since ``started_ns``."""
+
+    def s(ns: int) -> float:
+        return (ns - started_ns) / 1e9
+
     text = committed_text.encode("utf-8")
     first = commits[0].position if commits else 0
-    pieces = []
-    for r in releases:
-        if r.is_end:
-            continue
-        c = commits[r.position - first]
-        pieces.append(
-            Piece(
+    released: dict[int, _core.ReleaseRecord] = {r.position: r for r in releases if not r.is_end}
+    tokens = []
+    for c in commits:
+        r = released.get(c.position)
+        tokens.append(
+            TokenTimes(
                 position=c.position,
                 text=text[c.text_begin : c.text_begin + c.text_len].decode("utf-8"),
                 token_id=c.token_id,
                 endpoint=names.get(c.source, str(c.source)),
-                released_s=(r.released_ns - started_ns) / 1e9,
+                produced_s=s(c.produced_ns),
+                arrived_s=s(c.arrived_ns),
+                committed_s=s(c.arrived_ns),  # committed on arrival (an offer commits or is dropped)
+                deadline_s=s(r.deadline_ns) if r is not None else None,
+                released_s=s(r.released_ns) if r is not None else None,
             )
         )
+    assert all(t.position == first + i for i, t in enumerate(tokens))
+    return Timeline(
+        answer_id=answer_id,
+        started_ns=started_ns,
+        tokens=tuple(tokens),
+        transitions=tuple(
+            TransitionTimes(
+                at_s=s(t.at_ns),
+                event=t.event.name.lower(),
+                from_state=t.from_state.name.lower(),
+                to_state=t.to_state.name.lower(),
+                endpoint=names.get(t.endpoint),
+                position=t.position,
+            )
+            for t in transitions
+        ),
+    )
+
+
+def released_pieces(timeline: Timeline) -> list[Piece]:
+    """The tokens as the pacer released them to the reader, in order (the pacer releases in
+    position order, so they are the timeline's tokens up to the first one still held)."""
+    pieces = []
+    for t in timeline.tokens:
+        if t.released_s is None:
+            break
+        pieces.append(Piece(t.position, t.text, t.token_id, t.endpoint, t.released_s))
     return pieces
 
 
 def build_report(
     *,
+    answer_id: str,
     machine: _core.MigrationMachine,
     releases: Sequence[_core.ReleaseRecord],
     names: Mapping[int, str],
@@ -238,7 +281,12 @@ def build_report(
     ttft_target_s: float,
     reading_rate: float,
 ) -> AnswerReport:
-    pieces = released_pieces(releases, machine.commits(), machine.committed_text, names, started_ns)
+    transitions = machine.transitions()
+    timeline = build_timeline(
+        answer_id=answer_id, commits=machine.commits(), committed_text=machine.committed_text,
+        transitions=transitions, releases=releases, names=names, started_ns=started_ns,
+    )  # fmt: skip
+    pieces = released_pieces(timeline)
     times = [p.released_s for p in pieces]
     lateness = [r.released_ns - r.deadline_ns for r in releases if not r.is_end]
     usage: dict[str, EndpointUsage] = {}
@@ -265,8 +313,9 @@ def build_report(
         tbt_s=tuple(b - a for a, b in zip(times, times[1:])),
         qoe=andes_qoe(times, ttft_target_s=ttft_target_s, reading_rate=reading_rate),
         endpoints_used=tuple(used),
-        migrations=migration_records(machine.transitions(), names, started_ns),
+        migrations=migration_records(transitions, names, started_ns),
         usage=usage,
         late_tokens=sum(1 for x in lateness if x > LATE_THRESHOLD_NS),
         max_lateness_s=max(lateness, default=0) / 1e9,
+        timeline=timeline,
     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 
 import trio
@@ -22,6 +23,7 @@ from .._core import TokenRing
 from .._errors import ConfigurationError, PydiscoError
 from .._groups import single_exception
 from .._types import Endpoint, GenerationRequest, Message, Sampling
+from ..observability._logging import answer_context, get_logger, new_answer_id
 from ..policies import UNPROFILED_DEVICE, create_dispatch_policy, create_migration_policy
 from ..policies._base import DeviceSpeed, DispatchPolicy, DispatchView, MigrationPolicy, Slo
 from ._config import RuntimeConfig
@@ -29,11 +31,14 @@ from ._coordinator import AnswerCoordinator, AnswerSettings
 from ._health import Health
 from ._migration import MigrationFacts
 from ._report import AnswerReport, AnswerStatus, Piece
+from ._statistics import RuntimeStatistics, StatisticsRecorder
 from ._supervision import Deadlines
 
 __all__ = ["AnswerStream", "Runtime", "RuntimeConfig", "open_runtime"]
 
 ANSWER_HISTORY = 1000  # finished answers' lengths kept for the policies' estimates
+
+log = get_logger("pydisco.runtime")
 
 
 class AnswerStream:
@@ -98,10 +103,15 @@ class Runtime:
         self._tokens_spent: collections.Counter[str] = collections.Counter()
         self._answer_lengths: collections.deque[int] = collections.deque(maxlen=ANSWER_HISTORY)
         self._health = Health(list(self._endpoints), config.health_backoff, seed=config.seed)
+        self._statistics = StatisticsRecorder(config.budget)
 
     @property
     def endpoints(self) -> Mapping[str, Endpoint]:
         return self._endpoints
+
+    def statistics(self) -> RuntimeStatistics:
+        """The answers so far: by outcome and endpoint, handovers, late tokens, QoE, budget."""
+        return self._statistics.statistics()
 
     def _device_speed(self) -> DeviceSpeed | None:
         """The device's measured speed; a device with no profile yet gets the policies'
@@ -159,9 +169,13 @@ class Runtime:
         """Stream one answer. Leaving the block early cancels the answer (endpoints stop within
         a decode step); the report then says "cancelled". Bad arguments raise
         ConfigurationError before anything starts; an exception raised in the block comes out
-        as it is."""
+        as it is.
+
+        ``request_id`` is the answer's id in log records (and the request id the server sees);
+        by default a fresh one. The answer's tasks log with it; the block's own code does not."""
+        answer_id = request_id or new_answer_id()
         request = GenerationRequest(
-            messages=messages, prompt=prompt, max_tokens=max_tokens, sampling=sampling, stop=stop, request_id=request_id
+            messages=messages, prompt=prompt, max_tokens=max_tokens, sampling=sampling, stop=stop, request_id=answer_id
         )
         config = self._config
         slo = slo or config.slo
@@ -169,6 +183,8 @@ class Runtime:
         ttft_samples, tbt = self._cloud_samples()
         device_speed = self._device_speed()
         usable = self._health.usable(list(self._endpoints))  # an endpoint that is down sits out
+        for name in set(self._endpoints) - set(usable):
+            log.info("%s is down after recent failures: left out of dispatch", name, extra={"answer_id": answer_id})
         view = DispatchView(
             prompt_tokens=prompt_tokens,
             max_tokens=max_tokens,
@@ -211,7 +227,8 @@ class Runtime:
         answer = AnswerStream(coordinator)
         try:
             async with trio.open_nursery() as nursery:
-                await nursery.start(coordinator.run)
+                with answer_context(answer_id):  # the answer's tasks inherit it; the block does not
+                    await nursery.start(coordinator.run)
                 try:
                     yield answer
                 finally:
@@ -225,6 +242,18 @@ class Runtime:
             self._tokens_spent.update(outcome.tokens_by_endpoint)
             self._answer_lengths.append(answer.report.tokens)
             self._dispatch.observe(outcome)
+            self._statistics.record(answer.report, outcome)
+            _log_end(answer_id, answer.report)
+
+
+def _log_end(answer_id: str, report: AnswerReport) -> None:
+    ttft = f"{report.ttft_s * 1e3:.0f} ms" if report.ttft_s is not None else "-"
+    log.log(
+        logging.WARNING if report.finish_reason == "failed" else logging.INFO,
+        "answer ended (%s): %d tokens, TTFT %s, QoE %.3f, endpoints %s, %d handovers",
+        report.finish_reason, report.tokens, ttft, report.qoe, "+".join(report.endpoints_used) or "-",
+        len(report.migrations), extra={"answer_id": answer_id},
+    )  # fmt: skip
 
 
 @contextlib.asynccontextmanager

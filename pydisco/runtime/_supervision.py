@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import logging
 import math
 from collections.abc import Callable, Mapping
 
@@ -21,10 +20,11 @@ import trio
 
 from .._errors import EndpointError, PydiscoError
 from .._types import Endpoint, GenerationResult, TokenPiece
+from ..observability._logging import get_logger
 from ._answer import Answer
 from ._health import Health
 
-log = logging.getLogger("pydisco.runtime")
+log = get_logger("pydisco.runtime")
 
 FailureHandler = Callable[[str, BaseException], None]
 
@@ -114,12 +114,14 @@ class Runs:
         # serialises the two itself).
         run = _Run(name, position, trio.CancelScope(), trio.current_time(), next_position=position)
         self._runs[name] = run
+        log.info("%s starts at position %d", name, position)
         self._nursery.start_soon(self._run, run, name=f"pydisco {name} run")
 
     def stop(self, name: str) -> None:
         """Stop ``name`` (it stops within a decode step; its later offers are dropped anyway)."""
         run = self._runs.get(name)
-        if run is not None:
+        if run is not None and not run.stop_scope.cancel_called:
+            log.debug("%s stopped after %d tokens", name, run.offered)
             run.stop_scope.cancel()
 
     def stop_all(self) -> None:
@@ -136,6 +138,7 @@ class Runs:
             now = trio.current_time()
             if run.offered == 0:
                 run.first_token_s = now - run.started
+                log.debug("%s: first token after %.1f ms", run.name, run.first_token_s * 1e3)
                 self._health[run.name].succeeded()
                 if run.name == "cloud" and run.position == 0:
                     self.cloud_ttft_s = run.first_token_s
@@ -148,6 +151,7 @@ class Runs:
         def admitted() -> None:
             # Waiting for the endpoint is not silence: the first-token deadline starts now.
             run.started = trio.current_time()
+            log.debug("%s admitted the request", run.name)
             if run.offered == 0:
                 watch.deadline = run.started + deadlines.first_token_s
 
