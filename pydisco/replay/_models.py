@@ -174,6 +174,15 @@ class ServerModel:
         names = ", ".join(p.stem for p in samples.sources)
         return cls(overhead, step, max_batch, kv_capacity, prefill_chunk, scheduler, source=names or "samples")
 
+    @classmethod
+    def assumed(cls, **kw: object) -> ServerModel:
+        """A server with no measurements given: 0.2 s of overhead and 15 ms decode steps at the
+        measured concurrency (the middle of the llmperf leaderboard's figures)."""
+        samples = ServerTtftSamples(ttft_s=(0.2 + 3e-5 * 550 + 0.015,), inter_token_latency_s=(0.015,),
+                                    skipped_errors=0, sources=())
+        model = cls.from_samples(samples, **kw)  # type: ignore[arg-type]
+        return dataclasses.replace(model, source="assumed (no server measurements given)")
+
     def with_scheduler(self, name: str) -> ServerModel:
         return dataclasses.replace(self, scheduler=name)
 

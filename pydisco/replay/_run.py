@@ -21,6 +21,7 @@ import trio
 import trio.testing
 
 from .._errors import ConfigurationError, PydiscoError
+from .._groups import single_exception
 from ..policies import create_dispatch_policy
 from ..policies._base import Budget, EndpointName, Slo
 from ..runtime import AnswerFailed, RuntimeConfig, open_runtime
@@ -234,7 +235,10 @@ def replay(
     _seed_trio_scheduler(config.seed)
     started = time.perf_counter()
     clock = trio.testing.MockClock(autojump_threshold=0)
-    trio.run(_replay, requests, config, summary, on_row, progress, clock=clock)
+    try:
+        trio.run(_replay, requests, config, summary, on_row, progress, clock=clock)
+    except BaseExceptionGroup as group:
+        raise single_exception(group) from None
     summary.wall_s = time.perf_counter() - started
     return summary
 
