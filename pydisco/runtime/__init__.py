@@ -21,6 +21,8 @@ from ._health import Backoff as Backoff
 from ._runtime import AnswerStream as AnswerStream
 from ._runtime import Runtime as Runtime
 from ._runtime import open_runtime as open_runtime
+from ._shm import forward_to_shm as forward_to_shm
+from ._shm import forward_to_shm_blocking as forward_to_shm_blocking
 
 __all__ = [
     "ENDPOINT_IDS",
@@ -38,6 +40,8 @@ __all__ = [
     "Runtime",
     "RuntimeConfig",
     "VirtualTimePacer",
+    "forward_to_shm",
+    "forward_to_shm_blocking",
     "open_runtime",
     "realtime_thread",
     "set_thread_normal",
