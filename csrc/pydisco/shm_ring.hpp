@@ -214,7 +214,9 @@ inline std::string shm_path(std::string_view name) {
     throw ShmRingError("shm ring name '" + std::string(name) +
                        "' is invalid: use 1-200 letters, digits, '.', '_' or '-', not starting "
                        "with '.'");
-  return "/" + std::string(name);
+  std::string path(1, '/');  // appended, not "/" + string: GCC 12 warns falsely on that
+  path.append(name);
+  return path;
 }
 
 inline std::size_t segment_size(std::size_t capacity) {
