@@ -19,6 +19,13 @@ from ._core import Pacer as Pacer
 from ._core import PacerStatistics as PacerStatistics
 from ._core import ReleaseRecord as ReleaseRecord
 from ._core import RingStatistics as RingStatistics
+from ._core import ShmEvent as ShmEvent
+from ._core import ShmForwarder as ShmForwarder
+from ._core import ShmReading as ShmReading
+from ._core import ShmRingError as ShmRingError
+from ._core import ShmRingProducer as ShmRingProducer
+from ._core import ShmRingReader as ShmRingReader
+from ._core import unlink_shm_ring as unlink_shm_ring
 from ._core import Token as Token
 from ._core import TokenBatch as TokenBatch
 from ._core import TokenRing as TokenRing

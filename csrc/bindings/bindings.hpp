@@ -10,5 +10,6 @@ void register_ring(pybind11::module_& m);
 void register_pacer(pybind11::module_& m);
 void register_migration(pybind11::module_& m);
 void register_consumer(pybind11::module_& m);
+void register_shm(pybind11::module_& m);
 
 }  // namespace pydisco::bindings

@@ -10,4 +10,5 @@ PYBIND11_MODULE(_core, m) {
   pydisco::bindings::register_pacer(m);
   pydisco::bindings::register_migration(m);
   pydisco::bindings::register_consumer(m);
+  pydisco::bindings::register_shm(m);
 }

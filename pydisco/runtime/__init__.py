@@ -27,6 +27,8 @@ from ._runtime import Runtime as Runtime
 from ._statistics import QOE_BUCKETS as QOE_BUCKETS
 from ._statistics import RuntimeStatistics as RuntimeStatistics
 from ._runtime import open_runtime as open_runtime
+from ._shm import forward_to_shm as forward_to_shm
+from ._shm import forward_to_shm_blocking as forward_to_shm_blocking
 
 __all__ = [
     "ENDPOINT_IDS",
@@ -50,6 +52,8 @@ __all__ = [
     "TransitionTimes",
     "VirtualTimePacer",
     "chrome_trace",
+    "forward_to_shm",
+    "forward_to_shm_blocking",
     "open_runtime",
     "realtime_thread",
     "set_thread_normal",

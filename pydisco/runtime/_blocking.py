@@ -20,6 +20,7 @@ from typing import TypeVar
 
 import trio
 
+from .._core import TokenRing
 from .._errors import ConfigurationError
 from .._types import Endpoint, Message, Sampling
 from ..policies._base import Slo
@@ -61,6 +62,14 @@ class BlockingAnswer:
                 raise error
         finally:
             self.close()
+
+    @property
+    def released_ring(self) -> TokenRing:
+        """The answer's native ring, for a reader that is not this iterator: a C++ thread, a
+        control loop taking what is there once per tick (``pop_many``, never blocking),
+        ``forward_to_shm_blocking``. Use one or the other, never both; the ring ends with the
+        answer's end record."""
+        return self._answer.released_ring
 
     def close(self) -> None:
         """End the answer (cancelling it if still running) and seal its report."""

@@ -1,0 +1,221 @@
+"""Benchmark of embedding pydisco beside a control loop in another process.
+
+    python bench/embedding.py            # a table
+    python bench/embedding.py --json     # the figures as JSON
+    python bench/embedding.py --quick    # shorter runs (a smoke run)
+
+- ``shm_received_p99_us``: from the pacer's release in this process to a C++ thread in another
+  process (examples/shm_control_loop/token_listener, blocked in ShmRingReader::wait), p99, with
+  both cores busy (one CPU-bound process per core). Path: pacer (SCHED_FIFO 50) -> released
+  ring -> ShmForwarder (SCHED_FIFO 45) -> shm ring -> listener (SCHED_FIFO 40 when granted).
+  The same pacer into an in-process C++ consumer (NativeCollector) is measured beside it.
+- ``control_jitter_ratio``: the 100 Hz C++ control loop (examples/shm_control_loop/control_loop)
+  reading a shm ring: its tick lateness p99 while a real runtime streams answers into that ring
+  back to back (SmolLM2 on the device, one llama.cpp thread), over its p99 with the ring idle.
+  Measured with the loop at SCHED_FIFO when granted (how a robot runs its controller) and at
+  normal priority.
+- ``zenoh_p50_vs_ws``: null — the Zenoh transport is not built yet.
+
+The C++ programs are built with CMake into build/bench-embedding (once; reused after).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+from _stats import emit, summary_us  # the script's own folder is on sys.path
+
+import pydisco
+from pydisco import NativeCollector, Pacer, ShmForwarder, ShmRingProducer, TokenRing
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "shm_control_loop"
+BUILD = ROOT / "build" / "bench-embedding"
+BUSY_LOOP = "import time\nend = time.monotonic() + 600\nwhile time.monotonic() < end: pass\n"
+LISTENER_PRIORITY, LOOP_PRIORITY, FORWARDER_PRIORITY = 40, 30, 45
+
+
+def build_examples() -> pathlib.Path:
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        sys.exit("bench/embedding.py: cmake is needed to build the C++ examples")
+    generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+    subprocess.run(
+        [cmake, "-S", str(EXAMPLE), "-B", str(BUILD), *generator, "-DCMAKE_BUILD_TYPE=Release", f"-DPYDISCO_SOURCE_DIR={ROOT}"],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run([cmake, "--build", str(BUILD)], check=True, capture_output=True)
+    return BUILD
+
+
+@contextlib.contextmanager
+def busy_cores(n: int) -> Iterator[None]:
+    """n CPU-bound processes at normal priority; stopped on exit."""
+    procs = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) for _ in range(n)]
+    try:
+        time.sleep(0.2)
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
+
+
+@contextlib.contextmanager
+def ring_name(what: str) -> Iterator[str]:
+    name = f"pydisco-bench-{what}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    try:
+        yield name
+    finally:
+        pydisco.unlink_shm_ring(name)
+
+
+def wait_for(condition: Any, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+def paced_answer(interval_ns: int, count: int) -> tuple[Pacer, TokenRing]:
+    """A running pacer (SCHED_FIFO asked) over `count` tokens committed at once, then the end
+    record; returns it and its released ring."""
+    committed, released = TokenRing(count * 2), TokenRing(count * 2)
+    pacer = Pacer(committed, released, interval_ns=interval_ns)
+    pacer.start(realtime=True)
+    t0 = time.monotonic_ns() + 2_000_000
+    for i in range(count):
+        assert committed.try_push(i, i, "tok", arrived_ns=t0)
+    return pacer, released
+
+
+def shm_latency(build: pathlib.Path, answers: int, count: int, interval_ns: int) -> dict[str, Any]:
+    """Release -> token_listener in another process, `answers` answers of `count` tokens."""
+    with ring_name("latency") as name, ShmRingProducer(name, capacity=4096) as producer:
+        listener = subprocess.Popen(
+            [str(build / "token_listener"), name, "--answers", str(answers), "--seconds", "120", "--realtime", str(LISTENER_PRIORITY)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            wait_for(lambda: producer.consumer_attached, 10, "the listener to attach")
+            forwarder_realtime = False
+            for _ in range(answers):
+                pacer, released = paced_answer(interval_ns, count)
+                forwarder = ShmForwarder(released, producer, FORWARDER_PRIORITY)
+                wait_for(lambda: forwarder.forwarded >= count, 60, "the forwarder")
+                pacer.stop()
+                forwarder.stop()  # a bare pacer run has no end record: the forwarder adds one
+                forwarder_realtime = forwarder.realtime
+            out, _ = listener.communicate(timeout=60)
+        finally:
+            listener.kill()
+            listener.wait()
+    result: dict[str, Any] = json.loads(out.splitlines()[-1])
+    result["forwarder_realtime"] = forwarder_realtime
+    return result
+
+
+def inprocess_latency(count: int, interval_ns: int) -> dict[str, float]:
+    """The same pacer into a C++ consumer thread in this process (the in-process reference)."""
+    pacer, released = paced_answer(interval_ns, count)
+    collector = NativeCollector(released)
+    wait_for(lambda: collector.consumed >= count, 60, "the collector")
+    pacer.stop()
+    collector.stop()
+    tokens, received = collector.tokens(), collector.received_ns()
+    return summary_us([r - t.released_ns for t, r in zip(tokens, received) if not t.is_end])
+
+
+def control_loop(build: pathlib.Path, ring: str, seconds: float, realtime: bool) -> dict[str, Any]:
+    cmd = [str(build / "control_loop"), ring, "--seconds", str(seconds), "--quiet"]
+    if realtime:
+        cmd += ["--realtime", str(LOOP_PRIORITY)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, check=True).stdout
+    lines = [json.loads(line) for line in out.splitlines()]
+    summary: dict[str, Any] = lines[-1]["summary"]
+    summary["realtime_granted"] = any(e.get("event") == "realtime" and e.get("granted") for e in lines)
+    return summary
+
+
+def control_jitter(build: pathlib.Path, seconds: float, realtime: bool) -> dict[str, Any]:
+    """The loop's tick lateness with the ring idle, then with a real runtime streaming into it."""
+    with ring_name("idle") as name, ShmRingProducer(name):
+        idle = control_loop(build, name, seconds, realtime)
+    with ring_name("streaming") as name:
+        publisher = subprocess.Popen(
+            [sys.executable, str(EXAMPLE / "answer_publisher.py"), "--ring", name, "--repeat", "0", "--max-tokens", "64", "Tell a story about a robot."],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert publisher.stdout is not None and json.loads(publisher.stdout.readline())["ready"]
+            streaming = control_loop(build, name, seconds, realtime)
+        finally:
+            publisher.kill()
+            publisher.wait()
+    return {
+        "idle_p99_us": idle["tick_lateness_p99_us"],
+        "streaming_p99_us": streaming["tick_lateness_p99_us"],
+        "ratio": streaming["tick_lateness_p99_us"] / max(idle["tick_lateness_p99_us"], 1e-3),
+        "answers_during": streaming["answers"],
+        "realtime_granted": streaming["realtime_granted"],
+        "missed_ticks": streaming["missed_ticks"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    build = build_examples()
+    answers, count, interval_ns = (1, 100, 2_000_000) if args.quick else (3, 300, 2_000_000)
+    seconds = 3.0 if args.quick else 10.0
+
+    with busy_cores(os.cpu_count() or 2):
+        shm = shm_latency(build, answers, count, interval_ns)
+        inproc = inprocess_latency(count, interval_ns)
+    jitter_rt = control_jitter(build, seconds, realtime=True)
+    jitter_normal = control_jitter(build, seconds, realtime=False)
+
+    figures: dict[str, Any] = {
+        "shm_received_p50_us": shm["latency_p50_us"],
+        "shm_received_p99_us": shm["latency_p99_us"],
+        "shm_received_max_us": shm["latency_max_us"],
+        "shm_tokens": shm["tokens"],
+        "shm_listener_realtime": shm["realtime"],
+        "shm_forwarder_realtime": shm["forwarder_realtime"],
+        "inprocess_received_p99_us": inproc["p99"],
+        "control_jitter_ratio": jitter_rt["ratio"],
+        "control_jitter": {"realtime_loop": jitter_rt, "normal_priority_loop": jitter_normal},
+        "control_jitter_ratio_normal_priority": jitter_normal["ratio"],
+        "zenoh_p50_vs_ws": None,
+        "load": f"{os.cpu_count()} busy processes (latency); the runtime itself (jitter)",
+    }
+    rows = [
+        ("shm: release -> other process, p50 / p99 / max", f"{shm['latency_p50_us']:.1f} / {shm['latency_p99_us']:.1f} / {shm['latency_max_us']:.1f} µs ({shm['tokens']} tokens, listener SCHED_FIFO {shm['realtime']}, forwarder {shm['forwarder_realtime']})"),
+        ("in-process C++ consumer, p99", f"{inproc['p99']:.1f} µs"),
+        ("100 Hz loop (SCHED_FIFO) tick lateness p99, idle / streaming", f"{jitter_rt['idle_p99_us']:.1f} / {jitter_rt['streaming_p99_us']:.1f} µs -> ratio {jitter_rt['ratio']:.2f} (granted {jitter_rt['realtime_granted']}, {jitter_rt['answers_during']} answers)"),
+        ("100 Hz loop (normal) tick lateness p99, idle / streaming", f"{jitter_normal['idle_p99_us']:.1f} / {jitter_normal['streaming_p99_us']:.1f} µs -> ratio {jitter_normal['ratio']:.2f}"),
+        ("zenoh transport p50 vs websocket", "not built"),
+    ]
+    emit(rows, figures, args.json)
+
+
+if __name__ == "__main__":
+    main()
