@@ -178,3 +178,16 @@ def test_a_client_only_install_asked_for_a_device_model_names_the_extra(client_p
     cli = run_client(client_python, "import sys, pydisco.cli; sys.exit(pydisco.cli.main())", "run", "hi", "--no-cloud")
     assert cli.returncode == 2
     assert cli.stderr == "pydisco run: a device model needs llama-cpp-python, which this install lacks: pip install 'pydisco[device]'\n"
+
+
+def test_help_and_dir_work_on_a_client_only_install(client_python: pathlib.Path) -> None:
+    result = run_client(
+        client_python,
+        "import json, pydoc, pydisco; text = pydoc.render_doc(pydisco, renderer=pydoc.plaintext); "
+        "print(json.dumps({'dir': dir(pydisco), 'slo': 'class Slo' in text, 'cloud': 'class CloudEndpoint' in text}))",
+    )
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout)
+    assert seen["slo"] and seen["cloud"]  # the core's names, the cloud client's included
+    assert "DeviceEndpoint" not in seen["dir"] and "serve" not in seen["dir"]  # their extras are absent
+    assert {"Slo", "RuntimeConfig", "open_runtime", "CloudEndpoint"} <= set(seen["dir"])

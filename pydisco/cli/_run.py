@@ -29,31 +29,32 @@ def add_parser(subparsers: Any) -> None:
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "run",
         usage="%(prog)s [options] PROMPT",
-        help="stream one answer with the device and a loopback cloud working together",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="Stream one answer with the device and a loopback cloud working together.",
+        description="Stream one answer on the embedded defaults: the on-device SmolLM2 model plus a cloud "
+        "server on loopback (the same model behind real TLS and the real protocol), reached through an "
+        "emulated Wi-Fi/LTE last hop. The answer streams at the reader's pace; the report follows.",
     )
-    parser.add_argument("prompt", type=non_empty, metavar="PROMPT", help="what to ask")
+    parser.add_argument("prompt", type=non_empty, metavar="PROMPT", help="What to ask.")
     parser.add_argument("--dispatch", default="race-both", type=dispatch_policy, metavar="NAME",
-                        help=f"dispatch policy: {', '.join(dispatch_policy_names())} (default: race-both)")  # fmt: skip
+                        help=f"The dispatch policy: {', '.join(dispatch_policy_names())} (default: race-both).")  # fmt: skip
     parser.add_argument("--migration", default="disco-migrate", type=migration_policy, metavar="NAME",
-                        help=f"migration policy: {', '.join(migration_policy_names())} (default: disco-migrate)")  # fmt: skip
+                        help=f"The migration policy: {', '.join(migration_policy_names())} (default: disco-migrate).")  # fmt: skip
     parser.add_argument("--max-tokens", type=positive_int, default=96, metavar="N",
-                        help="longest answer in tokens (default 96)")  # fmt: skip
+                        help="The longest answer, in tokens (default: 96).")  # fmt: skip
     parser.add_argument("--reading-rate", type=non_negative_float, default=12.0, metavar="TOKENS_PER_S",
-                        help="tokens/s released to the reader (default 12, a fast reader; 0: as generated)")  # fmt: skip
+                        help="Tokens per second released to the reader (default: 12, a fast reader; 0: as generated).")  # fmt: skip
     parser.add_argument("--transport", choices=LOOPBACK_TRANSPORTS,
-                        help="the loopback cloud's transport (default: wss)")  # fmt: skip
+                        help="The loopback cloud's transport (default: wss).")  # fmt: skip
     parser.add_argument("--cloud", metavar="URL", type=transport_url,
-                        help=f"use this pydisco server ({', '.join(s + '://' for s in shell_schemes())}) "
-                        "instead of the loopback one")  # fmt: skip
-    parser.add_argument("--token", default="", help="bearer token for --cloud")
-    parser.add_argument("--no-cloud", action="store_true", help="device only")
-    parser.add_argument("--no-device", action="store_true", help="cloud only")
+                        help=f"Use this pydisco server ({', '.join(s + '://' for s in shell_schemes())}) "
+                        "instead of the loopback one.")  # fmt: skip
+    parser.add_argument("--token", default="", help="The bearer token for --cloud.")
+    parser.add_argument("--no-cloud", action="store_true", help="Answer with the device only.")
+    parser.add_argument("--no-device", action="store_true", help="Answer with the cloud only.")
     parser.add_argument("--model", type=gguf_model, metavar="PATH",
-                        help="GGUF model for the device and the loopback cloud (default: SmolLM2)")  # fmt: skip
-    parser.add_argument("--threads", type=positive_int, metavar="N", help="llama.cpp threads per engine")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON instead of text")
+                        help="The GGUF model for the device and the loopback cloud (default: SmolLM2-135M).")  # fmt: skip
+    parser.add_argument("--threads", type=positive_int, metavar="N", help="llama.cpp threads per engine (default: half the CPUs).")
+    parser.add_argument("--json", action="store_true", help="Print the report as JSON instead of text.")
     parser.set_defaults(func=run)
 
 
