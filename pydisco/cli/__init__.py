@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from .._errors import ConfigurationError, ModelError, PydiscoError
 from .._groups import single_exception
+from ._config import enable_config, resolve_options
 
 # Modules that provide subcommands: each has `add_parser(subparsers) -> None`, and the parser it
 # adds sets `func=callable(args) -> int`, which raises to fail.
@@ -44,15 +45,19 @@ def build_parser() -> argparse.ArgumentParser:
         importlib.import_module(module_name).add_parser(subparsers)
     for subparser in subparsers.choices.values():
         subparser.add_argument("--debug", action="store_true", help="Print the traceback of an error.")
+    for name, subparser in subparsers.choices.items():  # last: --config covers every option above
+        if any(action.dest == "config" for action in subparser._actions):
+            enable_config(subparser, name, frozenset(subparsers.choices))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        args = resolve_options(args)  # --config FILE and the defaults of what was not given
         status: int = args.func(args)
     except (Exception, KeyboardInterrupt, BaseExceptionGroup) as error:
-        return report_failure(f"pydisco {args.command}", error, debug=args.debug)
+        return report_failure(f"pydisco {args.command}", error, debug=args.debug is True)
     return status
 
 

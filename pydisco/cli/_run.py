@@ -19,6 +19,7 @@ from .._errors import ConfigurationError
 from ..policies import dispatch_policy_names, migration_policy_names
 from ..policies._base import Slo
 from ..runtime._runtime import RuntimeConfig, open_runtime
+from ._config import add_config_option
 from ._args import dispatch_policy, gguf_model, migration_policy, non_empty, non_negative_float, positive_int
 from ._args import shell_schemes, transport_url
 
@@ -55,6 +56,7 @@ def add_parser(subparsers: Any) -> None:
                         help="The GGUF model for the device and the loopback cloud (default: SmolLM2-135M).")  # fmt: skip
     parser.add_argument("--threads", type=positive_int, metavar="N", help="llama.cpp threads per engine (default: half the CPUs).")
     parser.add_argument("--json", action="store_true", help="Print the report as JSON instead of text.")
+    add_config_option(parser)
     parser.set_defaults(func=run)
 
 

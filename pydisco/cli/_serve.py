@@ -14,6 +14,7 @@ import trio
 from .._errors import ConfigurationError
 from .._groups import single_exception
 from . import EXIT_INTERRUPTED
+from ._config import add_config_option
 from ._args import existing_file, gguf_model, http_url, non_empty, positive_int, transport_url
 
 if TYPE_CHECKING:
@@ -53,6 +54,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--max-streams", type=positive_int, default=16, metavar="N",
                         help="Answers at once on one client connection (default: 16).")  # fmt: skip
     parser.add_argument("-v", "--verbose", action="store_true", help="Log every connection.")
+    add_config_option(parser)
     parser.set_defaults(func=run)
 
 
