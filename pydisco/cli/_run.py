@@ -14,11 +14,14 @@ import sys
 from typing import Any
 
 import trio
+from rich.console import Console
 
 from .._errors import ConfigurationError
 from ..policies import dispatch_policy_names, migration_policy_names
 from ..policies._base import Slo
-from ..runtime._runtime import RuntimeConfig, open_runtime
+from ..policies._base import Budget
+from ..runtime._runtime import AnswerStream, RuntimeConfig, open_runtime
+from ._live import AnswerView, LiveView, PlainView, QuietView
 from ._config import add_config_option
 from ._args import dispatch_policy, gguf_model, migration_policy, non_empty, non_negative_float, positive_int
 from ._args import shell_schemes, transport_url
@@ -56,6 +59,8 @@ def add_parser(subparsers: Any) -> None:
                         help="The GGUF model for the device and the loopback cloud (default: SmolLM2-135M).")  # fmt: skip
     parser.add_argument("--threads", type=positive_int, metavar="N", help="llama.cpp threads per engine (default: half the CPUs).")
     parser.add_argument("--json", action="store_true", help="Print the report as JSON instead of text.")
+    parser.add_argument("--plain", action="store_true",
+                        help="Print plain text even on a terminal, instead of the live coloured view.")  # fmt: skip
     add_config_option(parser)
     parser.set_defaults(func=run)
 
@@ -82,23 +87,31 @@ async def _main(args: argparse.Namespace, config: RuntimeConfig) -> int:
             config = dataclasses.replace(config, cloud_url=cloud.url, cloud_token=cloud.token, cloud_ssl=cloud.ssl_context)
         async with open_runtime(config) as rt:
             async with rt.stream(messages, max_tokens=args.max_tokens) as answer:
-                wrote = False
+                view = _view(args, answer, config.budget)
+                nursery.start_soon(view.run_clock)
                 try:
                     async for piece in answer:
-                        if not args.json:
-                            sys.stdout.write(piece.text)
-                            sys.stdout.flush()
-                            wrote = True
-                finally:
-                    if wrote:
-                        print(flush=True)  # end the answer's line, also one that failed part-way
+                        view.piece(piece)
+                except BaseException:
+                    view.finish(None)  # what was shown stays; the error follows
+                    raise
+                view.finish(answer.report)
             report = answer.report
         nursery.cancel_scope.cancel()
     if args.json:
         print(json.dumps(_jsonable(report), indent=2))
-    else:
-        print("\n" + report.summary())
     return 0
+
+
+def _view(args: argparse.Namespace, answer: AnswerStream, budget: Budget) -> AnswerView:
+    """Live on a terminal; plain text through a pipe or with --plain; nothing but the JSON
+    report with --json."""
+    if args.json:
+        return QuietView()
+    console = Console(file=sys.stdout)
+    if args.plain or not console.is_terminal or console.is_dumb_terminal:
+        return PlainView(sys.stdout)
+    return LiveView(console, status=answer.status, usage=lambda: answer.report.usage, budget=budget)
 
 
 async def _loopback(args: argparse.Namespace, *, task_status: trio.TaskStatus[Any]) -> None:
