@@ -39,3 +39,12 @@ class EndpointUnavailable(EndpointError, trio.BrokenResourceError):
 
 class AuthenticationError(EndpointError):
     """The server refused the credentials. Nothing was generated."""
+
+
+class MissingExtraError(ConfigurationError, ImportError):
+    """A feature needs an optional part of pydisco that this install lacks (``extra`` names
+    it: ``pip install 'pydisco[extra]'``). Also an ImportError, as a missing module is."""
+
+    def __init__(self, what: str, extra: str) -> None:
+        super().__init__(f"{what}, which this install lacks: pip install 'pydisco[{extra}]'")
+        self.extra = extra

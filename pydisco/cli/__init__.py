@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from .._errors import ConfigurationError, ModelError, PydiscoError
 from .._groups import single_exception
+from ._config import enable_config, resolve_options
 
 # Modules that provide subcommands: each has `add_parser(subparsers) -> None`, and the parser it
 # adds sets `func=callable(args) -> int`, which raises to fail.
@@ -30,22 +31,34 @@ EXIT_USAGE = 2  # the command line or the configuration it names cannot work (ar
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 
 
+DESCRIPTION = "Stream LLM answers with an on-device and a cloud model working together."
+EPILOG = (
+    "Whatever goes wrong, stderr gets one line naming the problem. Exit status: 0 done; 1 the answer "
+    "failed or pydisco hit a bug; 2 a command line or configuration that cannot work; 130 Ctrl-C. "
+    "--debug adds the traceback."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pydisco", description=__doc__)
-    subparsers = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="pydisco", description=DESCRIPTION, epilog=EPILOG)
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
     for module_name in SUBCOMMAND_MODULES:
         importlib.import_module(module_name).add_parser(subparsers)
     for subparser in subparsers.choices.values():
-        subparser.add_argument("--debug", action="store_true", help="print the traceback of an error")
+        subparser.add_argument("--debug", action="store_true", help="Print the traceback of an error.")
+    for name, subparser in subparsers.choices.items():  # last: --config covers every option above
+        if any(action.dest == "config" for action in subparser._actions):
+            enable_config(subparser, name, frozenset(subparsers.choices))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        args = resolve_options(args)  # --config FILE and the defaults of what was not given
         status: int = args.func(args)
     except (Exception, KeyboardInterrupt, BaseExceptionGroup) as error:
-        return report_failure(f"pydisco {args.command}", error, debug=args.debug)
+        return report_failure(f"pydisco {args.command}", error, debug=args.debug is True)
     return status
 
 

@@ -108,12 +108,13 @@ def existing_file(text: str) -> pathlib.Path:
 
 def gguf_model(text: str) -> str:
     """A readable GGUF model file (checked by its header, without loading it)."""
-    from .._errors import ModelError
-    from ..device._models import check_gguf  # imports llama.cpp's bindings, not a model
+    from .._errors import MissingExtraError, ModelError
 
     try:
+        from ..device._models import check_gguf  # imports llama.cpp's bindings, not a model
+
         check_gguf(pathlib.Path(text).expanduser())
-    except ModelError as e:
+    except (ModelError, MissingExtraError) as e:  # a model path is no use without the device extra
         raise argparse.ArgumentTypeError(str(e)) from None
     return text
 

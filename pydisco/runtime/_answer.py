@@ -99,7 +99,8 @@ class Answer:
 
     def consumed(self) -> int:
         """Tokens the reader has taken (whichever reader: they all pop the released ring)."""
-        return self.released_ring.statistics().popped
+        # The ring's count includes the end record, which follows the last committed token.
+        return min(self.released_ring.statistics().popped, self.committed)
 
     def seconds(self, at_ns: int) -> float:
         """``at_ns`` as seconds since the request started."""
