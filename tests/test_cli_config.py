@@ -66,7 +66,7 @@ def serve_options(tmp_path: pathlib.Path) -> dict[str, object]:
     return {
         "listen": ["wss://0.0.0.0:8443", "quic://0.0.0.0:8443"], "token": ["a", "b"], "upstream": "http://h:8000/v1",
         "upstream_key": "k", "upstream_model": "m", "cert": str(cert), "key": str(key), "parallel": 3, "threads": 2,
-        "max_streams": 4, "verbose": True,
+        "max_streams": 4,
     }  # fmt: skip
 
 

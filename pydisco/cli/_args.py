@@ -145,11 +145,11 @@ def add_logging_options(parser: argparse.ArgumentParser) -> None:
     """``-v`` (info; ``-vv`` debug), ``--log-level LEVEL`` and ``--log-json``: pydisco's log
     records on stderr, each with the id of the answer it is about."""
     parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="log what pydisco does on stderr (-v: decisions and events, -vv: debug detail)")  # fmt: skip
+                        help="Log what pydisco does on stderr (-v: decisions and events, -vv: debug detail).")  # fmt: skip
     parser.add_argument("--log-level", type=log_level, metavar="LEVEL",
-                        help="log records at this level and above: debug, info, warning, error or critical")  # fmt: skip
+                        help="Log records at this level and above: debug, info, warning, error or critical.")  # fmt: skip
     parser.add_argument("--log-json", action="store_true",
-                        help="log as JSON lines, one object per record with its answer_id")  # fmt: skip
+                        help="Log as JSON lines, one object per record with its answer_id.")  # fmt: skip
 
 
 def configure_logging_from(args: argparse.Namespace, default: int | None) -> None:

@@ -1,4 +1,4 @@
-"""``pydisco replay [TRACE]``: replay a workload through the shipped runtime in virtual time.
+"""Replay a workload through the shipped runtime in virtual time: pydisco replay [TRACE].
 
 TRACE is an Azure (2023/2024), BurstGPT, Mooncake or Andes QoE file, recognised from its
 header (or named with --format); without one, a seeded synthetic workload. The dispatch and
@@ -93,61 +93,61 @@ def _positive_float(text: str) -> float:
 def add_parser(subparsers: Any) -> None:
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "replay", usage="%(prog)s [options] [TRACE]",
-        help="replay a trace (or a synthetic workload) through the runtime in virtual time",
+        help="Replay a trace (or a synthetic workload) through the runtime in virtual time.",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     add = parser.add_argument
-    add("trace", nargs="?", type=existing_file, metavar="TRACE", help="trace file (default: synthetic)")
-    add("--format", choices=FORMATS, help="the trace's format (default: recognised from its header)")
-    add("--limit", type=positive_int, metavar="N", help="replay only the first N requests")
+    add("trace", nargs="?", type=existing_file, metavar="TRACE", help="Trace file (default: synthetic).")
+    add("--format", choices=FORMATS, help="The trace's format (default: recognised from its header).")
+    add("--limit", type=positive_int, metavar="N", help="Replay only the first N requests.")
     w = parser.add_argument_group("synthetic workload (without TRACE)")
-    w.add_argument("--synthetic", type=positive_int, default=1000, metavar="N", help="requests (default 1000)")
-    w.add_argument("--arrivals", choices=ARRIVALS, default="poisson", help="arrival process (default poisson)")
+    w.add_argument("--synthetic", type=positive_int, default=1000, metavar="N", help="Requests (default 1000).")
+    w.add_argument("--arrivals", choices=ARRIVALS, default="poisson", help="Arrival process (default poisson).")
     w.add_argument("--rate", type=_positive_float, default=19366 / 3600, metavar="PER_S",
-                   help="mean arrival rate (default: the Azure conversation trace's 5.38/s)")
-    w.add_argument("--cv", type=_positive_float, default=2.0, help="gamma arrivals' coefficient of variation (default 2)")
-    w.add_argument("--burst-rate", type=_positive_float, metavar="PER_S", help="bursts: rate inside a burst (default 4x --rate)")
-    w.add_argument("--period", type=_positive_float, default=60.0, metavar="S", help="bursts: cycle length (default 60 s)")
-    w.add_argument("--burst-s", type=_positive_float, default=10.0, metavar="S", help="bursts: burst length (default 10 s)")
-    w.add_argument("--prompt-lengths", type=_lengths, metavar="SPEC", help="azure-conv-prompt (default), constant:N, "
-                   "uniform:LO:HI, lognormal:MEDIAN:MEAN, empirical:FILE:prompt")
-    w.add_argument("--output-lengths", type=_lengths, metavar="SPEC", help="as --prompt-lengths (default azure-conv-output)")
+                   help="Mean arrival rate (default: the Azure conversation trace's 5.38/s).")
+    w.add_argument("--cv", type=_positive_float, default=2.0, help="Gamma arrivals' coefficient of variation (default 2).")
+    w.add_argument("--burst-rate", type=_positive_float, metavar="PER_S", help="Bursts: rate inside a burst (default 4x --rate).")
+    w.add_argument("--period", type=_positive_float, default=60.0, metavar="S", help="Bursts: cycle length (default 60 s).")
+    w.add_argument("--burst-s", type=_positive_float, default=10.0, metavar="S", help="Bursts: burst length (default 10 s).")
+    w.add_argument("--prompt-lengths", type=_lengths, metavar="SPEC", help="Lengths: azure-conv-prompt (default), constant:N, "
+                   "uniform:LO:HI, lognormal:MEDIAN:MEAN, empirical:FILE:prompt.")
+    w.add_argument("--output-lengths", type=_lengths, metavar="SPEC", help="As --prompt-lengths (default azure-conv-output).")
     p = parser.add_argument_group("policies")
     p.add_argument("--dispatch", type=_comma_list(_dispatch), default=["disco-d"], metavar="NAME[,NAME]",
-                   help=f"dispatch policy: {', '.join(dispatch_policy_names())} (default disco-d)")
+                   help=f"Dispatch policy: {', '.join(dispatch_policy_names())} (default disco-d).")
     p.add_argument("--migration", type=migration_policy, default="disco-migrate", metavar="NAME")
     p.add_argument("--budget", type=_comma_list(_share), default=[1.0], metavar="B[,B]",
-                   help="share of tokens the budgeted endpoint may process (default 1)")
+                   help="Share of tokens the budgeted endpoint may process (default 1).")
     p.add_argument("--budget-on", choices=("device", "cloud"),
-                   help="the budgeted endpoint (default: device for disco-d, cloud otherwise)")
+                   help="The budgeted endpoint (default: device for disco-d, cloud otherwise).")
     p.add_argument("--seed", type=_comma_list(_seed), default=[0], metavar="S[,S]")
-    p.add_argument("--no-pace", action="store_true", help="release tokens as committed, not at the reading rate")
-    p.add_argument("--no-standby", action="store_true", help="the device does not follow the cloud's answer")
+    p.add_argument("--no-pace", action="store_true", help="Release tokens as committed, not at the reading rate.")
+    p.add_argument("--no-standby", action="store_true", help="The device does not follow the cloud's answer.")
     p.add_argument("--reading-rate", type=_positive_float, metavar="TOKENS_PER_S",
-                   help="for requests whose trace gives no SLO (default 4.5, Andes' reader)")
-    p.add_argument("--ttft-target", type=_positive_float, metavar="S", help="likewise, the TTFT target (default 1 s)")
+                   help="For requests whose trace gives no SLO (default 4.5, Andes' reader).")
+    p.add_argument("--ttft-target", type=_positive_float, metavar="S", help="Likewise, the TTFT target (default 1 s).")
     e = parser.add_argument_group("endpoint models")
-    e.add_argument("--server-ttft", metavar="FILE|DIR", help="llmperf records the server is calibrated from "
-                   "(default: $PYDISCO_SERVER_TTFT_DIR/<--server>.json, else an assumed server)")
-    e.add_argument("--server", default="groq_70b", metavar="NAME", help="records by name (default groq_70b)")
-    e.add_argument("--scheduler", type=_scheduler, default="fcfs", help=f"server step scheduler: {', '.join(step_scheduler_names())}")
-    e.add_argument("--max-batch", type=positive_int, default=64, metavar="N", help="server batch limit (default 64)")
+    e.add_argument("--server-ttft", metavar="FILE|DIR", help="The llmperf records the server is calibrated from "
+                   "(default: $PYDISCO_SERVER_TTFT_DIR/<--server>.json, else an assumed server).")
+    e.add_argument("--server", default="groq_70b", metavar="NAME", help="Records by name (default groq_70b).")
+    e.add_argument("--scheduler", type=_scheduler, default="fcfs", help=f"Server step scheduler: {', '.join(step_scheduler_names())}.")
+    e.add_argument("--max-batch", type=positive_int, default=64, metavar="N", help="Server batch limit (default 64).")
     e.add_argument("--device-profile", type=existing_file, metavar="FILE",
-                   help="device profile JSON (default: SmolLM2's cached profile, from `pydisco profile`)")
+                   help="Device profile JSON (default: SmolLM2's cached profile, from `pydisco profile`).")
     e.add_argument("--device-mode", choices=("fleet", "shared"), default="fleet",
-                   help="fleet: each request its own device (default); shared: one batched device")
+                   help="Fleet: each request its own device (default); shared: one batched device.")
     e.add_argument("--device-context", type=positive_int, default=2048, metavar="TOKENS")
-    e.add_argument("--no-device", action="store_true", help="cloud only")
-    e.add_argument("--no-cloud", action="store_true", help="device only")
+    e.add_argument("--no-device", action="store_true", help="Cloud only.")
+    e.add_argument("--no-cloud", action="store_true", help="Device only.")
     e.add_argument("--link", choices=("none", "realistic"), default="none",
-                   help="last hop: none (the measured TTFTs include the network) or the emulator's realistic Wi-Fi/LTE")
+                   help="Last hop: none (the measured TTFTs include the network) or the emulator's realistic Wi-Fi/LTE.")
     e.add_argument("--outages-per-hour", type=non_negative_float, default=0.0, metavar="N")
-    e.add_argument("--outage-s", type=_positive_float, default=5.0, metavar="S", help="mean outage length (default 5 s)")
+    e.add_argument("--outage-s", type=_positive_float, default=5.0, metavar="S", help="Mean outage length (default 5 s).")
     o = parser.add_argument_group("output")
-    o.add_argument("--out", metavar="FILE", help="per-request table: FILE.csv, or FILE.parquet with pyarrow "
-                   "(a sweep adds -<dispatch>-b<budget>-s<seed> to the name)")
-    o.add_argument("--json", action="store_true", help="print the summary as one JSON object (a list for a sweep)")
-    o.add_argument("--workers", type=positive_int, metavar="N", help="sweep processes (default: one per core)")
+    o.add_argument("--out", metavar="FILE", help="Per-request table: FILE.csv, or FILE.parquet with pyarrow "
+                   "(a sweep adds -<dispatch>-b<budget>-s<seed> to the name).")
+    o.add_argument("--json", action="store_true", help="Print the summary as one JSON object (a list for a sweep).")
+    o.add_argument("--workers", type=positive_int, metavar="N", help="Sweep processes (default: one per core).")
     parser.set_defaults(func=run)
 
 
