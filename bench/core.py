@@ -19,51 +19,21 @@ import argparse
 import contextlib
 import os
 import statistics
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import trio
 
-from _stats import emit, summary_us  # the script's own folder is on sys.path
+from _load import busy_cores, start_paced_answer  # the script's own folder is on sys.path
+from _stats import emit, summary_us
 
-from pydisco import NativeCollector, Pacer, ReleasedTokens, TokenRing
+from pydisco import NativeCollector, ReleasedTokens, TokenRing
 from pydisco._core import _produce_native, _ring_throughput_cpp
 from pydisco.runtime import realtime_thread
 
 T = TypeVar("T")
-
-BUSY_LOOP = "import time\nend = time.monotonic() + 600\nwhile time.monotonic() < end: pass\n"
-
-
-@contextlib.contextmanager
-def busy_cores(n: int) -> Iterator[None]:
-    """n CPU-bound processes at normal priority; stopped on exit (and after 10 min anyway)."""
-    procs = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) for _ in range(n)]
-    try:
-        time.sleep(0.2)  # let them get going
-        yield
-    finally:
-        for p in procs:
-            p.kill()
-        for p in procs:
-            p.wait()
-
-
-def start_paced_answer(interval_ns: int, count: int) -> tuple[Pacer, int]:
-    """A running pacer (SCHED_FIFO asked) with `count` tokens all committed at t0, slightly in
-    the future so token 0 is paced too: token i's deadline is t0 + i*interval."""
-    inp, out = TokenRing(count * 2), TokenRing(count * 2)
-    pacer = Pacer(inp, out, interval_ns=interval_ns)
-    pacer.start(realtime=True)
-    t0 = time.monotonic_ns() + 2_000_000
-    for i in range(count):
-        assert inp.try_push(i, i, "x", arrived_ns=t0)
-    return pacer, t0
-
 
 def native_pacer_run(interval_ns: int, count: int) -> dict[str, Any]:
     """The pacer thread releases the answer; a Trio task receives it."""

@@ -34,7 +34,8 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from _stats import emit, summary_us  # the script's own folder is on sys.path
+from _load import busy_cores, start_paced_answer  # the script's own folder is on sys.path
+from _stats import emit, summary_us
 
 import pydisco
 from pydisco import NativeCollector, Pacer, ShmForwarder, ShmRingProducer, TokenRing
@@ -42,7 +43,6 @@ from pydisco import NativeCollector, Pacer, ShmForwarder, ShmRingProducer, Token
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "shm_control_loop"
 BUILD = ROOT / "build" / "bench-embedding"
-BUSY_LOOP = "import time\nend = time.monotonic() + 600\nwhile time.monotonic() < end: pass\n"
 LISTENER_PRIORITY, LOOP_PRIORITY, FORWARDER_PRIORITY = 40, 30, 45
 
 
@@ -58,20 +58,6 @@ def build_examples() -> pathlib.Path:
     )
     subprocess.run([cmake, "--build", str(BUILD)], check=True, capture_output=True)
     return BUILD
-
-
-@contextlib.contextmanager
-def busy_cores(n: int) -> Iterator[None]:
-    """n CPU-bound processes at normal priority; stopped on exit."""
-    procs = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) for _ in range(n)]
-    try:
-        time.sleep(0.2)
-        yield
-    finally:
-        for p in procs:
-            p.kill()
-        for p in procs:
-            p.wait()
 
 
 @contextlib.contextmanager
@@ -92,15 +78,10 @@ def wait_for(condition: Any, timeout_s: float, what: str) -> None:
 
 
 def paced_answer(interval_ns: int, count: int) -> tuple[Pacer, TokenRing]:
-    """A running pacer (SCHED_FIFO asked) over `count` tokens committed at once, then the end
-    record; returns it and its released ring."""
-    committed, released = TokenRing(count * 2), TokenRing(count * 2)
-    pacer = Pacer(committed, released, interval_ns=interval_ns)
-    pacer.start(realtime=True)
-    t0 = time.monotonic_ns() + 2_000_000
-    for i in range(count):
-        assert committed.try_push(i, i, "tok", arrived_ns=t0)
-    return pacer, released
+    """A running pacer over `count` tokens committed at once, and its released ring."""
+    pacer, _ = start_paced_answer(interval_ns, count)
+    assert pacer.output is not None
+    return pacer, pacer.output
 
 
 def shm_latency(build: pathlib.Path, answers: int, count: int, interval_ns: int) -> dict[str, Any]:

@@ -1,0 +1,40 @@
+"""Load and paced answers shared by the latency benchmarks (bench/core.py, bench/embedding.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+from pydisco import Pacer, TokenRing
+
+BUSY_LOOP = "import time\nend = time.monotonic() + 600\nwhile time.monotonic() < end: pass\n"
+
+
+@contextlib.contextmanager
+def busy_cores(n: int) -> Iterator[None]:
+    """n CPU-bound processes at normal priority; stopped on exit (and after 10 min anyway)."""
+    procs = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) for _ in range(n)]
+    try:
+        time.sleep(0.2)  # let them get going
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
+
+
+def start_paced_answer(interval_ns: int, count: int) -> tuple[Pacer, int]:
+    """A running pacer (SCHED_FIFO asked) with `count` tokens all committed at t0, slightly in
+    the future so token 0 is paced too: token i's deadline is t0 + i*interval. The released
+    tokens are in ``pacer.output``."""
+    committed, released = TokenRing(count * 2), TokenRing(count * 2)
+    pacer = Pacer(committed, released, interval_ns=interval_ns)
+    pacer.start(realtime=True)
+    t0 = time.monotonic_ns() + 2_000_000
+    for i in range(count):
+        assert committed.try_push(i, i, "x", arrived_ns=t0)
+    return pacer, t0
