@@ -29,16 +29,13 @@
 #pragma once
 
 #include <fcntl.h>
-#include <linux/futex.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
-#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
-#include <climits>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -52,6 +49,7 @@
 #include <utility>
 
 #include "clock.hpp"
+#include "futex.hpp"
 #include "token.hpp"
 
 namespace pydisco {
@@ -103,47 +101,29 @@ static_assert(offsetof(ShmRingHeader, magic) == 0 && offsetof(ShmRingHeader, lay
 
 namespace shm_detail {
 
-// The futex calls of futex.hpp without FUTEX_PRIVATE_FLAG: the word is in a shared mapping,
-// possibly at different addresses in each process.
-inline bool futex_wait_shared(std::atomic<std::uint32_t>& word, std::uint32_t expected,
-                              std::int64_t deadline_ns) noexcept {
-  timespec ts{};
-  timespec* timeout = nullptr;
-  if (deadline_ns >= 0) {
-    ts = to_timespec(deadline_ns);
-    timeout = &ts;
-  }
-  const long rc = ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&word), FUTEX_WAIT_BITSET,
-                            expected, timeout, nullptr, FUTEX_BITSET_MATCH_ANY);
-  return !(rc == -1 && errno == ETIMEDOUT);
-}
-
-inline void futex_wake_shared(std::atomic<std::uint32_t>& word) noexcept {
-  ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&word), FUTEX_WAKE, INT_MAX, nullptr,
-            nullptr, 0);
-}
-
 inline constexpr off_t kProducerLockByte = 0;
 inline constexpr off_t kConsumerLockByte = 1;
 
-// Takes a write lock on one byte without waiting; false when another holder has it.
-inline bool try_lock_byte(int fd, off_t byte) noexcept {
+// A write lock on one byte of the file.
+inline struct flock byte_lock(off_t byte) noexcept {
   struct flock fl{};
   fl.l_type = F_WRLCK;
   fl.l_whence = SEEK_SET;
   fl.l_start = byte;
   fl.l_len = 1;
+  return fl;
+}
+
+// Takes a write lock on one byte without waiting; false when another holder has it.
+inline bool try_lock_byte(int fd, off_t byte) noexcept {
+  struct flock fl = byte_lock(byte);
   return ::fcntl(fd, F_OFD_SETLK, &fl) == 0;
 }
 
 // Whether another open file description (another process, or another open in this one)
 // holds a lock on `byte`.
 inline bool byte_locked_elsewhere(int fd, off_t byte) noexcept {
-  struct flock fl{};
-  fl.l_type = F_WRLCK;
-  fl.l_whence = SEEK_SET;
-  fl.l_start = byte;
-  fl.l_len = 1;
+  struct flock fl = byte_lock(byte);
   if (::fcntl(fd, F_OFD_GETLK, &fl) != 0) return true;  // cannot tell: assume alive
   return fl.l_type != F_UNLCK;
 }
@@ -294,7 +274,7 @@ class ShmRingView {
 
   void wake_consumer() noexcept {
     h_->doorbell.fetch_add(1, std::memory_order_release);
-    shm_detail::futex_wake_shared(h_->doorbell);
+    futex_wake_all(h_->doorbell, FutexScope::shared);
   }
 
   // ---- consumer side ----
@@ -332,7 +312,7 @@ class ShmRingView {
         h_->consumer_waiting.store(0, std::memory_order_relaxed);
         return true;
       }
-      const bool woken = shm_detail::futex_wait_shared(h_->doorbell, bell, deadline_ns);
+      const bool woken = futex_wait_until(h_->doorbell, bell, deadline_ns, FutexScope::shared);
       h_->consumer_waiting.store(0, std::memory_order_relaxed);
       if (h_->doorbell.load(std::memory_order_acquire) != bell) return !empty_for_consumer();
       if (!woken && deadline_ns >= 0 && now_ns() >= deadline_ns) return !empty_for_consumer();
