@@ -12,7 +12,7 @@ import math
 import pathlib
 from urllib.parse import urlsplit
 
-from ..policies import dispatch_policy_names, migration_policy_names
+from ..policies import dispatch_policy_names, migration_policy_names, step_scheduler_names
 
 # Schemes whose transport only connects within one process (tests): useless from a shell.
 IN_PROCESS_SCHEMES = frozenset({"memory"})
@@ -45,16 +45,20 @@ def non_empty(text: str) -> str:
 
 
 def dispatch_policy(text: str) -> str:
-    return _known_policy("dispatch", text, dispatch_policy_names())
+    return _known("dispatch policy", text, dispatch_policy_names())
 
 
 def migration_policy(text: str) -> str:
-    return _known_policy("migration", text, migration_policy_names())
+    return _known("migration policy", text, migration_policy_names())
 
 
-def _known_policy(kind: str, text: str, known: tuple[str, ...]) -> str:
+def step_scheduler(text: str) -> str:
+    return _known("step scheduler", text, step_scheduler_names())
+
+
+def _known(kind: str, text: str, known: tuple[str, ...]) -> str:
     if text not in known:
-        raise argparse.ArgumentTypeError(f"unknown {kind} policy {text!r}; known: {', '.join(known)}")
+        raise argparse.ArgumentTypeError(f"unknown {kind} {text!r}; known: {', '.join(known)}")
     return text
 
 

@@ -27,7 +27,7 @@ from typing import Any
 from .._errors import ConfigurationError
 from ..policies import dispatch_policy_names, step_scheduler_names
 from ..policies._base import Slo
-from ._args import existing_file, migration_policy, non_negative_float, positive_int
+from ._args import dispatch_policy, existing_file, migration_policy, non_negative_float, positive_int, step_scheduler
 
 FORMATS = ("azure", "burstgpt", "mooncake", "andes")
 ARRIVALS = ("poisson", "gamma", "bursts")
@@ -41,13 +41,6 @@ def _comma_list(kind: Any) -> Any:
         return [kind(t) for t in items]
 
     return parse
-
-
-def _dispatch(text: str) -> str:
-    known = dispatch_policy_names()
-    if text not in known:
-        raise argparse.ArgumentTypeError(f"unknown dispatch policy {text!r}; known: {', '.join(known)}")
-    return text
 
 
 def _share(text: str) -> float:
@@ -74,13 +67,6 @@ def _lengths(text: str) -> Any:
         return length_distribution(text)
     except (ValueError, OSError) as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _scheduler(text: str) -> str:
-    known = step_scheduler_names()
-    if text not in known:
-        raise argparse.ArgumentTypeError(f"unknown step scheduler {text!r}; known: {', '.join(known)}")
-    return text
 
 
 def _positive_float(text: str) -> float:
@@ -113,7 +99,7 @@ def add_parser(subparsers: Any) -> None:
                    "uniform:LO:HI, lognormal:MEDIAN:MEAN, empirical:FILE:prompt.")
     w.add_argument("--output-lengths", type=_lengths, metavar="SPEC", help="As --prompt-lengths (default azure-conv-output).")
     p = parser.add_argument_group("policies")
-    p.add_argument("--dispatch", type=_comma_list(_dispatch), default=["disco-d"], metavar="NAME[,NAME]",
+    p.add_argument("--dispatch", type=_comma_list(dispatch_policy), default=["disco-d"], metavar="NAME[,NAME]",
                    help=f"Dispatch policy: {', '.join(dispatch_policy_names())} (default disco-d).")
     p.add_argument("--migration", type=migration_policy, default="disco-migrate", metavar="NAME")
     p.add_argument("--budget", type=_comma_list(_share), default=[1.0], metavar="B[,B]",
@@ -130,7 +116,7 @@ def add_parser(subparsers: Any) -> None:
     e.add_argument("--server-ttft", metavar="FILE|DIR", help="The llmperf records the server is calibrated from "
                    "(default: $PYDISCO_SERVER_TTFT_DIR/<--server>.json, else an assumed server).")
     e.add_argument("--server", default="groq_70b", metavar="NAME", help="Records by name (default groq_70b).")
-    e.add_argument("--scheduler", type=_scheduler, default="fcfs", help=f"Server step scheduler: {', '.join(step_scheduler_names())}.")
+    e.add_argument("--scheduler", type=step_scheduler, default="fcfs", help=f"Server step scheduler: {', '.join(step_scheduler_names())}.")
     e.add_argument("--max-batch", type=positive_int, default=64, metavar="N", help="Server batch limit (default 64).")
     e.add_argument("--device-profile", type=existing_file, metavar="FILE",
                    help="Device profile JSON (default: SmolLM2's cached profile, from `pydisco profile`).")
