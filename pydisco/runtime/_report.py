@@ -233,7 +233,6 @@ def build_timeline(
                 endpoint=names.get(c.source, str(c.source)),
                 produced_s=s(c.produced_ns),
                 arrived_s=s(c.arrived_ns),
-                committed_s=s(c.arrived_ns),  # committed on arrival (an offer commits or is dropped)
                 deadline_s=s(r.deadline_ns) if r is not None else None,
                 released_s=s(r.released_ns) if r is not None else None,
             )

@@ -33,7 +33,7 @@ class TokenTimes:
     reported: the server's queueing plus half the round trip, for the cloud).
     ``arrived_s``: when the runtime got it. ``committed_s``: when the migration machine
     committed it — the same instant, since a token is committed when it is offered or never;
-    kept apart so a reader of the timeline need not know that.
+    a name of its own so a reader of the timeline need not know that.
     ``deadline_s`` / ``released_s``: its pacing deadline and when the pacer released it to
     the reader (None while it waits in the pacer).
     """
@@ -44,9 +44,18 @@ class TokenTimes:
     endpoint: str
     produced_s: float
     arrived_s: float
-    committed_s: float
     deadline_s: float | None
     released_s: float | None
+
+    @property
+    def committed_s(self) -> float:
+        return self.arrived_s  # an offer commits on arrival or is dropped
+
+    def as_dict(self) -> dict[str, Any]:
+        fields = dataclasses.asdict(self)
+        at = list(fields).index("arrived_s") + 1
+        items = list(fields.items())
+        return dict(items[:at] + [("committed_s", self.committed_s)] + items[at:])
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -79,7 +88,7 @@ class Timeline:
         return {
             "answer_id": self.answer_id,
             "started_ns": self.started_ns,
-            "tokens": [dataclasses.asdict(t) for t in self.tokens],
+            "tokens": [t.as_dict() for t in self.tokens],
             "transitions": [dataclasses.asdict(t) for t in self.transitions],
         }
 
