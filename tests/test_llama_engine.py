@@ -372,3 +372,15 @@ def test_piece_stream_cuts_a_stop_string_spanning_tokens() -> None:
     assert not stopped and "".join(p.text for p in pieces) == "abcd"
     pieces, stopped = _stream([b"X", b"!"], stops=("ZX",), primer=b"Z")  # begins in the prefix
     assert stopped and pieces == []
+
+
+def test_a_messages_list_changed_in_place_is_tokenised_again() -> None:
+    engine = shared_engine()
+    history = [{"role": "user", "content": "Name a tree."}]
+    request = GenerationRequest(messages=history, max_tokens=4)
+    before = engine.count_prompt_tokens(request)
+    assert engine.count_prompt_tokens(request) == before  # the kept tokens
+    history.append({"role": "assistant", "content": "An oak."})
+    history.append({"role": "user", "content": "And a flower?"})
+    assert engine.count_prompt_tokens(request) > before
+    assert engine.count_prompt_tokens(request) == engine.count_prompt_tokens(GenerationRequest(messages=list(history)))

@@ -195,6 +195,7 @@ class LlamaEngine:
         # the context's last logits belong to self._cached[-1].
         self._cached: list[int] = []
         self._alone: list[bool] = []
+        self._last_prompt: tuple[object, list[int]] | None = None  # see _prompt
         self._logits_ready = False
         # The abort callback is installed only around prefill: llama.cpp calls it for every
         # graph node, and taking the GIL that often would slow single-token decoding.
@@ -296,12 +297,24 @@ class LlamaEngine:
         return keep
 
     def _prompt(self, request: GenerationRequest) -> list[int]:
+        """The prompt's tokens (not to be mutated). One request is counted, planned, validated
+        and run, and its resumes have the same prompt: the last prompt's tokens are kept, keyed
+        by content (a caller may reuse one messages list, appending to it)."""
+        source: object = (
+            tuple(tuple(sorted(m.items())) for m in request.messages) if request.messages is not None else request.prompt
+        )
+        last = self._last_prompt
+        if last is not None and last[0] == source:
+            return last[1]
         if request.messages is not None:
             text = self._chat.render(request.messages)
             add_bos = self._add_bos and not self._chat.has_bos(text)  # the template may write it
-            return self.tokenize(text, add_special=add_bos, parse_special=True)
-        assert request.prompt is not None
-        return self.tokenize(request.prompt, add_special=True, parse_special=True)
+            tokens = self.tokenize(text, add_special=add_bos, parse_special=True)
+        else:
+            assert request.prompt is not None
+            tokens = self.tokenize(request.prompt, add_special=True, parse_special=True)
+        self._last_prompt = (source, tokens)  # one assignment: safe to read from another thread
+        return tokens
 
     def _plan(self, request: GenerationRequest) -> _Plan:
         self._check_open()
