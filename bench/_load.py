@@ -27,12 +27,13 @@ def busy_cores(n: int) -> Iterator[None]:
             p.wait()
 
 
-def start_paced_answer(interval_ns: int, count: int) -> tuple[Pacer, int]:
+def start_paced_answer(interval_ns: int, count: int, handoff_lead_ns: int | None = None) -> tuple[Pacer, int]:
     """A running pacer (SCHED_FIFO asked) with `count` tokens all committed at t0, slightly in
     the future so token 0 is paced too: token i's deadline is t0 + i*interval. The released
-    tokens are in ``pacer.output``."""
+    tokens are in ``pacer.output``. ``handoff_lead_ns``: the pacer's (None: its default)."""
     committed, released = TokenRing(count * 2), TokenRing(count * 2)
-    pacer = Pacer(committed, released, interval_ns=interval_ns)
+    lead = {} if handoff_lead_ns is None else {"handoff_lead_ns": handoff_lead_ns}
+    pacer = Pacer(committed, released, interval_ns=interval_ns, **lead)
     pacer.start(realtime=True)
     t0 = time.monotonic_ns() + 2_000_000
     for i in range(count):

@@ -64,18 +64,21 @@ void register_pacer(py::module_& m) {
       m, "Pacer", "Releases tokens from `input` into `output` on a schedule.")
       .def(py::init([](std::shared_ptr<TokenRing> input, std::shared_ptr<TokenRing> output,
                        std::int64_t interval_ns, MissPolicy policy, std::int64_t spin_ns,
-                       std::size_t log_capacity) {
+                       std::size_t log_capacity, std::int64_t handoff_lead_ns) {
              PacerOptions options;
              options.interval_ns = interval_ns;
              options.policy = policy;
              options.spin_ns = spin_ns;
              options.log_capacity = log_capacity;
+             options.handoff_lead_ns = handoff_lead_ns;
              return std::make_shared<Pacer>(std::move(input), std::move(output), options);
            }),
            py::arg("input"), py::arg("output"), py::arg("interval_ns") = 0,
            py::arg("policy") = MissPolicy::kDelay, py::arg("spin_ns") = 200'000,
-           py::arg("log_capacity") = 0,
-           "log_capacity: release-log entries kept until taken (0: input.capacity).")
+           py::arg("log_capacity") = 0, py::arg("handoff_lead_ns") = PacerOptions{}.handoff_lead_ns,
+           "log_capacity: release-log entries kept until taken (0: input.capacity). "
+           "handoff_lead_ns: wake the consumer this long before each release, so it is awake "
+           "when the token lands (0: not).")
       .def_property_readonly("input", &Pacer::input)
       .def_property_readonly("output", &Pacer::output)
       .def_property_readonly("interval_ns", &Pacer::interval_ns)

@@ -176,6 +176,23 @@ void register_ring(py::module_& m) {
            },
            py::arg("timeout") = py::none(),
            "Block (without the GIL) until a token arrives or the timeout passes; None then.")
+      .def("spin_for_announced",
+           [](TokenRing& ring, std::optional<double> timeout) {
+             const std::int64_t deadline = deadline_from_timeout(timeout);
+             py::gil_scoped_release nogil;
+             return ring.spin_for_announced(deadline);
+           },
+           py::arg("timeout") = py::none(),
+           "When the producer has announced the next token (a pacer does, shortly before each "
+           "deadline): spin for it without the GIL until it lands or is overdue. Returns "
+           "whether a token is there. Returns at once when nothing is announced.")
+      .def("announced_next_ns",
+           [](TokenRing& ring) -> std::optional<std::int64_t> {
+             const std::int64_t at = ring.announced_next_ns();
+             if (at < 0) return std::nullopt;
+             return at;
+           },
+           "When the next token is announced and not here yet: when it is due (monotonic ns).")
       .def("wake_consumer", &TokenRing::wake_consumer,
            "Wake a consumer blocked in pop_wait (it returns None if nothing arrived).")
       .def("statistics", &TokenRing::statistics);

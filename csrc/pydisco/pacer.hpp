@@ -22,6 +22,7 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <cstdint>
@@ -69,6 +70,10 @@ struct PacerOptions {
   // Sleep until this long before a deadline, then spin. Measured here: futex wake-ups are
   // 50-100 us late at normal priority on an idle machine.
   std::int64_t spin_ns = 200'000;
+  // Announce each release this long before its deadline (SpscRing::announce_push, and the
+  // eventfd), so the consumer is awake and spinning when the token lands; 0: no announcement.
+  // A consumer spins up to this long (plus the ring's slack) per token.
+  std::int64_t handoff_lead_ns = 300'000;
   // Release-log entries kept until taken; 0: the input ring's capacity, a whole answer when
   // the input ring is sized for one.
   std::size_t log_capacity = 0;
@@ -85,6 +90,7 @@ class Pacer {
         log_(log_capacity_for(input_.get(), options.log_capacity)),
         pending_interval_(options.interval_ns) {
     if (options_.spin_ns < 0) throw std::invalid_argument("spin_ns must be >= 0");
+    if (options_.handoff_lead_ns < 0) throw std::invalid_argument("handoff_lead_ns must be >= 0");
     event_fd_ = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (event_fd_ < 0) throw std::system_error(errno, std::generic_category(), "eventfd");
   }
@@ -284,12 +290,18 @@ class Pacer {
       }
       const Deadline d = deadline_of(*head);
       std::int64_t now = now_ns();
-      if (now < d.effective - options_.spin_ns) {
+      const std::int64_t wake_at = d.effective - std::max(options_.spin_ns, options_.handoff_lead_ns);
+      if (now < wake_at) {
         // Woken early by a rate change or stop: re-evaluate from the top.
-        futex_wait_until(control_, control, d.effective - options_.spin_ns);
+        futex_wait_until(control_, control, wake_at);
         continue;
       }
+      bool announced = false;
       while (now < d.effective && control_.load(std::memory_order_relaxed) == control) {
+        if (!announced && now >= d.effective - options_.handoff_lead_ns) {
+          announce(d.effective);
+          announced = true;
+        }
         cpu_relax();
         now = now_ns();
       }
@@ -323,6 +335,13 @@ class Pacer {
       now = now_ns();
     }
     return true;
+  }
+
+  // The next release is due at `at_ns`: wake the consumer now (see handoff_lead_ns).
+  void announce(std::int64_t at_ns) noexcept {
+    if (callback_ || !output_ || options_.handoff_lead_ns == 0) return;
+    output_->announce_push(at_ns);
+    signal_consumer();
   }
 
   void signal_consumer() noexcept {

@@ -177,6 +177,36 @@ static void thread_paces_at_the_interval() {
   for (auto l : lateness) CHECK(l >= 0);
 }
 
+// The thread announces each release handoff_lead_ns before its deadline (so a consumer is
+// awake when it lands), with the deadline it then keeps; with a lead of 0 it announces nothing.
+static void thread_announces_each_release_ahead() {
+  for (const std::int64_t lead : {std::int64_t{10'000'000}, std::int64_t{0}}) {
+    auto in = std::make_shared<TokenRing>(8);
+    auto out = std::make_shared<TokenRing>(8);
+    Pacer pacer(in, out, PacerOptions{.interval_ns = 50'000'000, .handoff_lead_ns = lead});
+    pacer.start(false);
+    const std::int64_t t0 = now_ns();
+    CHECK(in->try_push_notify(token(0, t0)));
+    CHECK(in->try_push_notify(token(1, t0)));
+    TokenRecord r;
+    CHECK(out->pop_wait(r, t0 + 5'000'000'000) && r.position == 0);
+    std::int64_t announced = -1, seen_ns = 0;
+    while (out->front() == nullptr) {  // poll; do not block, so the announcement is seen
+      if (announced < 0 && (announced = out->announced_next_ns()) >= 0) seen_ns = now_ns();
+    }
+    CHECK(out->try_pop(r) && r.position == 1);
+    pacer.stop();
+    const auto releases = pacer.take_releases();
+    CHECK(releases.size() == 2);
+    if (lead == 0) {
+      CHECK(announced < 0);
+    } else {
+      CHECK(announced == releases[1].deadline_ns);
+      CHECK(seen_ns < r.released_ns);
+    }
+  }
+}
+
 // At 10 s per token, an end record paced like a token would miss the 5 s wait below.
 static void thread_sends_the_end_right_after_the_last_token() {
   auto in = std::make_shared<TokenRing>(8);
@@ -237,6 +267,7 @@ int main() {
   the_release_log_holds_an_input_ring_by_default();
   thread_paces_at_the_interval();
   thread_sends_the_end_right_after_the_last_token();
+  thread_announces_each_release_ahead();
   rate_change_wakes_a_sleeping_pacer();
   stop_interrupts_an_idle_pacer_and_callbacks_work();
   return 0;

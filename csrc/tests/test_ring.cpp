@@ -1,3 +1,4 @@
+#include <chrono>
 #include <cstdint>
 #include <thread>
 #include <vector>
@@ -113,6 +114,50 @@ static void blocking_pop_wakes_on_push_and_times_out() {
   waker.join();
 }
 
+// An announced push wakes the consumer before it lands, and the consumer takes it spinning: a
+// plain try_push (which rings no doorbell) still reaches it.
+static void an_announced_push_reaches_a_spinning_consumer() {
+  TokenRing ring(8);
+  const auto at = pydisco::now_ns() + 20'000'000;
+  std::thread producer([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));  // the consumer is asleep
+    ring.announce_push(at);
+    // Pushed 10 ms before the announced time, so a slow machine that runs this thread late
+    // still pushes within the consumer's spin.
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    TokenRecord r;
+    r.position = 3;
+    CHECK(ring.try_push(r));  // no doorbell: only a spinning consumer sees it
+  });
+  TokenRecord out;
+  CHECK(ring.pop_wait(out, pydisco::now_ns() + 10'000'000'000));
+  CHECK(out.position == 3);
+  CHECK(ring.announced_next_ns() < 0);  // taken: nothing announced is pending
+  producer.join();
+}
+
+// An announcement that is not kept costs a bounded spin, then the consumer sleeps again; a
+// wake-up ends the spin at once.
+static void an_unkept_announcement_is_given_up() {
+  TokenRing ring(8);
+  TokenRecord out;
+  ring.announce_push(pydisco::now_ns() + 1'000'000);
+  CHECK(ring.announced_next_ns() >= 0);
+  const auto t0 = pydisco::now_ns();
+  CHECK(!ring.pop_wait(out, t0 + 30'000'000));  // spins ~1.2 ms, then sleeps to the deadline
+  CHECK(pydisco::now_ns() - t0 >= 30'000'000);
+
+  ring.announce_push(pydisco::now_ns() + 60'000'000'000);  // a minute away
+  std::thread waker([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    ring.wake_consumer();
+  });
+  const auto t1 = pydisco::now_ns();
+  CHECK(!ring.spin_for_announced(-1));  // ended by the wake-up, not by the minute
+  CHECK(pydisco::now_ns() - t1 < 30'000'000'000);
+  waker.join();
+}
+
 int main() {
   capacity_rounds_up_to_power_of_two();
   full_ring_rejects_and_never_overwrites();
@@ -121,5 +166,7 @@ int main() {
   token_text_capacity_is_enforced();
   two_threads_deliver_everything_in_order();
   blocking_pop_wakes_on_push_and_times_out();
+  an_announced_push_reaches_a_spinning_consumer();
+  an_unkept_announcement_is_given_up();
   return 0;
 }

@@ -53,14 +53,18 @@ def ring_capacity(max_tokens: int) -> int:
 class Answer:
     """The committed ring, the machine, the pacer and the released ring of one answer."""
 
-    def __init__(self, request: GenerationRequest, *, interval_ns: int, virtual_time: bool, spin_ns: int) -> None:
+    def __init__(
+        self, request: GenerationRequest, *, interval_ns: int, virtual_time: bool, spin_ns: int, handoff_lead_ns: int = 0
+    ) -> None:
         self.request = request
         self.clock = AnswerClock(virtual_time)
         capacity = ring_capacity(request.max_tokens)
         self.committed_ring = _core.TokenRing(capacity)
         self.released_ring = _core.TokenRing(capacity)
         self.machine = _core.MigrationMachine(self.committed_ring, max_tokens=request.max_tokens)
-        self.pacer = _core.Pacer(self.committed_ring, self.released_ring, interval_ns=interval_ns, spin_ns=spin_ns)
+        self.pacer = _core.Pacer(
+            self.committed_ring, self.released_ring, interval_ns=interval_ns, spin_ns=spin_ns, handoff_lead_ns=handoff_lead_ns
+        )
         self.virtual_pacer = VirtualTimePacer(self.pacer) if virtual_time else None
         self.started_ns = self.clock.now_ns()
         self._changes = trio.lowlevel.ParkingLot()

@@ -47,6 +47,13 @@ class RuntimeConfig:
     # ~1.5 ms late in this VM, so 1.5 ms of spin per token (2 % of a core at 15 tokens/s) took
     # release lateness from p99 ~450 µs / max 2-3 ms to p99 ~70 µs / max ~150 µs.
     pacer_spin_s: float = 0.0015
+    # The pacer wakes the reader this long before each release, and the reader's thread spins
+    # (without the GIL) until the token lands: a wake-up at the release itself reaches a Trio
+    # task at p99 ~2 ms and a real-time C++ thread at p99 ~140-270 µs here with both cores
+    # busy, the hand-off at p99 ~30 µs and ~6 µs (bench/core.py). The cost: the reader's
+    # thread (for a Trio reader, its event loop) is held up to this long plus 0.2 ms per
+    # token. 0 turns it off.
+    reader_handoff_s: float = 0.0003
     virtual_time: bool = False
     first_token_timeout_s: float = 10.0
     silence_timeout_s: float = 2.0
@@ -69,5 +76,7 @@ class RuntimeConfig:
             raise ConfigurationError("max_migrations must be >= 0")
         if not self.pacer_spin_s >= 0:
             raise ConfigurationError(f"pacer_spin_s must be >= 0, got {self.pacer_spin_s!r}")
+        if not self.reader_handoff_s >= 0:
+            raise ConfigurationError(f"reader_handoff_s must be >= 0, got {self.reader_handoff_s!r}")
         if self.device_threads is not None and self.device_threads < 1:
             raise ConfigurationError(f"device_threads must be >= 1, got {self.device_threads!r}")

@@ -63,6 +63,7 @@ class AnswerSettings:
     same_vocabulary: Callable[[], bool]
     device_standby: bool = True  # the config's switch; the dispatch decision has the other
     pacer_spin_s: float = 0.0015  # see RuntimeConfig
+    reader_handoff_s: float = 0.0003  # see RuntimeConfig
 
 
 class AnswerCoordinator:
@@ -90,7 +91,10 @@ class AnswerCoordinator:
         self._reading_interval_ns = round(1e9 / settings.slo.reading_rate) if settings.pace else 0
         # P/D-Device paces the cloud's first tokens at its own interval, then at the reader's.
         interval = self._reading_interval_ns if decision.handoff is None else round(decision.handoff.interval_s * 1e9)
-        self.answer = Answer(request, interval_ns=interval, virtual_time=settings.virtual_time, spin_ns=round(settings.pacer_spin_s * 1e9))
+        self.answer = Answer(
+            request, interval_ns=interval, virtual_time=settings.virtual_time,
+            spin_ns=round(settings.pacer_spin_s * 1e9), handoff_lead_ns=round(settings.reader_handoff_s * 1e9),
+        )  # fmt: skip
         self._usage = Usage()
         self._releases: list[_core.ReleaseRecord] = []  # drained from the pacer's log
         # The units, made when the answer starts (they need its nursery).

@@ -212,6 +212,7 @@ class Runtime:
                 same_vocabulary=self._same_vocabulary,
                 device_standby=config.device_standby,
                 pacer_spin_s=config.pacer_spin_s,
+                reader_handoff_s=config.reader_handoff_s,
             ),
             facts=MigrationFacts(
                 prompt_tokens=prompt_tokens,
