@@ -78,15 +78,16 @@ def wait_for(condition: Any, timeout_s: float, what: str) -> None:
         time.sleep(0.005)
 
 
-def paced_answer(interval_ns: int, count: int) -> tuple[Pacer, TokenRing]:
+def paced_answer(interval_ns: int, count: int, handoff_lead_ns: int | None = None) -> tuple[Pacer, TokenRing]:
     """A running pacer over `count` tokens committed at once, and its released ring."""
-    pacer, _ = start_paced_answer(interval_ns, count)
+    pacer, _ = start_paced_answer(interval_ns, count, handoff_lead_ns)
     assert pacer.output is not None
     return pacer, pacer.output
 
 
-def shm_latency(build: pathlib.Path, answers: int, count: int, interval_ns: int) -> dict[str, Any]:
-    """Release -> token_listener in another process, `answers` answers of `count` tokens."""
+def shm_latency(build: pathlib.Path, answers: int, count: int, interval_ns: int, handoff_lead_ns: int | None = None) -> dict[str, Any]:
+    """Release -> token_listener in another process, `answers` answers of `count` tokens.
+    ``handoff_lead_ns``: the pacer's announcement lead (None: its default; 0: none)."""
     with ring_name("latency") as name, ShmRingProducer(name, capacity=4096) as producer:
         listener = subprocess.Popen(
             [str(build / "token_listener"), name, "--answers", str(answers), "--seconds", "120", "--realtime", str(LISTENER_PRIORITY)],
@@ -97,7 +98,7 @@ def shm_latency(build: pathlib.Path, answers: int, count: int, interval_ns: int)
             wait_for(lambda: producer.consumer_attached, 10, "the listener to attach")
             forwarder_realtime = False
             for _ in range(answers):
-                pacer, released = paced_answer(interval_ns, count)
+                pacer, released = paced_answer(interval_ns, count, handoff_lead_ns)
                 forwarder = ShmForwarder(released, producer, FORWARDER_PRIORITY)
                 wait_for(lambda: forwarder.forwarded >= count, 60, "the forwarder")
                 pacer.stop()
@@ -112,9 +113,9 @@ def shm_latency(build: pathlib.Path, answers: int, count: int, interval_ns: int)
     return result
 
 
-def inprocess_latency(count: int, interval_ns: int) -> dict[str, float]:
+def inprocess_latency(count: int, interval_ns: int, handoff_lead_ns: int | None = None) -> dict[str, float]:
     """The same pacer into a C++ consumer thread in this process (the in-process reference)."""
-    pacer, released = paced_answer(interval_ns, count)
+    pacer, released = paced_answer(interval_ns, count, handoff_lead_ns)
     collector = NativeCollector(released)
     wait_for(lambda: collector.consumed >= count, 60, "the collector")
     pacer.stop()
@@ -194,8 +195,11 @@ def main() -> None:
     seconds = 3.0 if args.quick else 10.0
 
     with busy_cores(os.cpu_count() or 2):
+        # With the pacer's hand-off (its default) and without it, alternating.
         shm = shm_latency(build, answers, count, interval_ns)
+        shm_plain = shm_latency(build, answers, count, interval_ns, handoff_lead_ns=0)
         inproc = inprocess_latency(count, interval_ns)
+        inproc_plain = inprocess_latency(count, interval_ns, handoff_lead_ns=0)
     rounds = 2 if args.quick else 3
     jitter_rt = control_jitter(build, seconds, realtime=True, rounds=rounds)
     jitter_normal = control_jitter(build, seconds, realtime=False, rounds=rounds)
@@ -207,7 +211,9 @@ def main() -> None:
         "shm_tokens": shm["tokens"],
         "shm_listener_realtime": shm["realtime"],
         "shm_forwarder_realtime": shm["forwarder_realtime"],
+        "shm_received_no_handoff_p99_us": shm_plain["latency_p99_us"],
         "inprocess_received_p99_us": inproc["p99"],
+        "inprocess_received_no_handoff_p99_us": inproc_plain["p99"],
         "control_jitter_ratio": jitter_rt["ratio"],
         "control_jitter": {"realtime_loop": jitter_rt, "normal_priority_loop": jitter_normal},
         "control_jitter_ratio_normal_priority": jitter_normal["ratio"],
@@ -216,7 +222,8 @@ def main() -> None:
     }
     rows = [
         ("shm: release -> other process, p50 / p99 / max", f"{shm['latency_p50_us']:.1f} / {shm['latency_p99_us']:.1f} / {shm['latency_max_us']:.1f} µs ({shm['tokens']} tokens, listener SCHED_FIFO {shm['realtime']}, forwarder {shm['forwarder_realtime']})"),
-        ("in-process C++ consumer, p99", f"{inproc['p99']:.1f} µs"),
+        ("  without the pacer's hand-off", f"{shm_plain['latency_p50_us']:.1f} / {shm_plain['latency_p99_us']:.1f} / {shm_plain['latency_max_us']:.1f} µs"),
+        ("in-process C++ consumer, p99 (without the hand-off)", f"{inproc['p99']:.1f} µs ({inproc_plain['p99']:.1f} µs)"),
         ("100 Hz loop (SCHED_FIFO) tick lateness p99, idle / streaming", f"{jitter_rt['idle_p99_us']:.1f} / {jitter_rt['streaming_p99_us']:.1f} µs -> ratio {jitter_rt['ratio']:.2f} (granted {jitter_rt['realtime_granted']}, {jitter_rt['answers_during']} answers)"),
         ("100 Hz loop (normal) tick lateness p99, idle / streaming", f"{jitter_normal['idle_p99_us']:.1f} / {jitter_normal['streaming_p99_us']:.1f} µs -> ratio {jitter_normal['ratio']:.2f}"),
         ("zenoh transport p50 vs websocket", "not built"),

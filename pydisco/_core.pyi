@@ -67,6 +67,8 @@ class RingStatistics:
     @property
     def high_water(self) -> int: ...
 
+SHM_LAYOUT_VERSION: int
+
 class TokenRing:
     def __init__(self, capacity: int) -> None: ...
     @property

@@ -54,6 +54,7 @@ void check_writer(const ShmRingProducer& p) {
 
 void register_shm(py::module_& m) {
   py::register_exception<ShmRingError>(m, "ShmRingError", PyExc_RuntimeError);
+  m.attr("SHM_LAYOUT_VERSION") = kShmRingLayoutVersion;
 
   py::class_<ShmRingProducer, std::shared_ptr<ShmRingProducer>>(
       m, "ShmRingProducer",

@@ -32,4 +32,19 @@ inline void cpu_relax() noexcept {
 #endif
 }
 
+// Spins until ready() (true), or until `until_ns` passes or interrupted() (false): the
+// consumer's side of an announced hand-over (SpscRing::announce_push, ShmRingView's).
+template <typename Ready, typename Interrupted>
+bool spin_until(Ready&& ready, Interrupted&& interrupted, std::int64_t until_ns) noexcept {
+  while (!ready()) {
+    if (now_ns() >= until_ns || interrupted()) return false;
+    cpu_relax();
+  }
+  return true;
+}
+
+// How long past an announced time a consumer spins for the push before it sleeps again (the
+// producer was held up, or the rate changed).
+inline constexpr std::int64_t kAnnouncedSlackNs = 200'000;
+
 }  // namespace pydisco

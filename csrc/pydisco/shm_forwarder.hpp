@@ -95,7 +95,15 @@ class ShmForwarder {
     bool holding = false;
     while (stop_word_.load(std::memory_order_acquire) == 0) {
       if (!holding) {
-        if (!released_->pop_wait(record, -1)) continue;  // woken: look at stop again
+        if (!released_->wait_nonempty_or_announced(-1)) {
+          // The pacer announced the next release: pass it on, so the other process is awake
+          // for it too, then spin for it here. Else woken: look at stop again.
+          const std::int64_t at = released_->announced_next_ns();
+          if (at < 0) continue;
+          shm_->announce_push(at);
+          if (!released_->wait_nonempty(-1)) continue;
+        }
+        if (!released_->try_pop(record)) continue;
         holding = true;
       }
       if (!shm_->try_push(record)) {  // full: the consumer is behind; wait for room

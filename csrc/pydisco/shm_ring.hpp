@@ -55,7 +55,8 @@
 namespace pydisco {
 
 inline constexpr std::uint64_t kShmRingMagic = 0x3172'6d68'7364'7970ULL;  // "pydshmr1" in memory
-inline constexpr std::uint32_t kShmRingLayoutVersion = 1;
+// Version 2 added the producer's announcement of its next push (the doorbell's line).
+inline constexpr std::uint32_t kShmRingLayoutVersion = 2;
 inline constexpr std::size_t kShmRingMaxCapacity = std::size_t{1} << 24;
 inline constexpr std::int64_t kShmDefaultLivenessIntervalNs = 10'000'000;  // 10 ms
 
@@ -90,6 +91,10 @@ struct ShmRingHeader {
 
   // ---- the doorbell, a futex shared between the processes ----
   alignas(kCacheLine) std::atomic<std::uint32_t> doorbell{0};
+  // The producer's announcement of its next push (ShmRingView::announce_push): the write
+  // index it will fill, and when. ~0 (no read index reaches it) until the first.
+  std::atomic<std::uint64_t> announced_index{~std::uint64_t{0}};
+  std::atomic<std::int64_t> announced_ns{0};
 };
 
 static_assert(sizeof(ShmRingHeader) == 4 * kCacheLine, "the header is four cache lines");
@@ -277,6 +282,15 @@ class ShmRingView {
     futex_wake_all(h_->doorbell, FutexScope::shared);
   }
 
+  // The next push is expected at `at_ns`: wake a blocked consumer now, so it spins for it
+  // (as SpscRing::announce_push: a hand-over instead of a cross-process futex wake-up).
+  void announce_push(std::int64_t at_ns) noexcept {
+    h_->announced_ns.store(at_ns, std::memory_order_relaxed);
+    h_->announced_index.store(h_->write.load(std::memory_order_relaxed), std::memory_order_release);
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    if (h_->consumer_waiting.load(std::memory_order_relaxed) != 0) wake_consumer();
+  }
+
   // ---- consumer side ----
 
   [[nodiscard]] bool try_pop(TokenRecord& out) noexcept {
@@ -300,11 +314,25 @@ class ShmRingView {
     return write_cache_ == r;
   }
 
+  // When the next record to read was announced and is not here: spin for it (no syscall)
+  // until it lands, 0.2 ms past the announced time, the deadline or a close. Whether the ring
+  // is non-empty.
+  bool spin_for_announced(std::int64_t deadline_ns) noexcept {
+    const std::uint64_t index = h_->announced_index.load(std::memory_order_acquire);
+    if (index != h_->read.load(std::memory_order_relaxed)) return !empty_for_consumer();
+    std::int64_t until = h_->announced_ns.load(std::memory_order_relaxed) + kAnnouncedSlackNs;
+    if (deadline_ns >= 0 && deadline_ns < until) until = deadline_ns;
+    return spin_until([&] { return !empty_for_consumer(); },
+                      [&] { return h_->closed.load(std::memory_order_acquire) != 0; }, until);
+  }
+
   // Blocks until the ring is non-empty, the deadline passes (deadline_ns < 0: none) or the
-  // doorbell rings (a push, a close, wake_consumer). Returns whether it is non-empty.
+  // doorbell rings (a push, a close, wake_consumer; an announcement is waited for spinning).
+  // Returns whether it is non-empty.
   bool wait_nonempty(std::int64_t deadline_ns) noexcept {
     for (;;) {
       if (!empty_for_consumer()) return true;
+      if (spin_for_announced(deadline_ns)) return true;
       const std::uint32_t bell = h_->doorbell.load(std::memory_order_acquire);
       h_->consumer_waiting.store(1, std::memory_order_relaxed);
       std::atomic_thread_fence(std::memory_order_seq_cst);
@@ -314,7 +342,8 @@ class ShmRingView {
       }
       const bool woken = futex_wait_until(h_->doorbell, bell, deadline_ns, FutexScope::shared);
       h_->consumer_waiting.store(0, std::memory_order_relaxed);
-      if (h_->doorbell.load(std::memory_order_acquire) != bell) return !empty_for_consumer();
+      if (h_->doorbell.load(std::memory_order_acquire) != bell)
+        return !empty_for_consumer() || spin_for_announced(deadline_ns);
       if (!woken && deadline_ns >= 0 && now_ns() >= deadline_ns) return !empty_for_consumer();
     }
   }
@@ -405,6 +434,11 @@ class ShmRingProducer {
     if (!view_->try_push(record)) return false;
     view_->header().heartbeat_ns.store(now_ns(), std::memory_order_relaxed);
     return true;
+  }
+
+  // The next record is expected at `at_ns`: a waiting consumer wakes now and spins for it.
+  void announce_push(std::int64_t at_ns) noexcept {
+    if (!closed_) view_->announce_push(at_ns);
   }
 
   // An end record that did not fit: pushed before the next record, so every answer in the

@@ -135,10 +135,6 @@ class SpscRing {
     return n;
   }
 
-  // How long past an announced time a consumer spins for the push before it sleeps again (the
-  // producer was held up, or the rate changed).
-  static constexpr std::int64_t kAnnouncedSlackNs = 200'000;
-
   // When the next element to read was announced (announce_push) and is not here yet: the time
   // it is expected, else -1.
   std::int64_t announced_next_ns() noexcept {
@@ -157,25 +153,12 @@ class SpscRing {
   // Blocks until the ring is non-empty, the deadline passes (deadline_ns < 0: no deadline) or
   // wake_consumer() is called. Returns whether the ring is non-empty. An announced push is
   // waited for spinning (spin_for_announced), not sleeping.
-  bool wait_nonempty(std::int64_t deadline_ns) noexcept {
-    const std::uint32_t wakes = wake_calls_.load(std::memory_order_acquire);
-    for (;;) {
-      if (front() != nullptr) return true;
-      if (spin_for_announced(deadline_ns, wakes)) return true;
-      if (wake_calls_.load(std::memory_order_acquire) != wakes) return false;
-      if (deadline_ns >= 0 && now_ns() >= deadline_ns) return false;
-      const std::uint32_t bell = doorbell_.load(std::memory_order_acquire);
-      consumer_waiting_.store(1, std::memory_order_relaxed);
-      std::atomic_thread_fence(std::memory_order_seq_cst);
-      if (front() != nullptr) {
-        consumer_waiting_.store(0, std::memory_order_relaxed);
-        return true;
-      }
-      futex_wait_until(doorbell_, bell, deadline_ns);
-      consumer_waiting_.store(0, std::memory_order_relaxed);
-      // Woken by a push, an announcement (the loop spins for it), wake_consumer() or the
-      // deadline; or spuriously. The loop tells them apart.
-    }
+  bool wait_nonempty(std::int64_t deadline_ns) noexcept { return wait(deadline_ns, /*spin=*/true); }
+
+  // Like wait_nonempty, but returns false as soon as the next element is announced, instead
+  // of spinning for it: for a consumer that passes the announcement on (ShmForwarder).
+  bool wait_nonempty_or_announced(std::int64_t deadline_ns) noexcept {
+    return wait(deadline_ns, /*spin=*/false);
   }
 
   // Blocking pop for a C++ control loop: false on timeout or wake-up with nothing to take.
@@ -208,16 +191,44 @@ class SpscRing {
   }
 
  private:
+  bool wait(std::int64_t deadline_ns, bool spin) noexcept {
+    const std::uint32_t wakes = wake_calls_.load(std::memory_order_acquire);
+    for (;;) {
+      if (front() != nullptr) return true;
+      if (announcement_pending()) {
+        if (!spin) return false;
+        if (spin_for_announced(deadline_ns, wakes)) return true;
+      }
+      if (wake_calls_.load(std::memory_order_acquire) != wakes) return false;
+      if (deadline_ns >= 0 && now_ns() >= deadline_ns) return false;
+      const std::uint32_t bell = doorbell_.load(std::memory_order_acquire);
+      consumer_waiting_.store(1, std::memory_order_relaxed);
+      std::atomic_thread_fence(std::memory_order_seq_cst);
+      // Re-check after announcing the wait: a push or an announcement in between rang no bell.
+      if (front() != nullptr || announcement_pending()) {
+        consumer_waiting_.store(0, std::memory_order_relaxed);
+        continue;
+      }
+      futex_wait_until(doorbell_, bell, deadline_ns);
+      consumer_waiting_.store(0, std::memory_order_relaxed);
+      // Woken by a push, an announcement, wake_consumer() or the deadline; or spuriously.
+      // The loop tells them apart.
+    }
+  }
+
+  // The next element is announced, not here, and not yet overdue by more than the slack.
+  bool announcement_pending() noexcept {
+    const std::int64_t at = announced_next_ns();
+    return at >= 0 && now_ns() < at + kAnnouncedSlackNs;
+  }
+
   bool spin_for_announced(std::int64_t deadline_ns, std::uint32_t wakes) noexcept {
     const std::int64_t at = announced_next_ns();
     if (at < 0) return front() != nullptr;
     std::int64_t until = at + kAnnouncedSlackNs;
     if (deadline_ns >= 0 && deadline_ns < until) until = deadline_ns;
-    while (front() == nullptr) {
-      if (now_ns() >= until || wake_calls_.load(std::memory_order_acquire) != wakes) return false;
-      cpu_relax();
-    }
-    return true;
+    return spin_until([&] { return front() != nullptr; },
+                      [&] { return wake_calls_.load(std::memory_order_acquire) != wakes; }, until);
   }
 
   void ring_doorbell() noexcept {
