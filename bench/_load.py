@@ -32,8 +32,10 @@ def start_paced_answer(interval_ns: int, count: int, handoff_lead_ns: int | None
     the future so token 0 is paced too: token i's deadline is t0 + i*interval. The released
     tokens are in ``pacer.output``. ``handoff_lead_ns``: the pacer's (None: its default)."""
     committed, released = TokenRing(count * 2), TokenRing(count * 2)
-    lead = {} if handoff_lead_ns is None else {"handoff_lead_ns": handoff_lead_ns}
-    pacer = Pacer(committed, released, interval_ns=interval_ns, **lead)
+    if handoff_lead_ns is None:
+        pacer = Pacer(committed, released, interval_ns=interval_ns)
+    else:
+        pacer = Pacer(committed, released, interval_ns=interval_ns, handoff_lead_ns=handoff_lead_ns)
     pacer.start(realtime=True)
     t0 = time.monotonic_ns() + 2_000_000
     for i in range(count):

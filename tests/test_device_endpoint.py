@@ -151,6 +151,24 @@ async def test_concurrent_requests_take_turns() -> None:
     assert tuple(results["b"]) == expected(other)
 
 
+@trio_test(60)
+async def test_answers_ahead_counts_the_running_and_the_queued() -> None:
+    device = endpoint()
+    assert device.answers_ahead == 0
+    first_token, counts = trio.Event(), []
+
+    def sink(piece: TokenPiece) -> None:
+        counts.append(device.answers_ahead)
+        first_token.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(device.generate, chat("Count from one to ten.", max_tokens=24), sink)
+        await first_token.wait()
+        nursery.start_soon(device.generate, chat("Say hi.", max_tokens=2), lambda piece: None)
+    assert counts[0] == 1 and 2 in counts  # itself, then itself and the one queued behind it
+    assert device.answers_ahead == 0
+
+
 @trio_test(30)
 async def test_prepare_makes_a_migration_target_ready() -> None:
     device = endpoint()

@@ -103,6 +103,18 @@ def test_disco_s_short_prompts_on_device_long_ones_race() -> None:
     assert policy.decide(view(budget=budget, device=None, cloud_available=False)).start == ()
 
 
+def test_disco_s_races_a_short_prompt_that_would_queue_on_a_busy_device() -> None:
+    policy = DiscoSPolicy(prompt_lengths=[100] * 10 + [1000] * 5 + [4000])
+    for _ in range(20):  # room in the ledger, so the guard lets a race through
+        policy.ledger.record(AnswerOutcome(100, {"device": 2000}, None))
+    short = dict(budget=Budget("cloud", 0.5), prompt_tokens=100)
+    assert policy.decide(view(**short)).start == ("device",)
+    busy = policy.decide(view(**short, device_answers_ahead=2))
+    assert busy.start == ("device", "cloud") and "2 answer(s) ahead" in busy.reason
+    patient = DiscoSPolicy(prompt_lengths=[100] * 10 + [1000] * 5 + [4000], race_when_device_busy=False)
+    assert patient.decide(view(**short, device_answers_ahead=2)).start == ("device",)
+
+
 def test_disco_s_learns_the_threshold_from_observed_prompts() -> None:
     requests = synthetic_workload(3000, seed=2)
     policy = DiscoSPolicy(window=None)

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 import pydisco
 from pydisco import RuntimeConfig, open_runtime
 from pydisco._types import GenerationRequest, GenerationResult, TokenPiece, TokenSink
-from pydisco.policies import register_migration_policy
+from pydisco.policies import DispatchDecision, DispatchView, register_dispatch_policy, register_migration_policy
 from pydisco.policies._base import MigrationView, Slo
 from pydisco.runtime import AnswerFailed
 from pydisco.testing import ScriptedEndpoint
@@ -548,3 +548,32 @@ def test_waiting_for_a_busy_device_is_not_silence() -> None:
     assert all(error is None and report.migrations == () for _, report, error in results)
     # The first ends at 0.05 + 29·0.1 = 2.95 s; the second then prefills (0.05 s): TTFT 3.0 − 0.01.
     assert results[1][1].ttft_s == pytest.approx(3.0 - 0.01, abs=1e-6)  # it waited its turn
+
+
+def test_dispatch_sees_the_answers_queued_on_the_device() -> None:
+    """While one answer holds the device, a second one's view counts it (and DiSCo-S, which
+    would keep a short prompt on the device, races it instead); a third counts both."""
+    seen: list[int] = []
+
+    class Recorder:
+        name = "recorder"
+
+        def decide(self, view: DispatchView) -> DispatchDecision:
+            seen.append(view.device_answers_ahead)
+            return DispatchDecision(start=("device",), reason="recorder")
+
+        def observe(self, outcome: object) -> None:
+            pass
+
+    register_dispatch_policy("test-recorder", lambda **_: Recorder(), replace=True)
+    device = ScriptedEndpoint("device", script("device", 20), prefill_s=0.05, gaps_s=[0.1])
+
+    async def main() -> None:
+        async with open_runtime(config(dispatch="test-recorder", migration="never"), endpoints={"device": device}) as rt:
+            async with trio.open_nursery() as nursery:
+                for n in (20, 3, 3):
+                    nursery.start_soon(read_all, rt, n)
+                    await trio.sleep(0.01)
+
+    run_virtual(main)
+    assert seen == [0, 1, 2]

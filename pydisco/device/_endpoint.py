@@ -155,6 +155,12 @@ class DeviceEndpoint:
         return self._engine.tokens_to_prefill(request)
 
     @property
+    def answers_ahead(self) -> int:
+        """Requests a new one would wait for: the one holding the engine and those queued."""
+        stats = self._limiter.statistics()
+        return stats.borrowed_tokens + stats.tasks_waiting
+
+    @property
     def busy(self) -> bool:
         """True while a request holds the engine (or waits for its thread to stop)."""
         return self._limiter.borrowed_tokens > 0

@@ -98,6 +98,9 @@ class DispatchView:
     # Prompt tokens the device's KV cache already holds (a shared system prompt, earlier turns):
     # its time to first token is TTFT_d(prompt_tokens - device_cached_tokens).
     device_cached_tokens: int = 0
+    # Answers the device will run or admit before this one (one model serving requests in
+    # turn, or a step loop's admission queue): its first token waits for them.
+    device_answers_ahead: int = 0
 
     @property
     def device_prefill_tokens(self) -> int:

@@ -163,12 +163,20 @@ class DiscoSPolicy(_PromptLearning):
     ``Σ_{l ≥ l_th} p(l)·l ≤ b·E[l]`` over the prompt lengths seen (a window of ``window``
     answers, seeded with ``prompt_lengths``). Without a device: cloud; without the cloud:
     device. A budget on the *device* instead leaves the server unconstrained (``l_th = 0``).
+
+    A short prompt that would wait behind other answers on the device (``device_answers_ahead
+    > 0``) races both instead, with ``race_when_device_busy`` (the default): DiSCo assumes
+    a device free for each request, and a queued one's TTFT is no longer ``TTFT_d(l)``. This
+    spends cloud tokens beyond ``l_th``'s share while the device is saturated.
     """
 
     name = "disco-s"
 
-    def __init__(self, *, prompt_lengths: Sequence[int] = (), window: int | None = 10_000) -> None:
+    def __init__(
+        self, *, prompt_lengths: Sequence[int] = (), window: int | None = 10_000, race_when_device_busy: bool = True
+    ) -> None:
         super().__init__(prompt_lengths, window)
+        self.race_when_device_busy = race_when_device_busy
         self._cache: tuple[tuple[int, float], float] | None = None
 
     def threshold(self, view: DispatchView) -> float:
@@ -187,7 +195,12 @@ class DiscoSPolicy(_PromptLearning):
             return DispatchDecision(start=available, reason="disco-s: only endpoint") if available \
                 else _NO_ENDPOINT
         l_th = self.threshold(view)
-        if view.prompt_tokens < l_th:
+        if view.prompt_tokens < l_th and view.device_answers_ahead and self.race_when_device_busy:
+            decision = DispatchDecision(
+                start=("device", "cloud"),
+                reason=f"disco-s: l < l_th={l_th:g} but {view.device_answers_ahead} answer(s) ahead on the device",
+            )
+        elif view.prompt_tokens < l_th:
             decision = DispatchDecision(start=("device",), reason=f"disco-s: l < l_th={l_th:g}")
         else:
             decision = DispatchDecision(start=("device", "cloud"), reason=f"disco-s: l >= l_th={l_th:g}")

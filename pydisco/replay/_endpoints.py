@@ -198,6 +198,11 @@ class SharedDevice:
     def name(self) -> str:
         return "device"
 
+    @property
+    def answers_ahead(self) -> int:
+        """Answers waiting for the step loop's admission (a new one queues behind them)."""
+        return self._loop.statistics().queued
+
     def count_prompt_tokens(self, request: GenerationRequest) -> int:
         return self._book.prompt_tokens(request)
 

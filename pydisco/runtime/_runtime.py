@@ -146,6 +146,11 @@ class Runtime:
         count = getattr(self._endpoints.get("device"), "tokens_to_prefill", None)
         return prompt_tokens if count is None else min(prompt_tokens, max(0, int(count(request))))
 
+    def _device_answers_ahead(self) -> int:
+        """Answers the device runs or has queued now, if it can say (a new one waits for them)."""
+        ahead = getattr(self._endpoints.get("device"), "answers_ahead", None)
+        return 0 if ahead is None else max(0, int(ahead))
+
     def _same_vocabulary(self) -> bool:
         device, cloud = self._endpoints.get("device"), self._endpoints.get("cloud")
         if device is None or cloud is None:
@@ -196,6 +201,7 @@ class Runtime:
             server_tbt_s=tbt,
             tokens_spent=dict(self._tokens_spent),
             device_cached_tokens=prompt_tokens - self._device_prefill_tokens(request, prompt_tokens),
+            device_answers_ahead=self._device_answers_ahead(),
         )
         coordinator = AnswerCoordinator(
             request,

@@ -65,6 +65,12 @@ class ScriptedEndpoint:
     def name(self) -> str:
         return self._name
 
+    @property
+    def answers_ahead(self) -> int:
+        """Requests a new one would wait for (one at a time): the running one and the queued."""
+        stats = self._busy.statistics()
+        return int(stats.locked) + stats.tasks_waiting
+
     def count_prompt_tokens(self, request: GenerationRequest) -> int:
         """How many tokens this endpoint counts in ``request``'s prompt (its script says)."""
         count = self._prompt_tokens
