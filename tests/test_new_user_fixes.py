@@ -3,10 +3,13 @@ failed before its fix."""
 
 from __future__ import annotations
 
+import pytest
 import trio
 import trio.testing
 
-from pydisco import RuntimeConfig, Slo, TokenPiece, open_runtime
+from pydisco import Endpoint, RuntimeConfig, Slo, TokenPiece, open_runtime
+from pydisco._errors import EndpointUnavailable
+from pydisco import GenerationRequest, GenerationResult, TokenSink, notify_prefilled
 from pydisco.runtime import AnswerStatus
 from pydisco.testing import ScriptedEndpoint
 
@@ -32,3 +35,66 @@ def test_status_after_the_whole_answer_was_read_counts_no_end_record() -> None:
 
     after = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     assert (after.committed, after.consumed, after.unread) == (6, 6, 0)  # was consumed 7, unread -1
+
+
+# -- a failed run's prefill counts in usage and cost -----------------------------------------
+
+
+async def usage_after_a_cloud_failure(cloud: Endpoint, **config: object) -> dict[str, tuple[int, float]]:
+    endpoints = {"cloud": cloud, "device": ScriptedEndpoint("device", pieces("device", 4), prompt_tokens=100)}
+    settings = dict(dispatch="cloud-only", migration="never", device_standby=False, first_token_timeout_s=1.0)
+    settings.update(config)
+    async with open_runtime(virtual_config(**settings), endpoints=endpoints) as rt:
+        async with rt.stream(prompt="hi", max_tokens=4) as answer:
+            async for _ in answer:
+                pass
+    assert answer.report.endpoints_used == ("device",)  # the cloud failed before its first token
+    return {name: (u.prefilled_tokens, u.cost) for name, u in answer.report.usage.items()}
+
+
+def test_a_failed_runs_prefill_is_in_usage_and_cost() -> None:
+    """The cloud prefilled 100 tokens, then failed before its first token: they count (cost
+    1.0 a token), as the device's 100 (0.2 a token) do. Before, the cloud showed 0."""
+    cloud = ScriptedEndpoint("cloud", pieces("cloud", 4), prompt_tokens=100, fails_after=0)
+    usage = trio.run(usage_after_a_cloud_failure, cloud, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert usage["cloud"] == (100, 100.0)
+    assert usage["device"] == (100, pytest.approx(0.2 * (100 + 4)))
+
+
+class SilentCloud:
+    """Takes the request and never answers (a server stuck in its prefill)."""
+
+    name = "cloud"
+
+    async def generate(self, request: GenerationRequest, sink: TokenSink) -> GenerationResult:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+
+class RefusingCloud:
+    """Raises at once, before any work (a refused connection), and says nothing."""
+
+    name = "cloud"
+
+    async def generate(self, request: GenerationRequest, sink: TokenSink) -> GenerationResult:
+        raise EndpointUnavailable("connection refused")
+
+
+class FailingAfterItsPrefill(RefusingCloud):
+    """Says what its prefill computed, then fails."""
+
+    async def generate(self, request: GenerationRequest, sink: TokenSink) -> GenerationResult:
+        notify_prefilled(sink, 37)
+        raise EndpointUnavailable("lost the link")
+
+
+def test_a_run_that_timed_out_is_charged_what_it_was_asked_to_prefill() -> None:
+    usage = trio.run(usage_after_a_cloud_failure, SilentCloud(), clock=trio.testing.MockClock(autojump_threshold=0))
+    assert usage["cloud"][0] == 100  # the prompt as the policies count it (the device's count)
+
+
+def test_a_run_that_raised_before_any_work_is_charged_what_it_said() -> None:
+    refused = trio.run(usage_after_a_cloud_failure, RefusingCloud(), clock=trio.testing.MockClock(autojump_threshold=0))
+    reported = trio.run(usage_after_a_cloud_failure, FailingAfterItsPrefill(), clock=trio.testing.MockClock(autojump_threshold=0))
+    assert refused["cloud"] == (0, 0.0)
+    assert reported["cloud"] == (37, 37.0)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from .._errors import EndpointUnavailable
-from .._types import GenerationRequest, GenerationResult, TokenPiece, TokenSink, notify_admitted
+from .._types import GenerationRequest, GenerationResult, TokenPiece, TokenSink, notify_admitted, notify_prefilled
 
 if TYPE_CHECKING:  # the strategies module needs Hypothesis; a scripted endpoint does not
     from ._strategies import EndpointTimeline
@@ -170,6 +170,7 @@ class ScriptedEndpoint:
         start = request.start_position
         end = min(len(self._answer), request.max_tokens)  # max_tokens bounds the whole answer
         prefilled = await self._prefill(request)
+        notify_prefilled(sink, prefilled)  # counted even if the script fails this run
         sent = 0
         for position in range(start, end):
             if fails and self._fails_after is not None and sent >= self._fails_after:
