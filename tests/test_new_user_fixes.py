@@ -98,3 +98,87 @@ def test_a_run_that_raised_before_any_work_is_charged_what_it_said() -> None:
     reported = trio.run(usage_after_a_cloud_failure, FailingAfterItsPrefill(), clock=trio.testing.MockClock(autojump_threshold=0))
     assert refused["cloud"] == (0, 0.0)
     assert reported["cloud"] == (37, 37.0)
+
+
+# -- what a new user's first tries ran into, held in place -----------------------------------
+
+
+def test_the_policies_see_a_scripted_endpoints_prompt_count_without_a_device() -> None:
+    """With no device engine, the prompt length in the DispatchView is the endpoint's count
+    (ScriptedEndpoint(prompt_tokens=...)), not the text's length / 4."""
+    from pydisco.policies import DispatchDecision, DispatchView, create_dispatch_policy, register_dispatch_policy
+
+    seen: list[tuple[int, int]] = []
+
+    class Recording:
+        name = "recording-cloud-only"
+
+        def decide(self, view: DispatchView) -> DispatchDecision:
+            seen.append((view.prompt_tokens, view.device_prefill_tokens))
+            return create_dispatch_policy("cloud-only").decide(view)
+
+        def observe(self, outcome: object) -> None:
+            pass
+
+    register_dispatch_policy("recording-cloud-only", Recording, replace=True)
+
+    async def main() -> None:
+        endpoints = {"cloud": ScriptedEndpoint("cloud", pieces("cloud", 3), prompt_tokens=321)}
+        async with open_runtime(virtual_config(dispatch="recording-cloud-only"), endpoints=endpoints) as rt:
+            async with rt.stream(prompt="a short prompt", max_tokens=3) as answer:
+                async for _ in answer:
+                    pass
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert seen == [(321, 321)]
+
+
+def test_every_runtime_config_field_is_documented() -> None:
+    import dataclasses
+    import pathlib
+    import re
+
+    page = (pathlib.Path(__file__).resolve().parent.parent / "docs" / "embedding.md").read_text()
+    section = page[page.index("## Configuration (`RuntimeConfig`)") :]
+    rows = [line for line in section[section.index("| field |") :].split("\n\n")[0].splitlines()[2:]]
+    documented = {name for row in rows for name in re.findall(r"`(\w+)`", row.split("|")[1])}
+    fields = {f.name for f in dataclasses.fields(RuntimeConfig)}
+    assert fields <= documented, f"undocumented RuntimeConfig fields: {sorted(fields - documented)}"
+    assert documented <= fields, f"documented fields RuntimeConfig lacks: {sorted(documented - fields)}"
+
+
+def test_a_blocking_answers_report_says_running_while_it_runs() -> None:
+    """Read early, the report says "running", not "cancelled"; once closed early, "cancelled"."""
+    import threading
+
+    from pydisco import BlockingRuntime
+
+    release = threading.Event()
+
+    class Held(ScriptedEndpoint):
+        async def generate(self, request: GenerationRequest, sink: TokenSink) -> GenerationResult:
+            await trio.to_thread.run_sync(release.wait)
+            return await super().generate(request, sink)
+
+    config = RuntimeConfig(device_model=None, dispatch="cloud-only", realtime_pacer=False)
+    with BlockingRuntime(config, endpoints={"cloud": Held("cloud", pieces("cloud", 3))}) as rt:
+        answer = rt.stream(prompt="hi", max_tokens=3)
+        early = answer.report
+        release.set()
+        answer.close()
+    assert (early.finish_reason, early.tokens) == ("running", 0)
+    assert answer.report.finish_reason == "cancelled"
+
+
+def test_blocking_stream_takes_exactly_the_async_streams_arguments() -> None:
+    """Explicit, typed keywords (a typo is a TypeError at the call), the same as Runtime.stream."""
+    import inspect
+
+    from pydisco import BlockingRuntime, Runtime
+
+    def parameters(fn: object) -> list[tuple[str, object, object, object]]:
+        signature = inspect.signature(fn)  # type: ignore[arg-type]
+        return [(p.name, p.kind, p.default, p.annotation) for p in signature.parameters.values() if p.name != "self"]
+
+    assert parameters(BlockingRuntime.stream) == parameters(Runtime.stream.__wrapped__)  # type: ignore[attr-defined]
+    assert all(kind is not inspect.Parameter.VAR_KEYWORD for _, kind, _, _ in parameters(BlockingRuntime.stream))
