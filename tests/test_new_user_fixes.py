@@ -182,3 +182,22 @@ def test_blocking_stream_takes_exactly_the_async_streams_arguments() -> None:
 
     assert parameters(BlockingRuntime.stream) == parameters(Runtime.stream.__wrapped__)  # type: ignore[attr-defined]
     assert all(kind is not inspect.Parameter.VAR_KEYWORD for _, kind, _, _ in parameters(BlockingRuntime.stream))
+
+
+def test_the_one_percentile_helper_interpolates_as_statistics_and_numpy_do() -> None:
+    import math
+    import random
+
+    import numpy
+
+    from pydisco._percentiles import percentile
+
+    rng = random.Random(3)
+    for n in (1, 2, 3, 10, 101):
+        values = [rng.expovariate(1.0) for _ in range(n)]
+        for p in (0, 1, 50, 90, 99, 100):
+            assert percentile(values, p) == pytest.approx(float(numpy.percentile(values, p)), rel=1e-12)
+    assert math.isnan(percentile([], 50))
+    for bad in (-1, 101, 0.5):
+        with pytest.raises(ValueError, match="whole number"):
+            percentile([1.0], bad)  # type: ignore[arg-type]
