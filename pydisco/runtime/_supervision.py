@@ -186,7 +186,7 @@ class Runs:
         finally:
             if self._runs.get(run.name) is run:
                 del self._runs[run.name]
-            self._account(run, result, worked=timed_out)
+            self._account(run, result, timed_out=timed_out)
         if run.stop_scope.cancel_called:
             return  # stopped by the coordinator: whatever it did since does not count
         if failure is None and result is not None and result.finish_reason not in ("stop", "length"):
@@ -202,14 +202,14 @@ class Runs:
             # sampled tokens that were never reported.
             answer.finish(run.name, run.next_position, result.finish_reason)
 
-    def _account(self, run: _Run, result: GenerationResult | None, *, worked: bool) -> None:
+    def _account(self, run: _Run, result: GenerationResult | None, *, timed_out: bool) -> None:
         """Charge the run's prefill. Without a result (it failed or was stopped): what the
         endpoint said it prefilled; else, if it produced a token, was stopped or timed out
-        (``worked``: it was computing), what it was asked to prefill. An endpoint that raised
+        (it was computing), what it was asked to prefill. An endpoint that raised
         before its first token and said nothing computed nothing (a refused connection)."""
         if result is not None:
             self._usage.add_prefill(run.name, result.prefilled_tokens)
         elif run.prefilled is not None:
             self._usage.add_prefill(run.name, run.prefilled)
-        elif run.offered or run.stop_scope.cancel_called or worked:
+        elif run.offered or run.stop_scope.cancel_called or timed_out:
             self._usage.add_prefill(run.name, self._prompt_tokens + run.position)
