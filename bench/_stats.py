@@ -1,4 +1,4 @@
-"""Small helpers shared by the benchmarks: percentiles and output."""
+"""Small helpers shared by the benchmarks: percentile summaries and output."""
 
 from __future__ import annotations
 
@@ -7,14 +7,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (q in [0, 100]) of a non-empty sequence."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q / 100.0 * len(ordered)))
-    return float(ordered[rank - 1])
+from pydisco._percentiles import percentile as percentile  # the package's one helper, for the benchmarks too
 
 
 def summary_us(values_ns: Sequence[float]) -> dict[str, float]:

@@ -45,15 +45,11 @@ from pydisco.cloud import RunningServer, ServerConfig, serve
 from pydisco.cloud import Credentials, client_ssl_context, self_signed, server_ssl_context
 from pydisco._types import GenerationRequest, GenerationResult, TokenPiece, TokenSink
 
+from _stats import percentile  # the script's own folder is on sys.path
+
 TOKEN = "bench"
 PLAIN = ("ws",)  # schemes without TLS; every other network scheme gets the throwaway certificate
 STREAMS_PER_CONNECTION = 16
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile, q in [0, 100]."""
-    ordered = sorted(values)
-    return float(ordered[max(1, math.ceil(q / 100 * len(ordered))) - 1])
 
 
 # -- the child process: a server with a stub token source ----------------------------------------

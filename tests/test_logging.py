@@ -35,7 +35,7 @@ async def two_answers_with_a_failover() -> list[str]:
     """Two answers on one runtime; the cloud dies after 4 tokens of the first one only."""
     endpoints = {
         "device": ScriptedEndpoint("device", script("device", 8), prefill_s=0.1),
-        "cloud": ScriptedEndpoint("cloud", script("cloud", 8), prefill_s=0.05, fails_after=4, fails_on_run=0),
+        "cloud": ScriptedEndpoint("cloud", script("cloud", 8), prefill_s=0.05, fails_after=4, fails_on_answer=0),
     }
     ids = []
     async with open_runtime(failover_runtime_config(), endpoints=endpoints) as rt:

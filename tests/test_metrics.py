@@ -160,7 +160,7 @@ def test_runtime_statistics_and_its_exporter_count_answers_failovers_and_the_bud
     endpoints = {
         "device": ScriptedEndpoint("device", script("device", 10), prefill_s=0.1, gaps_s=[0.01]),
         # the first cloud run fails after 3 tokens; later ones finish
-        "cloud": ScriptedEndpoint("cloud", script("cloud", 10), prefill_s=0.05, gaps_s=[0.01], fails_after=3),
+        "cloud": ScriptedEndpoint("cloud", script("cloud", 10), prefill_s=0.05, gaps_s=[0.01], fails_after=3, fails_on_answer=0),
     }
     config = RuntimeConfig(
         device_model=None, virtual_time=True, slo=Slo(ttft_target_s=1.0, reading_rate=50.0), dispatch="cloud-only",

@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from cloud_support import TOKEN, running_server, text_of, trio_test
-from pydisco.cloud._backends import OpenAIUpstreamBackend, SSEParser
+from pydisco.cloud._backends import OpenAIUpstreamBackend
 from pydisco.cloud import open_cloud_endpoint
 from pydisco._errors import EndpointError, PromptTooLongError
 from pydisco.device import default_model_path
@@ -205,14 +205,6 @@ async def test_cancelling_mid_stream_frees_the_upstream_for_the_next_answer(upst
     await up.aclose()
 
 
-def test_sse_parser_handles_multiline_data_comments_and_a_missing_last_blank_line() -> None:
-    parser = SSEParser()
-    lines = [": keep-alive", "event: message", "data: {\"a\":", "data: 1}", "", "data:[DONE]\r", "", "data: tail"]
-    events = [e for line in lines for e in parser.feed_line(line)]
-    assert events == ['{"a":\n1}', "[DONE]"]
-    assert list(parser.close()) == ["tail"]
-
-
 # -- canned upstream answers (what llama-cpp-python does not produce, vLLM and OpenAI do) --------
 
 
@@ -245,6 +237,27 @@ async def test_usage_from_the_final_chunk_is_reported() -> None:
     assert (result.finish_reason, result.prompt_tokens, result.generated_tokens) == ("stop", 7, 2)
 
 
+@trio_test(10)
+async def test_a_stream_that_is_not_an_event_stream_is_an_upstream_error() -> None:
+    backend = canned(200, sse(chunk("a", finish="stop")), content_type="application/json")
+    with pytest.raises(EndpointError, match="event stream") as info:
+        await backend.generate(GenerationRequest(prompt="x", max_tokens=4), lambda p: None)
+    assert info.value.code == "upstream_error"
+
+
+@trio_test(10)
+async def test_events_across_lines_comments_and_line_endings_are_read_as_sse_says() -> None:
+    """Comments and data-less events are skipped, multi-line data is joined with newlines,
+    CR LF and CR end lines too."""
+    first = json.dumps(chunk("Hel"))
+    stream = (": keep-alive\r\n\r\nevent: ping\n\n"
+              f"data: {first[:10]}\ndata: {first[10:]}\n\n"
+              f"data: {json.dumps(chunk('lo', finish='stop'))}\r\rdata: [DONE]\r\n\r\n")  # fmt: skip
+    got: list[TokenPiece] = []
+    result = await canned(200, stream).generate(GenerationRequest(prompt="x", max_tokens=4), got.append)
+    assert [p.text for p in got] == ["Hel", "lo"] and result.finish_reason == "stop"
+
+
 @pytest.mark.parametrize(
     ("status", "body", "code"),
     [
@@ -257,6 +270,7 @@ async def test_usage_from_the_final_chunk_is_reported() -> None:
         (200, sse(chunk("a"), {"error": {"message": "died"}}), "upstream_error"),
         (200, sse(chunk("a")) + "data: {not json\n\n", "upstream_error"),
         (200, sse(chunk("a")), "upstream_error"),  # neither finish_reason nor [DONE]
+        (200, sse(chunk("a")) + "data: [DONE]", "upstream_error"),  # an event without its blank line is not one
     ],
 )
 @trio_test(10)

@@ -9,6 +9,7 @@ so it reads the answer's state where that state lives.
 
 from __future__ import annotations
 
+import statistics
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol, TextIO
@@ -195,8 +196,7 @@ def report_table(report: AnswerReport, styles: dict[str, str]) -> Table:
         table.add_row(name, value)
 
     ttft = f"{report.ttft_s * 1e3:.1f} ms" if report.ttft_s is not None else "-"
-    gaps = sorted(report.tbt_s)
-    tbt = f"{gaps[len(gaps) // 2] * 1e3:.1f} ms" if gaps else "-"
+    tbt = f"{statistics.median(report.tbt_s) * 1e3:.1f} ms" if report.tbt_s else "-"
     row("tokens", f"{report.tokens} ({report.finish_reason})")
     row("TTFT", ttft)
     row("TBT p50", tbt)

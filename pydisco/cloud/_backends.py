@@ -8,12 +8,14 @@ in front and maps the exceptions raised here to stable error codes.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import httpx
+import httpx_sse
 import trio
 
 from .._errors import ConfigurationError, EndpointError, PromptTooLongError, PydiscoError
@@ -191,30 +193,6 @@ async def _run_engine(engine: Any, request: GenerationRequest, sink: TokenSink) 
 # -- OpenAI-compatible upstream -----------------------------------------------------------
 
 
-class SSEParser:
-    """Server-sent events, line by line (sans-IO): yields each event's data once complete."""
-
-    def __init__(self) -> None:
-        self._data: list[str] = []
-
-    def feed_line(self, line: str) -> Iterator[str]:
-        line = line.rstrip("\r\n")
-        if not line:
-            if self._data:
-                data, self._data = "\n".join(self._data), []
-                yield data
-            return
-        if line.startswith(":"):
-            return  # a comment (keep-alive)
-        field, _, value = line.partition(":")
-        if field == "data":
-            self._data.append(value[1:] if value.startswith(" ") else value)
-
-    def close(self) -> Iterator[str]:
-        """The stream ended: a last event without its blank line still counts."""
-        return self.feed_line("")
-
-
 class OpenAIUpstreamBackend:
     """Streams from an OpenAI-compatible HTTP API (``/chat/completions`` or ``/completions``).
 
@@ -323,19 +301,21 @@ class OpenAIUpstreamBackend:
             return GenerationResult("length", 0, 0, 0)
         finish: str | None = None
         usage: dict[str, Any] = {}
-        parser = SSEParser()
+        headers = {"Accept": "text/event-stream"}
         try:
-            async with self._http().stream("POST", self.base_url + path, json=body) as response:
+            async with self._http().stream("POST", self.base_url + path, json=body, headers=headers) as response:
                 if response.status_code != 200:
                     await response.aread()
                     raise _http_error(response)
                 done = False
-                async for line in response.aiter_lines():
-                    for data in parser.feed_line(line):
-                        if data.strip() == "[DONE]":
+                async with contextlib.aclosing(httpx_sse.EventSource(response).aiter_sse()) as events:
+                    async for event in events:
+                        if not event.data:
+                            continue  # an event with no data (a keep-alive)
+                        if event.data.strip() == "[DONE]":
                             done = True
                             break
-                        chunk = _json(data)
+                        chunk = _json(event.data)
                         if isinstance(chunk.get("error"), dict):
                             raise EndpointError(f"upstream error: {chunk['error'].get('message', chunk)}",
                                                 code=Code.UPSTREAM_ERROR)  # fmt: skip
@@ -348,16 +328,14 @@ class OpenAIUpstreamBackend:
                                 position += 1
                             if choice.get("finish_reason"):
                                 finish = "length" if choice["finish_reason"] == "length" else "stop"
-                    if done:
-                        break
-                for data in parser.close():
-                    done = done or data.strip() == "[DONE]"
                 if not done and finish is None:
                     # llama-cpp-python does this for a prompt over its context: 200, then nothing.
                     raise EndpointError(
                         "the upstream ended the stream without finishing it (no finish_reason, no [DONE])",
                         code=Code.UPSTREAM_ERROR,
                     )
+        except httpx_sse.SSEError as e:  # a 200 that is not an event stream
+            raise EndpointError(f"the upstream did not answer with an event stream: {e}", code=Code.UPSTREAM_ERROR) from e
         except httpx.TimeoutException as e:
             raise EndpointError(f"the upstream timed out: {e!r}", code=Code.UPSTREAM_UNAVAILABLE) from e
         except httpx.TransportError as e:

@@ -36,6 +36,7 @@ from .protocol import (
     TokenReceived,
     Welcome,
 )
+from .._percentiles import percentile
 from .._types import GenerationRequest, GenerationResult, TokenPiece, TokenSink
 from .._groups import single_exception
 from ..observability._logging import ANSWER_ID, get_logger
@@ -471,18 +472,11 @@ class CloudEndpoint:
             inter_token_samples=gaps,
             ttft_p50=_stats.median(ttft) if ttft else None,
             inter_token_p50=_stats.median(gaps) if gaps else None,
-            inter_token_p99=_quantile(gaps, 0.99),
+            inter_token_p99=percentile(gaps, 99) if gaps else None,
             connected=link is not None and link.lost is None and link.proto.state is ClientState.READY,
             server_model=self._server_model,
             rtt_s=link.rtt if link is not None else None,
         )
-
-
-def _quantile(values: tuple[float, ...], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def _close_error(url: str, close: CloseConnection) -> EndpointError:

@@ -3,7 +3,8 @@
 A :class:`DeviceProfile` models time to first token as ``TTFT_d(l) = a + c·l`` for a prompt of
 ``l`` tokens (least-squares fit over several lengths, measured from an empty KV cache) plus a
 per-token decode time. It depends on the model, the thread count and the machine, and is
-cached as JSON under ``$XDG_CACHE_HOME/pydisco/profiles/`` (default ``~/.cache``).
+cached as JSON in the platform's user cache folder (``$XDG_CACHE_HOME/pydisco/profiles/`` on
+Linux, ``~/.cache`` by default).
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ import os
 import pathlib
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
+
+import platformdirs
 
 from .._errors import ConfigurationError
 from ._engine import LlamaEngine
@@ -81,14 +85,18 @@ def fit_line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
     """
     if len(xs) != len(ys) or len(set(xs)) < 2:
         raise ValueError("need points at two or more distinct x values")
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    c = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-    a = my - c * mx
+    c, a = statistics.linear_regression(xs, ys)
     if c < 0:
-        return max(my, 0.0), 0.0
+        return max(statistics.fmean(ys), 0.0), 0.0
     if a < 0:
-        return 0.0, max(sum(x * y for x, y in zip(xs, ys)) / sum(x * x for x in xs), 0.0)
+        return 0.0, max(_slope_through_origin(xs, ys), 0.0)
     return a, c
+
+
+def _slope_through_origin(xs: Sequence[float], ys: Sequence[float]) -> float:
+    if sys.version_info >= (3, 11):
+        return statistics.linear_regression(xs, ys, proportional=True).slope
+    return sum(x * y for x, y in zip(xs, ys)) / sum(x * x for x in xs)  # proportional= is 3.11's
 
 
 def machine_id() -> str:
@@ -158,8 +166,9 @@ def _time_per_token(engine: LlamaEngine, n: int) -> float:
 
 
 def profile_cache_dir() -> pathlib.Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return pathlib.Path(base) / "pydisco" / "profiles"
+    """Where profiles are cached: the platform's user cache folder for pydisco (platformdirs:
+    ``$XDG_CACHE_HOME/pydisco``, else ``~/.cache/pydisco``, on Linux), then ``profiles``."""
+    return platformdirs.user_cache_path("pydisco") / "profiles"
 
 
 def profile_cache_path(model: str, n_threads: int, machine: str | None = None) -> pathlib.Path:

@@ -20,7 +20,6 @@ import math
 import pathlib
 import random
 import statistics
-from collections.abc import Sequence
 
 from .._errors import ConfigurationError
 from ..linkemu import TCP_SEGMENT, LinkProfile
@@ -274,14 +273,3 @@ class LastHop:
     def is_ideal(self) -> bool:
         zero = LinkProfile()
         return self.up == zero and self.down == zero and self.outages is None
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The ``q``-quantile (0–1) by linear interpolation (numpy's default), nan for none."""
-    if not values:
-        return math.nan
-    s = sorted(values)
-    pos = (len(s) - 1) * q
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
@@ -365,7 +366,7 @@ async def _answer(
     return row(
         outcome, report.finish_reason, _one_line(failure) if failure is not None else "",
         tokens=report.tokens, ttft_s=report.ttft_s if report.ttft_s is not None else nan,
-        tbt_p50_s=_median(tbt), tbt_max_s=max(tbt) if tbt else nan, qoe=report.qoe,
+        tbt_p50_s=statistics.median(tbt) if tbt else nan, tbt_max_s=max(tbt) if tbt else nan, qoe=report.qoe,
         endpoints="+".join(report.endpoints_used), migrations=kinds.count("migration"),
         failovers=kinds.count("failover"), device_refused=refused_by_device,
         cloud_tokens=_tokens(usage.get("cloud")), device_tokens=_tokens(usage.get("device")),
@@ -375,14 +376,6 @@ async def _answer(
 
 def _tokens(usage: Any) -> int:
     return 0 if usage is None else int(usage.prefilled_tokens + usage.offered_tokens)
-
-
-def _median(values: tuple[float, ...]) -> float:
-    if not values:
-        return math.nan
-    s = sorted(values)
-    n = len(s)
-    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
 
 
 def _one_line(error: BaseException | None) -> str:

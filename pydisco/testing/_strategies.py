@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from hypothesis import strategies as st
 
@@ -10,14 +11,19 @@ from .._core import TOKEN_TEXT_CAPACITY
 from .._types import TokenPiece
 
 
-
 def token_texts(max_bytes: int = 16) -> st.SearchStrategy[str]:
-    """Text pieces of whole UTF-8 characters, multi-byte ones included, at most ``max_bytes``."""
+    """Text pieces of whole UTF-8 characters, multi-byte ones included, at most ``max_bytes``.
+
+    Drawn as up to ``max_bytes`` characters and cut after the last whole character that fits:
+    every example drawn is used (a filter on the length would throw some away)."""
     if not 0 < max_bytes <= TOKEN_TEXT_CAPACITY:
         raise ValueError(f"max_bytes must be in 1..{TOKEN_TEXT_CAPACITY}")
-    return st.text(
-        alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=max_bytes
-    ).filter(lambda s: len(s.encode()) <= max_bytes)
+    characters = st.characters(codec="utf-8", exclude_categories=["Cs"])
+    return st.text(characters, max_size=max_bytes).map(functools.partial(_whole_characters_within, max_bytes=max_bytes))
+
+
+def _whole_characters_within(text: str, max_bytes: int) -> str:
+    return text.encode()[:max_bytes].decode(errors="ignore")  # a cut character's bytes go
 
 
 @st.composite

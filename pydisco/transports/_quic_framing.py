@@ -18,19 +18,16 @@ from __future__ import annotations
 
 import dataclasses
 
-MAX_VARINT = (1 << 62) - 1
+from aioquic.buffer import UINT_VAR_MAX, Buffer, encode_uint_var
+
+MAX_VARINT = UINT_VAR_MAX  # 2**62 - 1
 
 
 def encode_varint(value: int) -> bytes:
-    if value < 0 or value > MAX_VARINT:
+    """``value`` as a QUIC varint (aioquic's encoder; ValueError out of 0..MAX_VARINT)."""
+    if not 0 <= value <= MAX_VARINT:  # aioquic's own message would call -1 "too big"
         raise ValueError(f"{value!r} does not fit a QUIC varint")
-    if value < 1 << 6:
-        return value.to_bytes(1, "big")
-    if value < 1 << 14:
-        return (value | 0x4000).to_bytes(2, "big")
-    if value < 1 << 30:
-        return (value | 0x8000_0000).to_bytes(4, "big")
-    return (value | 0xC000_0000_0000_0000).to_bytes(8, "big")
+    return encode_uint_var(value)
 
 
 def encode_frame(frame: bytes) -> bytes:
@@ -105,7 +102,7 @@ class FrameDecoder:
 
     def _read_prefix(self, view: memoryview, out: list[Decoded]) -> memoryview:
         first = self._header[0] if self._header else view[0]
-        width = 1 << (first >> 6)  # the top two bits give the prefix's length
+        width = 1 << (first >> 6)  # the top two bits give the varint's length (RFC 9000 16)
         if not self._header and len(view) >= width:  # common case: the whole prefix is here
             prefix = bytes(view[:width])
             view = view[width:]
@@ -117,7 +114,7 @@ class FrameDecoder:
                 return view
             prefix = bytes(self._header)
             self._header.clear()
-        size = int.from_bytes(prefix, "big") & ((1 << (8 * width - 2)) - 1)
+        size = Buffer(data=prefix).pull_uint_var()
         if self._header_pending:
             self._header_pending = False
             out.append(StreamHeader(size))
