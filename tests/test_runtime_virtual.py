@@ -556,7 +556,7 @@ def test_dispatch_sees_the_answers_queued_on_the_device() -> None:
     seen: list[int] = []
 
     class Recorder:
-        name = "recorder"
+        name = "test-recorder"  # as registered: the registry test checks every name
 
         def decide(self, view: DispatchView) -> DispatchDecision:
             seen.append(view.device_answers_ahead)
