@@ -191,3 +191,14 @@ def test_help_and_dir_work_on_a_client_only_install(client_python: pathlib.Path)
     assert seen["slo"] and seen["cloud"]  # the core's names, the cloud client's included
     assert "DeviceEndpoint" not in seen["dir"] and "serve" not in seen["dir"]  # their extras are absent
     assert {"Slo", "RuntimeConfig", "open_runtime", "CloudEndpoint"} <= set(seen["dir"])
+
+
+def test_the_replays_device_model_falls_back_to_its_documented_figures_on_a_client_only_install(
+    client_python: pathlib.Path,
+) -> None:
+    result = run_client(
+        client_python,
+        "from pydisco.replay import DeviceModel; print(DeviceModel.smollm2().source)",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("fallback")

@@ -95,16 +95,20 @@ class DeviceModel:
     @classmethod
     def smollm2(cls, **kw: object) -> DeviceModel:
         """The embedded default model's profile as cached on this machine (any thread count; the
-        newest), else the documented figures of a quiet machine."""
-        from ..device._profile import profile_cache_dir
-
+        newest), else the documented figures of a quiet machine (also on an install without
+        the device extra, which has no profiles)."""
+        fallback = cls(**SMOLLM2_FALLBACK, source="fallback (measurements.md, quiet machine)", **kw)  # type: ignore[arg-type]
+        try:
+            from ..device._profile import profile_cache_dir
+        except ImportError:
+            return fallback
         files = sorted(profile_cache_dir().glob("SmolLM2-135M*.json"), key=lambda p: p.stat().st_mtime)
         for path in reversed(files):
             try:
                 return cls.from_file(path, **kw)
             except ConfigurationError:
                 continue
-        return cls(**SMOLLM2_FALLBACK, source="fallback (measurements.md, quiet machine)", **kw)  # type: ignore[arg-type]
+        return fallback
 
 
 @dataclasses.dataclass(frozen=True)
