@@ -30,6 +30,7 @@ from .protocol import (
     CancelStream,
     CloseConnection,
     Code,
+    ReaderReported,
     Send,
     ServerOutput,
     ServerProtocol,
@@ -38,6 +39,7 @@ from .protocol import (
 )
 from ._tls import Credentials, server_ssl_context
 from .._types import GenerationRequest, GenerationResult, TokenPiece
+from ..batching._reader import BufferReport, ReportBox
 from .._groups import single_exception
 from .. import transports as _transports
 from ..observability._logging import ANSWER_ID, get_logger
@@ -173,7 +175,9 @@ class FcfsScheduler:
     @asynccontextmanager
     async def admit(self, request: GenerationRequest) -> AsyncIterator[None]:
         if self._limiter.available_tokens == 0 and self._queued >= self._max_queue:
-            raise EndpointError(f"the server's queue is full ({self._max_queue} waiting)", code=Code.OVERLOADED)
+            running = int(self._limiter.total_tokens)
+            raise EndpointError(f"the server is full ({running} answers in the backend, {self._queued} waiting)",
+                                code=Code.OVERLOADED)  # fmt: skip
         self._queued += 1
         try:
             await self._limiter.acquire()
@@ -357,6 +361,7 @@ class _Session:
         # bounded by max_tokens; a slow client only delays its own connection.
         self._out_send, self._out_receive = trio.open_memory_channel[_Out](math.inf)
         self._answers: dict[int, trio.CancelScope] = {}
+        self._reports: dict[int, ReportBox] = {}  # each open answer's newest reader report
         self._flushed = trio.Event()
         self._peer_gone = False
         self._last_received = trio.current_time()
@@ -416,7 +421,10 @@ class _Session:
                 elif isinstance(out, StartStream):
                     scope = trio.CancelScope()
                     self._answers[out.stream_id] = scope
-                    nursery.start_soon(self._answer, out.stream_id, out.request, scope)
+                    self._reports[out.stream_id] = ReportBox()
+                    nursery.start_soon(self._answer, out.stream_id, out.request, out.reading_rate, scope)
+                elif isinstance(out, ReaderReported):
+                    self._take_report(out)
                 elif isinstance(out, CancelStream):
                     scope_to_cancel = self._answers.get(out.stream_id)
                     if scope_to_cancel is not None:
@@ -426,6 +434,13 @@ class _Session:
                     return
                 elif isinstance(out, Authenticated):
                     log.info("a client authenticated")
+
+    def _take_report(self, out: ReaderReported) -> None:
+        box = self._reports.get(out.stream_id)
+        if box is None:
+            return  # the answer ended while the report was on its way
+        r = out.report  # the decoder checked its fields
+        box.put(BufferReport(r.buffered_tokens, r.reading_rate_tps, r.received))
 
     async def _close(self, reason: CloseConnection) -> None:
         if reason.code == Code.UNAUTHORIZED:
@@ -505,19 +520,22 @@ class _Session:
 
     # Answering ---------------------------------------------------------------------------
 
-    async def _answer(self, sid: int, request: GenerationRequest, scope: trio.CancelScope) -> None:
+    async def _answer(self, sid: int, request: GenerationRequest, reading_rate: float | None,
+                      scope: trio.CancelScope) -> None:  # fmt: skip
         ANSWER_ID.set(request.request_id or None)  # the client's answer id: one id on both sides
         counters = self._counters
         produced = 0
         asked_at, ahead = trio.current_time(), self._scheduler.queued
         timer = self._metrics.answer()  # TTFT from now: the server's queue counts
 
-        def sink(piece: TokenPiece) -> None:
+        def send_token(piece: TokenPiece) -> None:
             nonlocal produced
             produced += 1
             timer.token()
             counters.tokens_generated += 1
             self._out_send.send_nowait(_TokenOut(sid, piece, time.monotonic_ns()))
+
+        sink = StreamSink(send_token, self._reports[sid], reading_rate)
 
         out: _Out
         try:
@@ -543,19 +561,37 @@ class _Session:
             code, message = _error_code(e)
             if code == Code.INTERNAL:
                 log.exception("answer on stream %d failed", sid)
-            elif code == Code.OVERLOADED:
+            elif code in (Code.OVERLOADED, Code.REJECTED):
                 log.warning("refused stream %d: %s", sid, message)
             else:
                 log.info("answer on stream %d failed (%s): %s", sid, code, message)
             out = _ErrorOut(sid, code, message)
         finally:
             self._answers.pop(sid, None)
+            self._reports.pop(sid, None)
         self._out_send.send_nowait(out)
 
     def _priced(self, result: GenerationResult) -> GenerationResult:
         c = self._config
         extra = c.cost_per_prompt_token * result.prefilled_tokens + c.cost_per_generated_token * result.generated_tokens
         return dataclasses.replace(result, cost_units=result.cost_units + extra) if extra else result
+
+
+class StreamSink:
+    """The sink a backend's ``generate`` gets from the server: each token to the client's
+    stream, and what the client said of its reader, for a backend that schedules by it
+    (``BatchedBackend``): ``reading_rate`` from the generate frame (None: not given) and
+    ``reader_reports``, holding the newest ``reader_report``."""
+
+    __slots__ = ("_send", "reader_reports", "reading_rate")
+
+    def __init__(self, send: Callable[[TokenPiece], None], reports: ReportBox, reading_rate: float | None) -> None:
+        self._send = send
+        self.reader_reports = reports
+        self.reading_rate = reading_rate
+
+    def __call__(self, piece: TokenPiece) -> None:
+        self._send(piece)
 
 
 def _check_token(tokens: Collection[str]) -> Callable[[str], bool]:
