@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 import trio
 
 from .._errors import EndpointError, PydiscoError
-from .._types import Endpoint, GenerationResult, TokenPiece
+from .._types import Endpoint, GenerationResult, ReaderState, TokenPiece
 from ..observability._logging import get_logger
 from ._answer import Answer
 from ._health import Health
@@ -48,18 +48,26 @@ class _Run:
 
 
 class _RunSink:
-    """A run's sink: each token to the machine, and the endpoint's word that it started and
-    what its prefill computed."""
+    """A run's sink: each token to the machine, the endpoint's word that it started and what
+    its prefill computed, and the reader's state for an endpoint that tells its server
+    (``_types.TokenSink``)."""
 
-    __slots__ = ("_offer", "admitted", "prefilled")
+    __slots__ = ("_offer", "_answer", "admitted", "prefilled")
 
-    def __init__(self, offer: Callable[[TokenPiece], None], admitted: Callable[[], None], prefilled: Callable[[int], None]) -> None:
+    def __init__(self, offer: Callable[[TokenPiece], None], admitted: Callable[[], None], prefilled: Callable[[int], None],
+                 answer: Answer) -> None:  # fmt: skip
         self._offer = offer
+        self._answer = answer
         self.admitted = admitted
         self.prefilled = prefilled
 
     def __call__(self, piece: TokenPiece) -> None:
         self._offer(piece)
+
+    def reader_state(self) -> ReaderState:
+        answer = self._answer
+        interval_ns = answer.pacer.interval_ns
+        return ReaderState(answer.committed - answer.consumed(), 1e9 / interval_ns if interval_ns > 0 else None)
 
 
 class Usage:
@@ -164,7 +172,7 @@ class Runs:
                 raise ValueError(f"{run.name} reported a negative prefill: {tokens}")
             run.prefilled = tokens
 
-        sink = _RunSink(offer, admitted, prefilled)
+        sink = _RunSink(offer, admitted, prefilled, answer)
         if getattr(endpoint, "queues_requests", False):
             watch.deadline = math.inf  # until it says the request started
 
