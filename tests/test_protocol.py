@@ -58,6 +58,7 @@ frames = st.one_of(
     st.builds(P.Done, st.builds(GenerationResult, st.sampled_from(["stop", "length", "cancelled"]), u31, u31, u31,
                                 st.floats(0, 1e9, allow_nan=False)), u63),  # fmt: skip
     st.just(P.Cancel()),
+    st.just(P.Paused()),
     st.builds(P.Error, st.sampled_from(sorted(P.ERROR_CODES)), text),
     st.builds(P.Ping, u63),
     st.builds(P.Pong, u63),
@@ -69,7 +70,7 @@ msgpack_values = st.recursive(
     max_leaves=20,
 )
 frame_types = st.sampled_from(["hello", "welcome", "auth", "auth_ok", "generate", "token", "done", "cancel", "error",
-                               "ping", "pong", "reader_report", "nope", ""])  # fmt: skip
+                               "ping", "pong", "reader_report", "paused", "nope", ""])  # fmt: skip
 
 
 # -- codec --------------------------------------------------------------------------------
@@ -549,4 +550,29 @@ def test_a_server_that_sends_a_reader_report_is_a_broken_peer() -> None:
     client = client_at(2)
     sid, _ = client.open_stream(GenerationRequest(prompt="hi", max_tokens=4))
     [close] = client.receive(sid, report())
+    assert isinstance(close, P.CloseConnection) and close.code == P.Code.BAD_FRAME
+
+
+def test_the_server_says_paused_only_to_a_version_2_client_on_an_open_stream() -> None:
+    old = authed()
+    old.receive(1, gen())
+    assert old.paused(1) is None  # a version 1 client would not know the frame
+    server = authed(versions=(1, 2))
+    server.receive(1, gen())
+    server.receive(3, gen())
+    assert P.decode(server.paused(1) or b"") == P.Paused()
+    server.receive(3, P.encode(P.Cancel()))
+    server.done(1, GenerationResult("stop", 1, 1, 1), 0)
+    assert server.paused(1) is None and server.paused(3) is None
+
+
+def test_a_version_2_client_hears_paused_and_a_version_1_client_refuses_it() -> None:
+    new = client_at(2)
+    sid, _ = new.open_stream(GenerationRequest(prompt="hi", max_tokens=4))
+    assert new.receive(sid, P.encode(P.Paused())) == [P.StreamPaused(sid)]
+    new.forget(sid)
+    assert new.receive(sid, P.encode(P.Paused())) == []  # late, for a stream it stopped following
+    old = client_at(1)
+    sid, _ = old.open_stream(GenerationRequest(prompt="hi", max_tokens=4))
+    [close] = old.receive(sid, P.encode(P.Paused()))
     assert isinstance(close, P.CloseConnection) and close.code == P.Code.BAD_FRAME

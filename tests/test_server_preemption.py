@@ -11,10 +11,12 @@ import trio
 
 from batch_support import RecordingExecutor, token_text
 from cloud_support import TOKEN, client_context, running_server, trio_test, wait_until
+from pydisco import RuntimeConfig, open_runtime
 from pydisco._types import GenerationRequest, ReaderState, TokenPiece
 from pydisco.batching import SimulatedExecutor, StepEvent, VirtualStepLoop
 from pydisco.cloud import BatchedBackend, open_cloud_endpoint
-from pydisco.policies import create_step_scheduler
+from pydisco.policies import Slo, create_step_scheduler
+from pydisco.testing import ScriptedEndpoint
 from pydisco.policies._step import StepProfile
 
 
@@ -142,3 +144,62 @@ async def test_without_reports_the_later_stream_is_preempted_whatever_its_reader
     # skimming reader's answer: it is paused too.
     executor = await race(reported=False)
     assert executor.paused("e")
+
+
+@pytest.mark.parametrize("tell_pauses", [True, False], ids=["told", "silent"])
+@trio_test(200, mock_clock=True)
+async def test_a_paused_cloud_answer_is_not_silence_while_its_reader_has_tokens(tell_pauses: bool) -> None:
+    # A runtime's answer runs far ahead of its 4.5 tokens/s reader; the server pauses it for a
+    # newcomer longer than the runtime's silence timeout. Told of the pause (the paused frame),
+    # the runtime waits, its reader still reading; a sink that cannot hear it fails over.
+    executor = SteppedSimulator()
+    executor.max_batch = 1
+    loop = VirtualStepLoop(executor, create_step_scheduler("andes"))
+    backend = BatchedBackend(loop, model_id="simulated", max_batch=1)
+    device_answer = [TokenPiece(i, 10_000 + i, f"d{i} ") for i in range(400)]
+    config = RuntimeConfig(device_model=None, virtual_time=True, dispatch="cloud-only", migration="never",
+                           slo=Slo(reading_rate=4.5), silence_timeout_s=0.3)  # fmt: skip
+    async with trio.open_nursery() as outer:
+        outer.start_soon(loop.run)
+        async with running_server(backend, ["memory"], parallel=backend.parallel, max_queue=0) as server:
+            async with open_cloud_endpoint(server.urls[0], token=TOKEN) as cloud, \
+                       open_cloud_endpoint(server.urls[0], token=TOKEN) as other:  # fmt: skip
+                endpoint = cloud if tell_pauses else DeafToPauses(cloud)
+                endpoints = {"cloud": endpoint, "device": ScriptedEndpoint("device", device_answer, gaps_s=[0.01])}
+                async with open_runtime(config, endpoints=endpoints) as rt:  # type: ignore[arg-type]
+                    async with rt.stream(prompt="r" * 40, max_tokens=400) as answer:
+                        async with trio.open_nursery() as nursery:
+                            async def newcomer() -> None:
+                                await trio.sleep(1.0)
+                                # A fast reader (100 tokens/s): Andes serves it for about a second.
+                                await other.generate(GenerationRequest(prompt="n" * 40, max_tokens=100), Reader(100.0))
+
+                            nursery.start_soon(newcomer)
+                            pieces = [piece async for piece in answer]
+        outer.cancel_scope.cancel()
+    assert backend.statistics().preemptions >= 1
+    assert [p.position for p in pieces] == list(range(400))  # every token once, in order, either way
+    if tell_pauses:
+        assert executor.paused("r")  # paused, then resumed on the server
+        assert answer.report.endpoints_used == ("cloud",) and not answer.report.migrations
+    else:
+        assert [m.kind for m in answer.report.migrations] == ["failover"]
+
+
+class DeafToPauses:
+    """A cloud endpoint whose sinks lack ``paused`` (an endpoint that cannot tell)."""
+
+    def __init__(self, inner: object) -> None:
+        self._inner = inner
+        self.name = "cloud"
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+    async def generate(self, request: GenerationRequest, sink: object) -> object:
+        def plain(piece: TokenPiece) -> None:
+            sink(piece)  # type: ignore[operator]
+
+        plain.admitted = getattr(sink, "admitted")  # type: ignore[attr-defined]
+        plain.reader_state = getattr(sink, "reader_state")  # type: ignore[attr-defined]
+        return await self._inner.generate(request, plain)  # type: ignore[attr-defined]

@@ -5,7 +5,8 @@ requests and cancellations → ``scheduler.schedule(view)`` → carry out the pl
 preempt) → ``executor.step(...)`` → hand each answer's tokens to its Trio task. Answers enter
 through :meth:`StepLoop.generate`, an ``Endpoint``-style call that returns when the answer ends.
 Waiting for admission is not work: the sink hears when the request is admitted
-(``sink.admitted()``), so the runtime's first-token deadline starts there.
+(``sink.admitted()``), so the runtime's first-token deadline starts there; and a sink with a
+``paused()`` method hears when the scheduler preempts the answer (a server tells its client).
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ async def run_answer(
 
     admitted = getattr(sink, "admitted", None) or (lambda: None)
     answer = make(deliver, done, admitted)
+    answer.on_paused = getattr(sink, "paused", None) or answer.on_paused  # preempted: not silence
     submit(answer)
     try:
         await finished.wait()

@@ -80,6 +80,7 @@ class Answer:
         self.deliver = deliver
         self.done = done
         self.on_admitted = admitted
+        self.on_paused: Callable[[], None] = lambda: None  # the answer's sink hears it was preempted
         self.cancelled = False  # set by the answer's task; read between steps
         self.phase = Phase.WAITING
         self.prefill_tokens = 0
@@ -183,6 +184,7 @@ class StepState:
             answer.phase = Phase.PREEMPTED
             answer.preemptions += 1
             self.counts["preemptions"] += 1
+            answer.call(answer.on_paused)
 
     def run(self, plan: StepPlan, seconds: float, events: list[StepEvent], now_s: float) -> None:
         """The executor ran ``plan`` in ``seconds``, with ``events``, ending at ``now_s``."""

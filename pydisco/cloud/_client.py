@@ -33,6 +33,7 @@ from .protocol import (
     Send,
     StreamDone,
     StreamFailed,
+    StreamPaused,
     TokenReceived,
     Welcome,
 )
@@ -122,6 +123,16 @@ class _Answer:
         self._counts["tokens"] += 1
         try:
             self.sink(piece)
+        except Exception as e:  # the caller's bug: end this answer, not the link
+            self.finish(_SinkFailed(e))
+
+    def paused(self) -> None:
+        """The server paused this answer for others: tell a sink that wants to know."""
+        paused = getattr(self.sink, "paused", None)
+        if self._ended or paused is None:
+            return
+        try:
+            paused()
         except Exception as e:  # the caller's bug: end this answer, not the link
             self.finish(_SinkFailed(e))
 
@@ -457,6 +468,10 @@ class CloudEndpoint:
                     # times on its clock) plus the trip here (half the round trip).
                     age_ns = max(0, out.sent_ns - out.generated_ns) + link.one_way_ns()
                     answer.token(dataclasses.replace(out.piece, age_ns=age_ns))
+            elif isinstance(out, StreamPaused):
+                answer = link.answers.get(out.stream_id)
+                if answer is not None:
+                    answer.paused()
             elif isinstance(out, (StreamDone, StreamFailed)):
                 answer = link.answers.get(out.stream_id)
                 if answer is not None:

@@ -314,11 +314,16 @@ class _ErrorOut:
     message: str
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _PausedOut:
+    stream_id: int
+
+
 class _Flush:
     """Writer: everything before this is sent; stop."""
 
 
-_Out = Union[_Frame, _TokenOut, _DoneOut, _ErrorOut, _Flush]
+_Out = Union[_Frame, _TokenOut, _PausedOut, _DoneOut, _ErrorOut, _Flush]
 
 
 async def _serve_connection(
@@ -466,6 +471,8 @@ class _Session:
                 now = time.monotonic_ns()
                 if isinstance(item, _TokenOut):
                     data = proto.token(item.stream_id, item.piece, item.generated_ns, now)
+                elif isinstance(item, _PausedOut):
+                    data = proto.paused(item.stream_id)
                 elif isinstance(item, _DoneOut):
                     data = proto.done(item.stream_id, item.result, now)
                 elif isinstance(item, _ErrorOut):
@@ -475,9 +482,9 @@ class _Session:
                 if data is None:
                     continue  # the stream was cancelled or closed meanwhile
                 await self._conn.send_frame(item.stream_id, data)
-                # Anything but a token on an answer's stream is its last frame (done, or an error;
-                # the protocol only emits refusals as plain frames there).
-                if not isinstance(item, _TokenOut) and item.stream_id != CONNECTION_STREAM:
+                # Anything but a token or a pause on an answer's stream is its last frame (done, or
+                # an error; the protocol only emits refusals as plain frames there).
+                if not isinstance(item, (_TokenOut, _PausedOut)) and item.stream_id != CONNECTION_STREAM:
                     await self._conn.end_stream(item.stream_id)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
             # The client is gone: stop every answer now rather than at the next read.
@@ -535,7 +542,7 @@ class _Session:
             counters.tokens_generated += 1
             self._out_send.send_nowait(_TokenOut(sid, piece, time.monotonic_ns()))
 
-        sink = StreamSink(send_token, self._reports[sid], reading_rate)
+        sink = StreamSink(send_token, lambda: self._out_send.send_nowait(_PausedOut(sid)), self._reports[sid], reading_rate)
 
         out: _Out
         try:
@@ -581,17 +588,23 @@ class StreamSink:
     """The sink a backend's ``generate`` gets from the server: each token to the client's
     stream, and what the client said of its reader, for a backend that schedules by it
     (``BatchedBackend``): ``reading_rate`` from the generate frame (None: not given) and
-    ``reader_reports``, holding the newest ``reader_report``."""
+    ``reader_reports``, holding the newest ``reader_report``. ``paused()``: the backend paused
+    the answer for others (the client hears a ``paused`` frame)."""
 
-    __slots__ = ("_send", "reader_reports", "reading_rate")
+    __slots__ = ("_send", "_pause", "reader_reports", "reading_rate")
 
-    def __init__(self, send: Callable[[TokenPiece], None], reports: ReportBox, reading_rate: float | None) -> None:
+    def __init__(self, send: Callable[[TokenPiece], None], pause: Callable[[], None], reports: ReportBox,
+                 reading_rate: float | None) -> None:  # fmt: skip
         self._send = send
+        self._pause = pause
         self.reader_reports = reports
         self.reading_rate = reading_rate
 
     def __call__(self, piece: TokenPiece) -> None:
         self._send(piece)
+
+    def paused(self) -> None:
+        self._pause()
 
 
 def _check_token(tokens: Collection[str]) -> Callable[[str], bool]:

@@ -24,10 +24,11 @@ from .._types import GenerationRequest, GenerationResult, Message, Sampling, Tok
 
 PROTOCOL_VERSIONS: Final = (1, 2)
 """Versions this implementation speaks, oldest first; the server picks the highest in common.
-Version 2 adds the client's ``reader_report`` frame (docs/protocol.md, Versioning)."""
+Version 2 adds the client's ``reader_report`` and the server's ``paused`` frames
+(docs/protocol.md, Versioning)."""
 
 READER_REPORT_VERSION: Final = 2
-"""The first version in which a client may send ``reader_report``."""
+"""The first version with ``reader_report`` (client) and ``paused`` (server)."""
 
 CONNECTION_STREAM: Final = 0
 """Stream 0 carries hello, auth, heartbeats and connection errors."""
@@ -164,6 +165,12 @@ class ReaderReport:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class Paused:
+    """Server, on an answer's stream (version 2): generation of this answer is paused for
+    others (a step scheduler preempted it); its tokens resume later on the same stream."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Error:
     """Server: on stream 0 the connection is closing; on another stream that answer failed."""
 
@@ -183,7 +190,7 @@ class Pong:
     nonce: int
 
 
-Frame = Union[Hello, Welcome, Auth, AuthOk, Generate, Token, Done, Cancel, ReaderReport, Error, Ping, Pong]
+Frame = Union[Hello, Welcome, Auth, AuthOk, Generate, Token, Done, Cancel, ReaderReport, Paused, Error, Ping, Pong]
 
 
 # -- encoding -----------------------------------------------------------------------------
@@ -225,6 +232,8 @@ def _to_wire(frame: Frame) -> dict[str, Any]:
         return {"t": "auth_ok"}
     if isinstance(frame, Cancel):
         return {"t": "cancel"}
+    if isinstance(frame, Paused):
+        return {"t": "paused"}
     if isinstance(frame, Error):
         return {"t": "error", "code": frame.code, "msg": frame.message}
     if isinstance(frame, Ping):
@@ -432,6 +441,7 @@ _PARSERS: Final[dict[str, Callable[[dict[str, Any]], Frame]]] = {
     "done": _parse_done,
     "cancel": lambda o: Cancel(),
     "reader_report": _parse_reader_report,
+    "paused": lambda o: Paused(),
     "error": _parse_error,
     "ping": lambda o: Ping(_int(o, "n")),
     "pong": lambda o: Pong(_int(o, "n")),
@@ -708,6 +718,13 @@ class ServerProtocol:
             return None
         return encode(Error(code, message))
 
+    def paused(self, sid: int) -> bytes | None:
+        """The ``paused`` frame for ``sid``, or None if that stream is closed or being
+        cancelled, or the client predates the frame (version 1)."""
+        if sid not in self.open_streams or sid in self._cancelling or self.version < READER_REPORT_VERSION:
+            return None
+        return encode(Paused())
+
     def is_cancelling(self, sid: int) -> bool:
         return sid in self._cancelling
 
@@ -748,6 +765,13 @@ class TokenReceived:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class StreamPaused:
+    """Output (client): the server paused the answer on ``stream_id`` (it resumes later)."""
+
+    stream_id: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class StreamDone:
     stream_id: int
     result: GenerationResult
@@ -767,7 +791,7 @@ class StreamFailed:
     message: str
 
 
-ClientOutput = Union[Send, Ready, TokenReceived, StreamDone, StreamFailed, PongReceived, CloseConnection]
+ClientOutput = Union[Send, Ready, TokenReceived, StreamPaused, StreamDone, StreamFailed, PongReceived, CloseConnection]
 
 
 @dataclasses.dataclass(slots=True)
@@ -884,7 +908,7 @@ class ClientProtocol:
             raise ProtocolError(f"stream frame on {sid} before the handshake finished")
         stream = self._streams.get(sid)
         if stream is None:
-            if sid % 2 == 1 and sid < self._next_stream_id and isinstance(frame, (Token, Done, Error)):
+            if sid % 2 == 1 and sid < self._next_stream_id and isinstance(frame, (Token, Paused, Done, Error)):
                 return []  # late frames of a stream we stopped following
             raise ProtocolError(f"frame on stream {sid}, which this client never opened")
         if isinstance(frame, Token):
@@ -894,6 +918,8 @@ class ClientProtocol:
                 )
             stream.next_position += 1
             return [TokenReceived(sid, frame.piece, frame.generated_ns, frame.sent_ns)]
+        if isinstance(frame, Paused) and self.reports_readers:
+            return [StreamPaused(sid)]
         if isinstance(frame, Done):
             del self._streams[sid]
             return [StreamDone(sid, frame.result)]
