@@ -4,6 +4,7 @@ releases its sequence within one step."""
 
 from __future__ import annotations
 
+import argparse
 import collections
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -14,7 +15,10 @@ import trio
 from batch_support import RecordingExecutor, token_text
 from cloud_support import TOKEN, running_server, trio_test, wait_until
 from pydisco import RuntimeConfig, open_runtime
-from pydisco._errors import EndpointError
+from pydisco._errors import ConfigurationError, EndpointError
+from pydisco.cli import _serve as serve_cli
+from pydisco.cli import build_parser
+from pydisco.cli._config import resolve_options
 from pydisco._types import GenerationRequest, TokenPiece
 from pydisco.batching import SimulatedExecutor, StepEvent, VirtualStepLoop
 from pydisco.cloud import BatchedBackend, RunningServer, open_cloud_endpoint
@@ -168,3 +172,39 @@ async def test_a_client_cancel_releases_the_sequence_within_one_step() -> None:
     # The cancel crosses the link at once (virtual time): the step under way ends, then it goes.
     assert executor.released_at[0] - steps_at_cancel[0] <= 1
     assert len(got) == 20 and server.statistics().streams_cancelled == 1
+
+
+# -- pydisco serve --scheduler ------------------------------------------------------------
+
+
+def serve_args(*argv: str) -> argparse.Namespace:
+    args = build_parser().parse_args(["serve", "--listen", "ws://127.0.0.1:0", "--token", "t", *argv])
+    return resolve_options(args)
+
+
+def test_serve_scheduler_runs_one_batched_backend_over_the_batched_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    device = pytest.importorskip("pydisco.device")
+    made: list[tuple[object, int, object]] = []
+
+    class Engine(RecordingExecutor):  # stands in for pydisco.device.BatchedEngine
+        def __init__(self, model: object, *, max_batch: int, n_threads: object) -> None:
+            made.append((model, max_batch, n_threads))
+            super().__init__(max_batch=max_batch)
+
+    monkeypatch.setattr(device, "BatchedEngine", Engine, raising=False)
+    args = serve_args("--scheduler", "andes", "--max-batch", "3", "--threads", "2")
+    backend = serve_cli._backend(args)
+    try:
+        assert isinstance(backend, BatchedBackend) and made == [(None, 3, 2)]
+        config = serve_cli.server_config(args, ["t"], backend, None)
+        # The step scheduler sees the waiting answers: the server's own queue is out of the way.
+        assert config.parallel == backend.parallel > 3 and config.max_queue == 0
+    finally:
+        backend.close()
+
+
+def test_serve_scheduler_without_the_batched_engine_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    device = pytest.importorskip("pydisco.device")
+    monkeypatch.delattr(device, "BatchedEngine", raising=False)
+    with pytest.raises(ConfigurationError, match="needs the batched llama.cpp engine"):
+        serve_cli._backend(serve_args("--scheduler", "slice"))

@@ -157,29 +157,39 @@ def _tls(args: argparse.Namespace, folder: str) -> ssl.SSLContext | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cloud._server import ServerConfig
-
     configure_logging_from(args, default=logging.WARNING)
     _check_backend_options(args)
     tokens = _tokens(args)
     with tempfile.TemporaryDirectory(prefix="pydisco-serve-") as folder:
         ssl_context = _tls(args, folder)
         backend = _backend(args)
-        config = ServerConfig(
-            listen=args.listen,
-            tokens=tokens,
-            backend=backend,
-            ssl_context=ssl_context,
-            parallel=getattr(backend, "parallel", 1),
-            max_streams_per_connection=args.max_streams,
-            metrics_listen=args.metrics_listen,
-        )
-        if args.scheduler is not None:
-            # A batched backend takes its waiting answers in too (its scheduler orders them):
-            # a server queue in front of it would only hide them from the scheduler.
-            config = dataclasses.replace(config, max_queue=0)
-        stopped_by = trio.run(_serve_until_signal, config)
+        try:
+            stopped_by = trio.run(_serve_until_signal, server_config(args, tokens, backend, ssl_context))
+        finally:
+            close = getattr(backend, "close", None)  # a batched backend's step loop thread, the engines
+            if close is not None:
+                close()
     return EXIT_INTERRUPTED if stopped_by == signal.SIGINT else 0
+
+
+def server_config(args: argparse.Namespace, tokens: list[str], backend: Backend,
+                  ssl_context: ssl.SSLContext | None) -> ServerConfig:  # fmt: skip
+    from ..cloud._server import ServerConfig
+
+    config = ServerConfig(
+        listen=args.listen,
+        tokens=tokens,
+        backend=backend,
+        ssl_context=ssl_context,
+        parallel=getattr(backend, "parallel", 1),
+        max_streams_per_connection=args.max_streams,
+        metrics_listen=args.metrics_listen,
+    )
+    if args.scheduler is not None:
+        # A batched backend takes its waiting answers in too (its scheduler orders them): a
+        # server queue in front of it would only hide them from the scheduler.
+        config = dataclasses.replace(config, max_queue=0)
+    return config
 
 
 async def _serve_until_signal(config: ServerConfig) -> int:
