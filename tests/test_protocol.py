@@ -346,20 +346,24 @@ class ServerMachine(RuleBasedStateMachine):
         self.next_sid = 1
 
     def feed(self, sid: int, data: bytes) -> list[P.ServerOutput]:
+        open_before = set(self.server.open_streams)
         out = self.server.receive(sid, data)
         if self.closed:
             assert out == []
         for o in out:
             if isinstance(o, P.StartStream):
                 assert self.authed and not self.closed
+            if isinstance(o, P.ReaderReported):  # only for a stream it is serving, in version 2
+                assert self.authed and self.server.version >= 2 and o.stream_id in open_before
             if isinstance(o, P.CloseConnection):
                 self.closed = True
         return out
 
     @rule(versions=st.lists(st.integers(1, 3), min_size=1, max_size=3))
     def hello(self, versions: list[int]) -> None:
+        was_first = not self.hello
         self.feed(0, P.encode(P.Hello(tuple(versions))))
-        if not self.closed and 1 in versions:
+        if not self.closed and was_first and set(versions) & set(P.PROTOCOL_VERSIONS):
             self.hello = True
 
     @rule(token=st.sampled_from(["good", "bad", ""]))
@@ -378,6 +382,10 @@ class ServerMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def cancel(self, data: st.DataObject) -> None:
         self.feed(data.draw(st.sampled_from([0, 1, 3, 5, 7])), P.encode(P.Cancel()))
+
+    @rule(sid=st.sampled_from([0, 1, 3, 5, 7]), buffered=st.integers(0, 50))
+    def reader_report(self, sid: int, buffered: int) -> None:
+        self.feed(sid, P.encode(P.ReaderReport(buffered, 4.5, 0)))
 
     @precondition(lambda self: bool(self.server.open_streams))
     @rule(data=st.data())

@@ -60,8 +60,10 @@ class ServerConfig:
 
     ``tokens`` are the accepted bearer tokens (at least one). TLS, needed by ``wss`` and
     ``quic`` listeners, comes from ``ssl_context`` or from ``cert_file`` + ``key_file``.
-    ``parallel`` answers run at once (the backend should have as many engines); up to
-    ``max_queue`` more wait in FCFS order, beyond that requests get ``overloaded``.
+    ``parallel`` answers run at once (the backend should have as many engines; a
+    ``BatchedBackend`` says how many it takes in, ``parallel``); up to ``max_queue`` more wait in
+    FCFS order, beyond that requests get ``overloaded``. ``scheduler`` names that gate in front
+    of the backend (``SCHEDULERS``); a batched backend's step scheduler is its own.
     ``metrics_listen`` (``HOST:PORT``): serve ``/metrics`` (Prometheus) and ``/healthz`` over
     plain HTTP there (docs/observability.md).
     """

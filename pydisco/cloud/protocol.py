@@ -554,7 +554,7 @@ class ServerProtocol:
     """The server end of one connection: hello, auth before anything else, stream bookkeeping.
 
     Feed every received frame to :meth:`receive`; it returns what to do, in order. Produce
-    outgoing stream frames with :meth:`token`, :meth:`done` and :meth:`stream_error`, which
+    outgoing stream frames with :meth:`token`, :meth:`paused`, :meth:`done` and :meth:`stream_error`, which
     drop frames for streams that are no longer open (the client cancelled them).
     """
 
