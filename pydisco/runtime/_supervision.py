@@ -50,15 +50,14 @@ class _Run:
 
 
 class _RunSink:
-    """A run's sink: each token to the machine, the endpoint's word that it started and what
-    its prefill computed, and the reader's state for an endpoint that tells its server
-    (``_types.TokenSink``)."""
+    """A run's sink: each token to the machine, the endpoint's word that it started, what its
+    prefill computed and that its server paused the answer, and the reader's state for an
+    endpoint that tells its server (``_types.TokenSink``)."""
 
     __slots__ = ("_offer", "_answer", "admitted", "prefilled", "paused")
 
     def __init__(self, offer: Callable[[TokenPiece], None], admitted: Callable[[], None], prefilled: Callable[[int], None],
-                 paused: Callable[[], None],
-                 answer: Answer) -> None:  # fmt: skip
+                 paused: Callable[[], None], answer: Answer) -> None:  # fmt: skip
         self._offer = offer
         self._answer = answer
         self.admitted = admitted
