@@ -111,6 +111,15 @@ class GenerationResult:
     cost_units: float = 0.0
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class ReaderState:
+    """The answer's reader now: ``buffered_tokens`` committed and not yet read, taken at
+    ``reading_rate_tps`` tokens/s (None: not paced, it reads as fast as the application)."""
+
+    buffered_tokens: int
+    reading_rate_tps: float | None
+
+
 TokenSink = Callable[[TokenPiece], None]
 """Called in the Trio thread for each token, in order. Must not block.
 
@@ -120,7 +129,9 @@ The runtime's sinks also have an ``admitted()`` method: an endpoint that makes r
 its queue and starts, so the runtime's first-token deadline counts from there, not from the
 wait. And a ``prefilled(tokens)`` method: an endpoint that may fail after its prefill tells
 how many tokens it computed (:func:`notify_prefilled`), so usage and cost count them even
-when no :class:`GenerationResult` comes back."""
+when no :class:`GenerationResult` comes back. And ``reader_state() -> ReaderState``: a remote
+endpoint whose server schedules by it (the cloud client, protocol version 2) reports it to the
+server."""
 
 
 def notify_admitted(sink: TokenSink) -> None:

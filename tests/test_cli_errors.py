@@ -118,6 +118,17 @@ BAD_COMMAND_LINES = [
              "wss://127.0.0.1:0 needs TLS: give --cert and --key, or --self-signed"), "serve-wss-without-tls"),  # fmt: skip
     case(Bad(("serve", "--listen", "ws://127.0.0.1:0", "--token", "t", "--parallel", "0"),
              "--parallel: expected a whole number >= 1", usage=True), "serve-parallel-0"),  # fmt: skip
+    case(Bad(("serve", "--listen", "ws://127.0.0.1:0", "--token", "t", "--scheduler", "sjf"),
+             "--scheduler: unknown step scheduler 'sjf'; known: andes, fastserve, fcfs, slice", usage=True),
+         "serve-unknown-scheduler"),  # fmt: skip
+    case(Bad(("serve", "--listen", "ws://127.0.0.1:0", "--token", "t", "--scheduler", "andes", *UPSTREAM),
+             "the --upstream API schedules its own answers"), "serve-scheduler-with-upstream"),  # fmt: skip
+    case(Bad(("serve", "--listen", "ws://127.0.0.1:0", "--token", "t", "--scheduler", "andes", "--parallel", "2"),
+             "with --scheduler one engine serves --max-batch answers"), "serve-scheduler-with-parallel"),  # fmt: skip
+    case(Bad(("serve", "--listen", "ws://127.0.0.1:0", "--token", "t", "--max-batch", "4"),
+             "--max-batch goes with --scheduler"), "serve-max-batch-without-scheduler"),  # fmt: skip
+    case(Bad(("serve", "--listen", "ws://127.0.0.1:0", "--token", "t", "--scheduler", "fcfs", "--max-batch", "0"),
+             "--max-batch: expected a whole number >= 1", usage=True), "serve-max-batch-0"),  # fmt: skip
     case(Bad(("serve", "--listen", "ws://127.0.0.1:0", "--token", "t", "--threads", "0"),
              "--threads: expected a whole number >= 1", usage=True), "serve-threads-0"),  # fmt: skip
     case(Bad(("serve", "--listen", "ws://127.0.0.1:0", "--token", "t", "--max-streams", "0"),

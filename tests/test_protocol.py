@@ -52,11 +52,13 @@ frames = st.one_of(
               st.floats(0, 1e6, allow_nan=False), text),  # fmt: skip
     st.builds(P.Auth, text),
     st.just(P.AuthOk()),
-    st.builds(P.Generate, requests()),
+    st.builds(P.Generate, requests(), st.none() | st.floats(1e-3, 1e6)),
+    st.builds(P.ReaderReport, u31, st.floats(1e-3, 1e6), u31),
     st.builds(P.Token, st.builds(TokenPiece, u31, st.integers(-1, 2**31 - 1), text), u63, u63),
     st.builds(P.Done, st.builds(GenerationResult, st.sampled_from(["stop", "length", "cancelled"]), u31, u31, u31,
                                 st.floats(0, 1e9, allow_nan=False)), u63),  # fmt: skip
     st.just(P.Cancel()),
+    st.just(P.Paused()),
     st.builds(P.Error, st.sampled_from(sorted(P.ERROR_CODES)), text),
     st.builds(P.Ping, u63),
     st.builds(P.Pong, u63),
@@ -68,7 +70,7 @@ msgpack_values = st.recursive(
     max_leaves=20,
 )
 frame_types = st.sampled_from(["hello", "welcome", "auth", "auth_ok", "generate", "token", "done", "cancel", "error",
-                               "ping", "pong", "nope", ""])  # fmt: skip
+                               "ping", "pong", "reader_report", "paused", "nope", ""])  # fmt: skip
 
 
 # -- codec --------------------------------------------------------------------------------
@@ -99,7 +101,8 @@ def test_arbitrary_msgpack_values_never_crash_the_decoder(value: object) -> None
 
 @given(frame_types, st.dictionaries(st.sampled_from(["v", "model", "max_frame", "max_streams", "hb", "token", "id",
        "messages", "prompt", "max_tokens", "sampling", "stop", "resume_ids", "resume_text", "resume_pos", "pos",
-       "text", "tg", "ts", "finish", "prompt_tokens", "generated", "prefilled", "cost", "code", "msg", "n"]),
+       "text", "tg", "ts", "finish", "prompt_tokens", "generated", "prefilled", "cost", "code", "msg", "n", "buffered",
+       "rate"]),
        msgpack_values, max_size=8))  # fmt: skip
 def test_frames_of_known_types_with_random_fields_never_crash_the_decoder(kind: str, fields: dict[str, object]) -> None:
     _decode_safely(msgpack.packb({"t": kind, **fields}, use_bin_type=True))
@@ -128,6 +131,13 @@ def test_a_truncated_frame_is_a_protocol_error_or_another_valid_frame(frame: P.F
         (msgpack.packb({"t": "hello", "v": []}), P.Code.BAD_FRAME),
         (msgpack.packb({"t": "ping", "n": 1}) + b"\x00", P.Code.BAD_FRAME),  # trailing bytes
         (msgpack.packb({"t": "ping", "n": msgpack.ExtType(5, b"x")}), P.Code.BAD_FRAME),
+        (msgpack.packb({"t": "reader_report", "buffered": -1, "rate": 4.5, "pos": 0}), P.Code.BAD_FRAME),
+        (msgpack.packb({"t": "reader_report", "buffered": 3, "rate": 0.0, "pos": 0}), P.Code.BAD_FRAME),
+        (msgpack.packb({"t": "reader_report", "buffered": 3, "rate": float("nan"), "pos": 0}), P.Code.BAD_FRAME),
+        (msgpack.packb({"t": "reader_report", "buffered": 3, "rate": 4.5}), P.Code.BAD_FRAME),  # no pos
+        (msgpack.packb({"t": "reader_report", "buffered": True, "rate": 4.5, "pos": 0}), P.Code.BAD_FRAME),
+        (msgpack.packb({"t": "generate", "prompt": "x", "max_tokens": 4, "rate": -2.0}), P.Code.BAD_REQUEST),
+        (msgpack.packb({"t": "generate", "prompt": "x", "max_tokens": 4, "rate": "fast"}), P.Code.BAD_FRAME),
     ],
 )
 def test_malformed_frames_have_stable_codes(wire: bytes, code: str) -> None:
@@ -167,9 +177,9 @@ def gen(prompt: str = "hi", **kw: object) -> bytes:
     return P.encode(P.Generate(GenerationRequest(prompt=prompt, max_tokens=4, **kw)))  # type: ignore[arg-type]
 
 
-def authed(max_streams: int = 4) -> P.ServerProtocol:
+def authed(max_streams: int = 4, versions: tuple[int, ...] = (1,)) -> P.ServerProtocol:
     server = make_server(max_streams)
-    server.receive(0, P.encode(P.Hello((1,))))
+    server.receive(0, P.encode(P.Hello(versions)))
     server.receive(0, P.encode(P.Auth("good")))
     assert server.state is P.ServerState.READY
     return server
@@ -336,20 +346,24 @@ class ServerMachine(RuleBasedStateMachine):
         self.next_sid = 1
 
     def feed(self, sid: int, data: bytes) -> list[P.ServerOutput]:
+        open_before = set(self.server.open_streams)
         out = self.server.receive(sid, data)
         if self.closed:
             assert out == []
         for o in out:
             if isinstance(o, P.StartStream):
                 assert self.authed and not self.closed
+            if isinstance(o, P.ReaderReported):  # only for a stream it is serving, in version 2
+                assert self.authed and self.server.version >= 2 and o.stream_id in open_before
             if isinstance(o, P.CloseConnection):
                 self.closed = True
         return out
 
     @rule(versions=st.lists(st.integers(1, 3), min_size=1, max_size=3))
     def hello(self, versions: list[int]) -> None:
+        was_first = not self.hello
         self.feed(0, P.encode(P.Hello(tuple(versions))))
-        if not self.closed and 1 in versions:
+        if not self.closed and was_first and set(versions) & set(P.PROTOCOL_VERSIONS):
             self.hello = True
 
     @rule(token=st.sampled_from(["good", "bad", ""]))
@@ -368,6 +382,10 @@ class ServerMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def cancel(self, data: st.DataObject) -> None:
         self.feed(data.draw(st.sampled_from([0, 1, 3, 5, 7])), P.encode(P.Cancel()))
+
+    @rule(sid=st.sampled_from([0, 1, 3, 5, 7]), buffered=st.integers(0, 50))
+    def reader_report(self, sid: int, buffered: int) -> None:
+        self.feed(sid, P.encode(P.ReaderReport(buffered, 4.5, 0)))
 
     @precondition(lambda self: bool(self.server.open_streams))
     @rule(data=st.data())
@@ -461,3 +479,108 @@ def test_client_never_raises_on_server_input(inputs: list[tuple[int, bytes]]) ->
     client.handshake()
     for sid, data in inputs:
         client.receive(sid, data)
+
+
+# -- reader reports (version 2) -----------------------------------------------------------
+
+
+def report(buffered: int = 3, rate: float = 4.5, received: int = 0) -> bytes:
+    return P.encode(P.ReaderReport(buffered, rate, received))
+
+
+def test_a_reader_report_on_an_open_stream_reaches_the_server_and_the_rate_comes_with_generate() -> None:
+    server = authed(versions=(1, 2))
+    assert server.version == 2
+    [start] = server.receive(1, P.encode(P.Generate(GenerationRequest(prompt="hi", max_tokens=4), 6.0)))
+    assert isinstance(start, P.StartStream) and start.reading_rate == 6.0
+    assert server.receive(1, report(7, 5.0, 2)) == [P.ReaderReported(1, P.ReaderReport(7, 5.0, 2))]
+
+
+def test_a_report_after_the_stream_ended_or_was_cancelled_is_ignored() -> None:
+    server = authed(versions=(1, 2))
+    server.receive(1, gen())
+    server.receive(3, gen())
+    server.done(1, GenerationResult("stop", 1, 1, 1), 0)
+    assert server.receive(1, report()) == []  # crossed the done frame
+    server.receive(3, P.encode(P.Cancel()))
+    assert server.receive(3, report()) == []
+    assert server.state is P.ServerState.READY
+
+
+@pytest.mark.parametrize(
+    ("setup", "stream", "code"),
+    [
+        ("v1", 1, P.Code.BAD_FRAME),  # a version 1 peer never sends it; an old server would close too
+        ("unauthenticated", 1, P.Code.UNAUTHORIZED),
+        ("v2", 0, P.Code.BAD_STREAM),
+    ],
+)
+def test_a_reader_report_out_of_place_closes_with_a_clear_code(setup: str, stream: int, code: str) -> None:
+    server = make_server()
+    server.receive(0, P.encode(P.Hello((1,) if setup == "v1" else (1, 2))))
+    if setup != "unauthenticated":
+        server.receive(0, P.encode(P.Auth("good")))
+        server.receive(1, gen())
+    outputs = server.receive(stream, report())
+    assert isinstance(outputs[-1], P.CloseConnection) and outputs[-1].code == code
+    assert frames_of(outputs)[0][1] == P.Error(code, outputs[-1].message)
+
+
+def test_a_malformed_report_closes_the_connection_as_any_malformed_frame() -> None:
+    server = authed(versions=(2,))
+    server.receive(1, gen())
+    outputs = server.receive(1, msgpack.packb({"t": "reader_report", "buffered": 3, "rate": -1.0, "pos": 0}))
+    assert isinstance(outputs[-1], P.CloseConnection) and outputs[-1].code == P.Code.BAD_FRAME
+    assert "rate" in outputs[-1].message
+
+
+def client_at(version: int) -> P.ClientProtocol:
+    client = P.ClientProtocol(token="good")
+    client.receive(0, P.encode(P.Welcome(version, "m", 1 << 16, 4, 5.0)))
+    client.receive(0, P.encode(P.AuthOk()))
+    assert client.state is P.ClientState.READY
+    return client
+
+
+def test_a_client_reports_only_to_a_version_2_server_and_only_on_streams_it_follows() -> None:
+    old = client_at(1)
+    sid, _ = old.open_stream(GenerationRequest(prompt="hi", max_tokens=4), 4.5)
+    assert not old.reports_readers and old.reader_report(sid, 3, 4.5) is None
+    new = client_at(2)
+    sid, _ = new.open_stream(GenerationRequest(prompt="hi", max_tokens=4), 4.5)
+    new.receive(sid, P.encode(P.Token(TokenPiece(0, 1, "a"))))
+    assert P.decode(new.reader_report(sid, 3, 4.5) or b"") == P.ReaderReport(3, 4.5, 1)
+    new.forget(sid)
+    assert new.reader_report(sid, 3, 4.5) is None
+
+
+def test_a_server_that_sends_a_reader_report_is_a_broken_peer() -> None:
+    client = client_at(2)
+    sid, _ = client.open_stream(GenerationRequest(prompt="hi", max_tokens=4))
+    [close] = client.receive(sid, report())
+    assert isinstance(close, P.CloseConnection) and close.code == P.Code.BAD_FRAME
+
+
+def test_the_server_says_paused_only_to_a_version_2_client_on_an_open_stream() -> None:
+    old = authed()
+    old.receive(1, gen())
+    assert old.paused(1) is None  # a version 1 client would not know the frame
+    server = authed(versions=(1, 2))
+    server.receive(1, gen())
+    server.receive(3, gen())
+    assert P.decode(server.paused(1) or b"") == P.Paused()
+    server.receive(3, P.encode(P.Cancel()))
+    server.done(1, GenerationResult("stop", 1, 1, 1), 0)
+    assert server.paused(1) is None and server.paused(3) is None
+
+
+def test_a_version_2_client_hears_paused_and_a_version_1_client_refuses_it() -> None:
+    new = client_at(2)
+    sid, _ = new.open_stream(GenerationRequest(prompt="hi", max_tokens=4))
+    assert new.receive(sid, P.encode(P.Paused())) == [P.StreamPaused(sid)]
+    new.forget(sid)
+    assert new.receive(sid, P.encode(P.Paused())) == []  # late, for a stream it stopped following
+    old = client_at(1)
+    sid, _ = old.open_stream(GenerationRequest(prompt="hi", max_tokens=4))
+    [close] = old.receive(sid, P.encode(P.Paused()))
+    assert isinstance(close, P.CloseConnection) and close.code == P.Code.BAD_FRAME

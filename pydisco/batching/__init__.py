@@ -10,6 +10,9 @@ from ._state import LoopStatistics as LoopStatistics
 from ._loop import StepLoop as StepLoop
 from ._loop import rough_profile as rough_profile
 from ._profile import LearnedStepProfile as LearnedStepProfile
+from ._reader import ReaderModel as ReaderModel
+from ._reader import BufferReport as BufferReport
+from ._reader import ReportBox as ReportBox
 from ._virtual import SimulatedExecutor as SimulatedExecutor
 from ._virtual import VirtualStepLoop as VirtualStepLoop
 
@@ -17,10 +20,13 @@ __all__ = [
     "Admission",
     "AdmissionRefused",
     "BatchExecutor",
+    "BufferReport",
     "LearnedStepProfile",
     "LoopStatistics",
-    "StepEvent",
+    "ReaderModel",
+    "ReportBox",
     "SimulatedExecutor",
+    "StepEvent",
     "StepLoop",
     "VirtualStepLoop",
     "rough_profile",

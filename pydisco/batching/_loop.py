@@ -5,7 +5,8 @@ requests and cancellations → ``scheduler.schedule(view)`` → carry out the pl
 preempt) → ``executor.step(...)`` → hand each answer's tokens to its Trio task. Answers enter
 through :meth:`StepLoop.generate`, an ``Endpoint``-style call that returns when the answer ends.
 Waiting for admission is not work: the sink hears when the request is admitted
-(``sink.admitted()``), so the runtime's first-token deadline starts there.
+(``sink.admitted()``), so the runtime's first-token deadline starts there; and a sink with a
+``paused()`` method hears when the scheduler preempts the answer (a server tells its client).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .._types import GenerationRequest, GenerationResult, TokenPiece, TokenSink
 from ..policies._base import Slo
 from ..policies._step import StepProfile, StepScheduler
 from ._executor import BatchExecutor
+from ._reader import ReportBox
 from ._state import Answer, LoopStatistics, StepState
 
 log = logging.getLogger("pydisco.batching")
@@ -60,6 +62,7 @@ async def run_answer(
 
     admitted = getattr(sink, "admitted", None) or (lambda: None)
     answer = make(deliver, done, admitted)
+    answer.on_paused = getattr(sink, "paused", None) or answer.on_paused  # preempted: not silence
     submit(answer)
     try:
         await finished.wait()
@@ -105,9 +108,12 @@ class StepLoop:
         with self._wakeup:
             return self._state.statistics(extra_queued=len(self._inbox))
 
-    async def generate(self, request: GenerationRequest, sink: TokenSink, slo: Slo | None = None) -> GenerationResult:
+    async def generate(self, request: GenerationRequest, sink: TokenSink, slo: Slo | None = None,
+                       reports: ReportBox | None = None) -> GenerationResult:  # fmt: skip
         """Generate ``request`` among the loop's other answers (see :func:`run_answer`); ``slo``
-        is its service level, the scheduler's input. Raises ``AdmissionRefused`` when the
+        is its service level, the scheduler's input. ``reports``: the answer's reader is remote
+        (a server's client); the loop models its buffer from the tokens it delivers and the
+        reports put there (``SequenceView.unread``). Raises ``AdmissionRefused`` when the
         scheduler refuses it; ConfigurationError/PromptTooLongError before any work."""
         self._state.executor.validate(request)
         if self._thread is None:
@@ -117,7 +123,7 @@ class StepLoop:
         def make(deliver: Any, done: Any, admitted: Any) -> Answer:
             with self._wakeup:
                 seq_id, self._next_id = self._next_id, self._next_id + 1
-            return Answer(seq_id, request, slo or Slo(), time.monotonic(), token.run_sync_soon, deliver, done, admitted)
+            return Answer(seq_id, request, slo or Slo(), time.monotonic(), token.run_sync_soon, deliver, done, admitted, reports)
 
         def submit(answer: Answer) -> None:
             with self._wakeup:

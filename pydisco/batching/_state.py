@@ -21,6 +21,7 @@ from ..policies._base import Slo
 from ..policies._step import Phase, SequenceView, StepPlan, StepProfile, StepScheduler, StepView
 from ._executor import BatchExecutor, StepEvent
 from ._profile import LearnedStepProfile
+from ._reader import ReaderModel, ReportBox
 
 log = logging.getLogger("pydisco.batching")
 
@@ -69,6 +70,7 @@ class Answer:
         deliver: Callable[[list[TokenPiece]], None],
         done: Callable[[GenerationResult | BaseException], None],
         admitted: Callable[[], None],
+        reports: ReportBox | None = None,
     ) -> None:
         self.id = seq_id
         self.request = request
@@ -78,6 +80,7 @@ class Answer:
         self.deliver = deliver
         self.done = done
         self.on_admitted = admitted
+        self.on_paused: Callable[[], None] = lambda: None  # the answer's sink hears it was preempted
         self.cancelled = False  # set by the answer's task; read between steps
         self.phase = Phase.WAITING
         self.prefill_tokens = 0
@@ -88,13 +91,31 @@ class Answer:
         self.first_token_s: float | None = None
         self.preemptions = 0
         self.deferred_why: str | None = None
+        # A remote reader (a server's client): its buffer as the loop models it, from this
+        # answer's deliveries and the reports the connection hands over. The loop's thread owns
+        # the model; ``reports`` is the one thing written from outside.
+        self.reports = reports
+        self.reader = ReaderModel(slo.reading_rate, start_position=request.start_position) if reports is not None else None
+        self._applied_report = 0
 
-    def view(self) -> SequenceView:
+    def take_report(self, now_s: float) -> None:
+        """Apply the reader's newest report, if it is new (between steps, in the loop's thread)."""
+        if self.reports is None or self.reader is None:
+            return
+        latest = self.reports.latest()
+        if latest is not None and latest[0] != self._applied_report:
+            self._applied_report = latest[0]
+            self.reader.report(latest[1], now_s)
+
+    def view(self, now_s: float) -> SequenceView:
+        reader = self.reader
+        slo = self.slo if reader is None or reader.rate == self.slo.reading_rate else dataclasses.replace(self.slo, reading_rate=reader.rate)
         return SequenceView(
-            id=self.id, slo=self.slo, arrived_s=self.arrived_s, phase=self.phase,
+            id=self.id, slo=slo, arrived_s=self.arrived_s, phase=self.phase,
             prefill_tokens=self.prefill_tokens, prefilled=self.prefilled, generated=self.generated,
             max_new_tokens=self.max_new_tokens, kv_tokens=self.prefilled + self.generated,
             first_token_s=self.first_token_s, preemptions=self.preemptions,
+            unread=reader.unread(now_s) if reader is not None else None,
         )  # fmt: skip
 
     def result(self, reason: str) -> GenerationResult:
@@ -134,7 +155,9 @@ class StepState:
 
     def plan(self, now_s: float) -> StepPlan:
         executor = self.executor
-        view = StepView(now_s, tuple(a.view() for a in self.answers.values()), executor.kv_capacity,
+        for answer in self.answers.values():
+            answer.take_report(now_s)
+        view = StepView(now_s, tuple(a.view(now_s) for a in self.answers.values()), executor.kv_capacity,
                         self.profile.current(), executor.max_batch, executor.prefill_chunk)  # fmt: skip
         plan = self.scheduler.schedule(view)
         self._carry_out(plan)
@@ -161,6 +184,7 @@ class StepState:
             answer.phase = Phase.PREEMPTED
             answer.preemptions += 1
             self.counts["preemptions"] += 1
+            answer.call(answer.on_paused)
 
     def run(self, plan: StepPlan, seconds: float, events: list[StepEvent], now_s: float) -> None:
         """The executor ran ``plan`` in ``seconds``, with ``events``, ending at ``now_s``."""
@@ -184,14 +208,16 @@ class StepState:
                 if answer.first_token_s is None:
                     answer.first_token_s = now_s
             if event.finish is not None:
-                self._flush(answer, pieces.pop(answer.id, []))
+                self._flush(answer, pieces.pop(answer.id, []), now_s)
                 self._end(answer, answer.result(event.finish))
         for seq_id, batch in pieces.items():
-            self._flush(self.answers[seq_id], batch)
+            self._flush(self.answers[seq_id], batch, now_s)
 
     @staticmethod
-    def _flush(answer: Answer, pieces: list[TokenPiece]) -> None:
+    def _flush(answer: Answer, pieces: list[TokenPiece], now_s: float) -> None:
         if pieces:
+            if answer.reader is not None:
+                answer.reader.deliver(len(pieces), now_s)
             answer.call(answer.deliver, pieces)
 
     def _end(self, answer: Answer, result: GenerationResult | BaseException) -> None:

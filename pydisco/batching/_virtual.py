@@ -16,6 +16,7 @@ from ..policies._base import Slo
 from ..policies._step import StepProfile, StepScheduler
 from ._executor import Admission, StepEvent
 from ._loop import run_answer
+from ._reader import ReportBox
 from ._state import Answer, LoopStatistics, StepState
 
 
@@ -91,13 +92,14 @@ class VirtualStepLoop:
     def statistics(self) -> LoopStatistics:
         return self._state.statistics(extra_queued=len(self._inbox))
 
-    async def generate(self, request: GenerationRequest, sink: TokenSink, slo: Slo | None = None) -> GenerationResult:
+    async def generate(self, request: GenerationRequest, sink: TokenSink, slo: Slo | None = None,
+                       reports: ReportBox | None = None) -> GenerationResult:  # fmt: skip
         """See ``StepLoop.generate``."""
         self._executor.validate(request)
 
         def make(deliver: Any, done: Any, admitted: Any) -> Answer:
             seq_id, self._next_id = self._next_id, self._next_id + 1
-            return Answer(seq_id, request, slo or Slo(), trio.current_time(), _call, deliver, done, admitted)
+            return Answer(seq_id, request, slo or Slo(), trio.current_time(), _call, deliver, done, admitted, reports)
 
         def submit(answer: Answer) -> None:
             self._inbox.append(answer)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import signal
 import ssl
@@ -15,10 +16,13 @@ from .._errors import ConfigurationError
 from .._groups import single_exception
 from . import EXIT_INTERRUPTED
 from ._config import add_config_option
-from ._args import existing_file, gguf_model, http_url, non_empty, positive_int, transport_url
+from ._args import existing_file, gguf_model, http_url, non_empty, positive_int, step_scheduler, transport_url
 from ._args import add_logging_options, configure_logging_from, host_port
 
+from ..policies import step_scheduler_names
+
 if TYPE_CHECKING:
+    from ..batching import BatchExecutor
     from ..cloud._backends import Backend
     from ..cloud._server import ServerConfig
 
@@ -49,8 +53,17 @@ def add_parser(subparsers: Any) -> None:
     tls.add_argument("--self-signed", action="store_true",
                      help="Make a throwaway certificate for loopback names; its path is printed for clients.")  # fmt: skip
     parser.add_argument("--key", type=existing_file, metavar="FILE", help="The TLS private key (PEM), with --cert.")
-    parser.add_argument("--parallel", type=positive_int, default=1, metavar="N",
-                        help="Answers generated at once, one llama.cpp engine each (default: 1).")  # fmt: skip
+    parser.add_argument("--parallel", type=positive_int, default=None, metavar="N",
+                        help="Answers generated at once, one llama.cpp engine (one model copy) each (default: 1). "
+                        "Not with --scheduler.")  # fmt: skip
+    parser.add_argument("--scheduler", type=step_scheduler, metavar="NAME",
+                        help="Serve every answer from one batched llama.cpp engine (one model copy), a step "
+                        "scheduler deciding before each step which answers decode, wait or pause: "
+                        f"{', '.join(step_scheduler_names())}. Without it, each answer gets an engine of its own "
+                        "(--parallel of them) in arrival order.")  # fmt: skip
+    parser.add_argument("--max-batch", type=positive_int, default=None, metavar="N",
+                        help=f"With --scheduler: answers decoded together in one step (default: {DEFAULT_MAX_BATCH}). "
+                        "More may wait or be paused beside them.")  # fmt: skip
     parser.add_argument("--threads", type=positive_int, default=None, metavar="N", help="Threads per llama.cpp engine (default: half the CPUs).")
     parser.add_argument("--max-streams", type=positive_int, default=16, metavar="N",
                         help="Answers at once on one client connection (default: 16).")  # fmt: skip
@@ -74,14 +87,24 @@ def _tokens(args: argparse.Namespace) -> list[str]:
     return tokens
 
 
+DEFAULT_MAX_BATCH = 8  # where batched decoding stops gaining on two cores (measurements.md)
+
+
 def _check_backend_options(args: argparse.Namespace) -> None:
     if args.upstream is not None:
         if args.model is not None:
             raise ConfigurationError("give --model or --upstream, not both")
         if not args.upstream_model:
             raise ConfigurationError("--upstream needs --upstream-model")
+        if args.scheduler is not None:
+            raise ConfigurationError("--scheduler runs the built-in batched llama.cpp engine; the --upstream API schedules its own answers")
     elif args.upstream_key or args.upstream_model:
         raise ConfigurationError("--upstream-key and --upstream-model go with --upstream")
+    if args.scheduler is not None and args.parallel is not None:
+        raise ConfigurationError("--parallel sets how many engine copies run; with --scheduler one engine serves "
+                                 "--max-batch answers at a time")  # fmt: skip
+    if args.max_batch is not None and args.scheduler is None:
+        raise ConfigurationError("--max-batch goes with --scheduler")
 
 
 def _backend(args: argparse.Namespace) -> Backend:
@@ -90,7 +113,24 @@ def _backend(args: argparse.Namespace) -> Backend:
 
     if args.upstream is not None:
         return OpenAIUpstreamBackend(args.upstream, model=args.upstream_model, api_key=args.upstream_key)
-    return LlamaBackend(args.model, parallel=args.parallel, n_threads=args.threads)
+    if args.scheduler is not None:
+        from ..cloud._batched import BatchedBackend
+
+        return BatchedBackend.start(batched_engine(args), args.scheduler)
+    return LlamaBackend(args.model, parallel=args.parallel or 1, n_threads=args.threads)
+
+
+def batched_engine(args: argparse.Namespace) -> BatchExecutor:
+    """The batched llama.cpp engine ``--scheduler`` serves from (one model, many sequences)."""
+    from .. import device  # MissingExtraError (one clear line) on a client-only install
+
+    # The seam for the batched engine (pydisco.device.BatchedEngine, issue 10), built apart.
+    engine_class = getattr(device, "BatchedEngine", None)
+    if engine_class is None:
+        raise ConfigurationError("--scheduler needs the batched llama.cpp engine (pydisco.device.BatchedEngine), "
+                                 "which this build of pydisco lacks")  # fmt: skip
+    engine: BatchExecutor = engine_class(args.model, max_batch=args.max_batch or DEFAULT_MAX_BATCH, n_threads=args.threads)
+    return engine
 
 
 def _tls(args: argparse.Namespace, folder: str) -> ssl.SSLContext | None:
@@ -117,24 +157,39 @@ def _tls(args: argparse.Namespace, folder: str) -> ssl.SSLContext | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cloud._server import ServerConfig
-
     configure_logging_from(args, default=logging.WARNING)
     _check_backend_options(args)
     tokens = _tokens(args)
     with tempfile.TemporaryDirectory(prefix="pydisco-serve-") as folder:
         ssl_context = _tls(args, folder)
-        config = ServerConfig(
-            listen=args.listen,
-            tokens=tokens,
-            backend=_backend(args),
-            ssl_context=ssl_context,
-            parallel=args.parallel,
-            max_streams_per_connection=args.max_streams,
-            metrics_listen=args.metrics_listen,
-        )
-        stopped_by = trio.run(_serve_until_signal, config)
+        backend = _backend(args)
+        try:
+            stopped_by = trio.run(_serve_until_signal, server_config(args, tokens, backend, ssl_context))
+        finally:
+            close = getattr(backend, "close", None)  # a batched backend's step loop thread, the engines
+            if close is not None:
+                close()
     return EXIT_INTERRUPTED if stopped_by == signal.SIGINT else 0
+
+
+def server_config(args: argparse.Namespace, tokens: list[str], backend: Backend,
+                  ssl_context: ssl.SSLContext | None) -> ServerConfig:  # fmt: skip
+    from ..cloud._server import ServerConfig
+
+    config = ServerConfig(
+        listen=args.listen,
+        tokens=tokens,
+        backend=backend,
+        ssl_context=ssl_context,
+        parallel=getattr(backend, "parallel", 1),
+        max_streams_per_connection=args.max_streams,
+        metrics_listen=args.metrics_listen,
+    )
+    if args.scheduler is not None:
+        # A batched backend takes its waiting answers in too (its scheduler orders them): a
+        # server queue in front of it would only hide them from the scheduler.
+        config = dataclasses.replace(config, max_queue=0)
+    return config
 
 
 async def _serve_until_signal(config: ServerConfig) -> int:

@@ -24,6 +24,7 @@ from ._tls import server_ssl_context as server_ssl_context
 
 if TYPE_CHECKING:
     from ._backends import Backend as Backend
+    from ._batched import BatchedBackend as BatchedBackend
     from ._backends import LlamaBackend as LlamaBackend
     from ._backends import OpenAIUpstreamBackend as OpenAIUpstreamBackend
     from ._loopback import LoopbackCloud as LoopbackCloud
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 
 _SERVER_SIDE = {
     "Backend": "._backends",
+    "BatchedBackend": "._batched",
     "LlamaBackend": "._backends",
     "OpenAIUpstreamBackend": "._backends",
     "LoopbackCloud": "._loopback",
@@ -52,6 +54,7 @@ __all__ = [
     "LOOPBACK_NAMES",
     "SCHEDULERS",
     "Backend",
+    "BatchedBackend",
     "CloudEndpoint",
     "CloudStatistics",
     "Credentials",

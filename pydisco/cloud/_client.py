@@ -13,7 +13,7 @@ import dataclasses
 import math
 import ssl
 import statistics as _stats
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Union
 
@@ -33,11 +33,13 @@ from .protocol import (
     Send,
     StreamDone,
     StreamFailed,
+    StreamPaused,
     TokenReceived,
     Welcome,
 )
 from .._percentiles import percentile
-from .._types import GenerationRequest, GenerationResult, TokenPiece, TokenSink
+from .._types import GenerationRequest, GenerationResult, ReaderState, TokenPiece, TokenSink
+from ._reports import ReportSchedule
 from .._groups import single_exception
 from ..observability._logging import ANSWER_ID, get_logger
 from .. import transports as _transports
@@ -46,6 +48,7 @@ from .. import transports as _transports
 _CANCEL_SEND_TIMEOUT = 0.5  # a cancelled generate waits at most this long to tell the server
 _RTT_GAIN = 1 / 8  # weight of a new round-trip sample in the smoothed estimate (RFC 6298's alpha)
 _LINK_LOST_CODES = frozenset({Code.SHUTTING_DOWN, Code.TIMEOUT})
+_REPORT_CHECK_S = 0.1  # how often an answer looks whether its reader is worth a report
 
 log = get_logger("pydisco.cloud.client")
 
@@ -70,6 +73,7 @@ class CloudStatistics:
     connected: bool  # a link is up now
     server_model: str | None  # model id the server announced on the last link
     rtt_s: float | None  # the last link's smoothed round trip (hello -> welcome, then pongs); None before one
+    reader_reports: int  # reader_report frames sent (protocol version 2; docs/protocol.md)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -90,8 +94,10 @@ class _Answer:
     the wire and the sink); the answer's own task waits only for how it ends."""
 
     def __init__(self, sink: TokenSink, fresh: bool, ttft: collections.deque[float],
-                 gaps: collections.deque[float], counts: collections.Counter[str], request_id: str = "") -> None:  # fmt: skip
+                 gaps: collections.deque[float], counts: collections.Counter[str], request_id: str = "",
+                 reports: ReportSchedule | None = None) -> None:  # fmt: skip
         self.sink = sink
+        self.reports = reports  # when its reader is worth reporting (None: it is not reported)
         self.request_id = request_id  # the answer's id, for the link's log records
         self.fresh = fresh
         self.delivered = 0
@@ -112,9 +118,21 @@ class _Answer:
             self._gaps.append(now - self.last)
         self.last = now
         self.delivered += 1
+        if self.reports is not None:
+            self.reports.received(now)
         self._counts["tokens"] += 1
         try:
             self.sink(piece)
+        except Exception as e:  # the caller's bug: end this answer, not the link
+            self.finish(_SinkFailed(e))
+
+    def paused(self) -> None:
+        """The server paused this answer for others: tell a sink that wants to know."""
+        paused = getattr(self.sink, "paused", None)
+        if self._ended or paused is None:
+            return
+        try:
+            paused()
         except Exception as e:  # the caller's bug: end this answer, not the link
             self.finish(_SinkFailed(e))
 
@@ -250,12 +268,16 @@ class CloudEndpoint:
             raise
 
     async def _stream(self, link: _Link, request: GenerationRequest, sink: TokenSink) -> GenerationResult:
+        reader_state = getattr(sink, "reader_state", None)  # the runtime's sinks tell (_types.TokenSink)
+        state: ReaderState | None = reader_state() if reader_state is not None else None
+        rate = state.reading_rate_tps if state is not None else None
         try:
-            sid, data = link.proto.open_stream(request)
+            sid, data = link.proto.open_stream(request, rate)
         except ProtocolError as e:
             raise EndpointError(str(e), code=e.code) from None
         fresh = not request.resume_token_ids and request.resume_text is None
-        answer = _Answer(sink, fresh, self._ttft, self._gaps, self._counts, request.request_id)
+        reports = ReportSchedule(rate, request.start_position) if rate and link.proto.reports_readers else None
+        answer = _Answer(sink, fresh, self._ttft, self._gaps, self._counts, request.request_id, reports)
         link.answers[sid] = answer
         finished = False
         try:
@@ -264,7 +286,7 @@ class CloudEndpoint:
                 await link.send(sid, data)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
                 raise self._lost(link, f"sending the request failed: {e}") from None
-            end = await answer.end.receive()
+            end = await self._until_end(link, sid, answer, reader_state)
             finished = not isinstance(end, _SinkFailed)
             if isinstance(end, StreamDone):
                 self._counts["completed"] += 1
@@ -288,6 +310,26 @@ class CloudEndpoint:
                         await link.connection.end_stream(sid)
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         pass
+
+    async def _until_end(self, link: _Link, sid: int, answer: _Answer,
+                         reader_state: Callable[[], ReaderState] | None) -> _End:  # fmt: skip
+        """How the answer ends; meanwhile its reader is reported to the server when due."""
+        reports = answer.reports
+        if reports is None or reader_state is None:
+            return await answer.end.receive()
+        while True:
+            with trio.move_on_after(_REPORT_CHECK_S):
+                return await answer.end.receive()
+            received = link.proto.received(sid)
+            report = reports.due(reader_state(), received or 0, trio.current_time()) if received is not None else None
+            data = link.proto.reader_report(sid, report.buffered, report.rate) if report is not None else None
+            if data is not None:
+                try:
+                    await link.send(sid, data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass  # the link's reader sees the loss too and ends the answer with it
+                else:
+                    self._counts["reader_reports"] += 1
 
     # -- the link ------------------------------------------------------------------------------
 
@@ -426,6 +468,10 @@ class CloudEndpoint:
                     # times on its clock) plus the trip here (half the round trip).
                     age_ns = max(0, out.sent_ns - out.generated_ns) + link.one_way_ns()
                     answer.token(dataclasses.replace(out.piece, age_ns=age_ns))
+            elif isinstance(out, StreamPaused):
+                answer = link.answers.get(out.stream_id)
+                if answer is not None:
+                    answer.paused()
             elif isinstance(out, (StreamDone, StreamFailed)):
                 answer = link.answers.get(out.stream_id)
                 if answer is not None:
@@ -476,6 +522,7 @@ class CloudEndpoint:
             connected=link is not None and link.lost is None and link.proto.state is ClientState.READY,
             server_model=self._server_model,
             rtt_s=link.rtt if link is not None else None,
+            reader_reports=c["reader_reports"],
         )
 
 

@@ -30,6 +30,7 @@ from .protocol import (
     CancelStream,
     CloseConnection,
     Code,
+    ReaderReported,
     Send,
     ServerOutput,
     ServerProtocol,
@@ -38,6 +39,7 @@ from .protocol import (
 )
 from ._tls import Credentials, server_ssl_context
 from .._types import GenerationRequest, GenerationResult, TokenPiece
+from ..batching._reader import BufferReport, ReportBox
 from .._groups import single_exception
 from .. import transports as _transports
 from ..observability._logging import ANSWER_ID, get_logger
@@ -58,8 +60,10 @@ class ServerConfig:
 
     ``tokens`` are the accepted bearer tokens (at least one). TLS, needed by ``wss`` and
     ``quic`` listeners, comes from ``ssl_context`` or from ``cert_file`` + ``key_file``.
-    ``parallel`` answers run at once (the backend should have as many engines); up to
-    ``max_queue`` more wait in FCFS order, beyond that requests get ``overloaded``.
+    ``parallel`` answers run at once (the backend should have as many engines; a
+    ``BatchedBackend`` says how many it takes in, ``parallel``); up to ``max_queue`` more wait in
+    FCFS order, beyond that requests get ``overloaded``. ``scheduler`` names that gate in front
+    of the backend (``SCHEDULERS``); a batched backend's step scheduler is its own.
     ``metrics_listen`` (``HOST:PORT``): serve ``/metrics`` (Prometheus) and ``/healthz`` over
     plain HTTP there (docs/observability.md).
     """
@@ -173,7 +177,9 @@ class FcfsScheduler:
     @asynccontextmanager
     async def admit(self, request: GenerationRequest) -> AsyncIterator[None]:
         if self._limiter.available_tokens == 0 and self._queued >= self._max_queue:
-            raise EndpointError(f"the server's queue is full ({self._max_queue} waiting)", code=Code.OVERLOADED)
+            running = int(self._limiter.total_tokens)
+            raise EndpointError(f"the server is full ({running} answers in the backend, {self._queued} waiting)",
+                                code=Code.OVERLOADED)  # fmt: skip
         self._queued += 1
         try:
             await self._limiter.acquire()
@@ -310,11 +316,16 @@ class _ErrorOut:
     message: str
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _PausedOut:
+    stream_id: int
+
+
 class _Flush:
     """Writer: everything before this is sent; stop."""
 
 
-_Out = Union[_Frame, _TokenOut, _DoneOut, _ErrorOut, _Flush]
+_Out = Union[_Frame, _TokenOut, _PausedOut, _DoneOut, _ErrorOut, _Flush]
 
 
 async def _serve_connection(
@@ -357,6 +368,7 @@ class _Session:
         # bounded by max_tokens; a slow client only delays its own connection.
         self._out_send, self._out_receive = trio.open_memory_channel[_Out](math.inf)
         self._answers: dict[int, trio.CancelScope] = {}
+        self._reports: dict[int, ReportBox] = {}  # each open answer's newest reader report
         self._flushed = trio.Event()
         self._peer_gone = False
         self._last_received = trio.current_time()
@@ -416,7 +428,10 @@ class _Session:
                 elif isinstance(out, StartStream):
                     scope = trio.CancelScope()
                     self._answers[out.stream_id] = scope
-                    nursery.start_soon(self._answer, out.stream_id, out.request, scope)
+                    self._reports[out.stream_id] = ReportBox()
+                    nursery.start_soon(self._answer, out.stream_id, out.request, out.reading_rate, scope)
+                elif isinstance(out, ReaderReported):
+                    self._take_report(out)
                 elif isinstance(out, CancelStream):
                     scope_to_cancel = self._answers.get(out.stream_id)
                     if scope_to_cancel is not None:
@@ -426,6 +441,13 @@ class _Session:
                     return
                 elif isinstance(out, Authenticated):
                     log.info("a client authenticated")
+
+    def _take_report(self, out: ReaderReported) -> None:
+        box = self._reports.get(out.stream_id)
+        if box is None:
+            return  # the answer ended while the report was on its way
+        r = out.report  # the decoder checked its fields
+        box.put(BufferReport(r.buffered_tokens, r.reading_rate_tps, r.received))
 
     async def _close(self, reason: CloseConnection) -> None:
         if reason.code == Code.UNAUTHORIZED:
@@ -451,6 +473,8 @@ class _Session:
                 now = time.monotonic_ns()
                 if isinstance(item, _TokenOut):
                     data = proto.token(item.stream_id, item.piece, item.generated_ns, now)
+                elif isinstance(item, _PausedOut):
+                    data = proto.paused(item.stream_id)
                 elif isinstance(item, _DoneOut):
                     data = proto.done(item.stream_id, item.result, now)
                 elif isinstance(item, _ErrorOut):
@@ -460,9 +484,9 @@ class _Session:
                 if data is None:
                     continue  # the stream was cancelled or closed meanwhile
                 await self._conn.send_frame(item.stream_id, data)
-                # Anything but a token on an answer's stream is its last frame (done, or an error;
-                # the protocol only emits refusals as plain frames there).
-                if not isinstance(item, _TokenOut) and item.stream_id != CONNECTION_STREAM:
+                # Anything but a token or a pause on an answer's stream is its last frame (done, or
+                # an error; the protocol only emits refusals as plain frames there).
+                if not isinstance(item, (_TokenOut, _PausedOut)) and item.stream_id != CONNECTION_STREAM:
                     await self._conn.end_stream(item.stream_id)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
             # The client is gone: stop every answer now rather than at the next read.
@@ -505,19 +529,22 @@ class _Session:
 
     # Answering ---------------------------------------------------------------------------
 
-    async def _answer(self, sid: int, request: GenerationRequest, scope: trio.CancelScope) -> None:
+    async def _answer(self, sid: int, request: GenerationRequest, reading_rate: float | None,
+                      scope: trio.CancelScope) -> None:  # fmt: skip
         ANSWER_ID.set(request.request_id or None)  # the client's answer id: one id on both sides
         counters = self._counters
         produced = 0
         asked_at, ahead = trio.current_time(), self._scheduler.queued
         timer = self._metrics.answer()  # TTFT from now: the server's queue counts
 
-        def sink(piece: TokenPiece) -> None:
+        def send_token(piece: TokenPiece) -> None:
             nonlocal produced
             produced += 1
             timer.token()
             counters.tokens_generated += 1
             self._out_send.send_nowait(_TokenOut(sid, piece, time.monotonic_ns()))
+
+        sink = StreamSink(send_token, lambda: self._out_send.send_nowait(_PausedOut(sid)), self._reports[sid], reading_rate)
 
         out: _Out
         try:
@@ -543,19 +570,43 @@ class _Session:
             code, message = _error_code(e)
             if code == Code.INTERNAL:
                 log.exception("answer on stream %d failed", sid)
-            elif code == Code.OVERLOADED:
+            elif code in (Code.OVERLOADED, Code.REJECTED):
                 log.warning("refused stream %d: %s", sid, message)
             else:
                 log.info("answer on stream %d failed (%s): %s", sid, code, message)
             out = _ErrorOut(sid, code, message)
         finally:
             self._answers.pop(sid, None)
+            self._reports.pop(sid, None)
         self._out_send.send_nowait(out)
 
     def _priced(self, result: GenerationResult) -> GenerationResult:
         c = self._config
         extra = c.cost_per_prompt_token * result.prefilled_tokens + c.cost_per_generated_token * result.generated_tokens
         return dataclasses.replace(result, cost_units=result.cost_units + extra) if extra else result
+
+
+class StreamSink:
+    """The sink a backend's ``generate`` gets from the server: each token to the client's
+    stream, and what the client said of its reader, for a backend that schedules by it
+    (``BatchedBackend``): ``reading_rate`` from the generate frame (None: not given) and
+    ``reader_reports``, holding the newest ``reader_report``. ``paused()``: the backend paused
+    the answer for others (the client hears a ``paused`` frame)."""
+
+    __slots__ = ("_send", "_pause", "reader_reports", "reading_rate")
+
+    def __init__(self, send: Callable[[TokenPiece], None], pause: Callable[[], None], reports: ReportBox,
+                 reading_rate: float | None) -> None:  # fmt: skip
+        self._send = send
+        self._pause = pause
+        self.reader_reports = reports
+        self.reading_rate = reading_rate
+
+    def __call__(self, piece: TokenPiece) -> None:
+        self._send(piece)
+
+    def paused(self) -> None:
+        self._pause()
 
 
 def _check_token(tokens: Collection[str]) -> Callable[[str], bool]:

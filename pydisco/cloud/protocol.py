@@ -22,8 +22,13 @@ import msgpack  # type: ignore[import-untyped]  # ships no type information
 from .._errors import PydiscoError
 from .._types import GenerationRequest, GenerationResult, Message, Sampling, TokenPiece
 
-PROTOCOL_VERSIONS: Final = (1,)
-"""Versions this implementation speaks, oldest first; the server picks the highest in common."""
+PROTOCOL_VERSIONS: Final = (1, 2)
+"""Versions this implementation speaks, oldest first; the server picks the highest in common.
+Version 2 adds the client's ``reader_report`` and the server's ``paused`` frames
+(docs/protocol.md, Versioning)."""
+
+READER_REPORT_VERSION: Final = 2
+"""The first version with ``reader_report`` (client) and ``paused`` (server)."""
 
 CONNECTION_STREAM: Final = 0
 """Stream 0 carries hello, auth, heartbeats and connection errors."""
@@ -51,6 +56,7 @@ class Code:
     UPSTREAM_UNAVAILABLE: Final = "upstream_unavailable"
     SHUTTING_DOWN: Final = "shutting_down"
     INTERNAL: Final = "internal"
+    REJECTED: Final = "rejected"
 
 
 ERROR_CODES: Final = frozenset(
@@ -67,6 +73,7 @@ STREAM_CODES: Final = frozenset(
         Code.UPSTREAM_ERROR,
         Code.UPSTREAM_UNAVAILABLE,
         Code.INTERNAL,
+        Code.REJECTED,
     }
 )
 
@@ -117,9 +124,11 @@ class AuthOk:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Generate:
-    """Client, on a new odd stream id: one answer to generate."""
+    """Client, on a new odd stream id: one answer to generate. ``reading_rate``: the tokens/s
+    its reader takes them at, when the client knows (a scheduling server's input)."""
 
     request: GenerationRequest
+    reading_rate: float | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -145,6 +154,23 @@ class Cancel:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class ReaderReport:
+    """Client, on an answer's stream (version 2): its reader has ``buffered_tokens`` tokens
+    unread and takes them at ``reading_rate_tps``, having received every token before position
+    ``received``. Sent when that departs from what the server would infer, not per token."""
+
+    buffered_tokens: int
+    reading_rate_tps: float
+    received: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Paused:
+    """Server, on an answer's stream (version 2): generation of this answer is paused for
+    others (a step scheduler preempted it); its tokens resume later on the same stream."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Error:
     """Server: on stream 0 the connection is closing; on another stream that answer failed."""
 
@@ -164,7 +190,7 @@ class Pong:
     nonce: int
 
 
-Frame = Union[Hello, Welcome, Auth, AuthOk, Generate, Token, Done, Cancel, Error, Ping, Pong]
+Frame = Union[Hello, Welcome, Auth, AuthOk, Generate, Token, Done, Cancel, ReaderReport, Paused, Error, Ping, Pong]
 
 
 # -- encoding -----------------------------------------------------------------------------
@@ -187,7 +213,13 @@ def _to_wire(frame: Frame) -> dict[str, Any]:
                 "prefilled": r.prefilled_tokens, "generated": r.generated_tokens,
                 "cost": float(r.cost_units), "ts": frame.sent_ns}  # fmt: skip
     if isinstance(frame, Generate):
-        return _request_to_wire(frame.request)
+        wire = _request_to_wire(frame.request)
+        if frame.reading_rate is not None:
+            wire["rate"] = float(frame.reading_rate)
+        return wire
+    if isinstance(frame, ReaderReport):
+        return {"t": "reader_report", "buffered": frame.buffered_tokens, "rate": float(frame.reading_rate_tps),
+                "pos": frame.received}  # fmt: skip
     if isinstance(frame, Hello):
         return {"t": "hello", "v": list(frame.versions), "agent": frame.agent}
     if isinstance(frame, Welcome):
@@ -200,6 +232,8 @@ def _to_wire(frame: Frame) -> dict[str, Any]:
         return {"t": "auth_ok"}
     if isinstance(frame, Cancel):
         return {"t": "cancel"}
+    if isinstance(frame, Paused):
+        return {"t": "paused"}
     if isinstance(frame, Error):
         return {"t": "error", "code": frame.code, "msg": frame.message}
     if isinstance(frame, Ping):
@@ -358,7 +392,17 @@ def _parse_generate(o: dict[str, Any]) -> Generate:
         resume_position=_opt_int(o, "resume_pos", 0, _MAX_U31),
         request_id=_str(o, "id", ""),
     )
-    return Generate(request)
+    rate = None if o.get("rate") is None else _float(o, "rate")
+    if rate is not None and not rate > 0:
+        raise ProtocolError(f"generate frame: a reading rate must be > 0, got {rate!r}", code=Code.BAD_REQUEST)
+    return Generate(request, rate)
+
+
+def _parse_reader_report(o: dict[str, Any]) -> ReaderReport:
+    rate = _float(o, "rate")
+    if not rate > 0:  # a report is no request: a nonsensical one is a broken peer
+        raise _field(o, "rate", "a finite number > 0")
+    return ReaderReport(_int(o, "buffered", 0, _MAX_U31), rate, _int(o, "pos", 0, _MAX_U31))
 
 
 def _parse_token(o: dict[str, Any]) -> Token:
@@ -396,6 +440,8 @@ _PARSERS: Final[dict[str, Callable[[dict[str, Any]], Frame]]] = {
     "token": _parse_token,
     "done": _parse_done,
     "cancel": lambda o: Cancel(),
+    "reader_report": _parse_reader_report,
+    "paused": lambda o: Paused(),
     "error": _parse_error,
     "ping": lambda o: Ping(_int(o, "n")),
     "pong": lambda o: Pong(_int(o, "n")),
@@ -465,10 +511,12 @@ class Send:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class StartStream:
-    """Output (server): run ``request``; its frames go on ``stream_id``."""
+    """Output (server): run ``request``; its frames go on ``stream_id``. ``reading_rate``: the
+    client's reader's rate, if the generate frame gave one."""
 
     stream_id: int
     request: GenerationRequest
+    reading_rate: float | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -476,6 +524,14 @@ class CancelStream:
     """Output (server): the client cancelled the answer on ``stream_id``."""
 
     stream_id: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ReaderReported:
+    """Output (server): the client reported its reader's state for the answer on ``stream_id``."""
+
+    stream_id: int
+    report: ReaderReport
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -491,14 +547,14 @@ class Authenticated:
     """Output (server): the client's token was accepted."""
 
 
-ServerOutput = Union[Send, StartStream, CancelStream, CloseConnection, Authenticated]
+ServerOutput = Union[Send, StartStream, CancelStream, ReaderReported, CloseConnection, Authenticated]
 
 
 class ServerProtocol:
     """The server end of one connection: hello, auth before anything else, stream bookkeeping.
 
     Feed every received frame to :meth:`receive`; it returns what to do, in order. Produce
-    outgoing stream frames with :meth:`token`, :meth:`done` and :meth:`stream_error`, which
+    outgoing stream frames with :meth:`token`, :meth:`paused`, :meth:`done` and :meth:`stream_error`, which
     drop frames for streams that are no longer open (the client cancelled them).
     """
 
@@ -569,10 +625,12 @@ class ServerProtocol:
             return []
         if isinstance(frame, Auth):
             return self._on_auth(frame)
-        if isinstance(frame, (Generate, Cancel)) and self.state is not ServerState.READY:
+        if isinstance(frame, (Generate, Cancel, ReaderReport)) and self.state is not ServerState.READY:
             return self.fail(Code.UNAUTHORIZED, "authenticate (auth frame) before generating")
         if isinstance(frame, Generate):
-            return self._on_generate(sid, frame.request)
+            return self._on_generate(sid, frame)
+        if isinstance(frame, ReaderReport):
+            return self._on_reader_report(sid, frame)
         if isinstance(frame, Cancel):
             if sid in self.open_streams and sid not in self._cancelling:
                 self._cancelling.add(sid)
@@ -611,7 +669,18 @@ class ServerProtocol:
             return f"stream id {sid} was used before on this connection"
         return None
 
-    def _on_generate(self, sid: int, request: GenerationRequest) -> list[ServerOutput]:
+    def _on_reader_report(self, sid: int, frame: ReaderReport) -> list[ServerOutput]:
+        if self.version < READER_REPORT_VERSION:
+            return self.fail(Code.BAD_FRAME, f"reader_report needs protocol version {READER_REPORT_VERSION}; "
+                                             f"this connection speaks {self.version}")  # fmt: skip
+        if sid == CONNECTION_STREAM:
+            return self.fail(Code.BAD_STREAM, "reader_report belongs on an answer's stream, got stream 0")
+        if sid in self.open_streams and sid not in self._cancelling:
+            return [ReaderReported(sid, frame)]
+        return []  # raced with the end of the stream: nothing left to schedule
+
+    def _on_generate(self, sid: int, frame: Generate) -> list[ServerOutput]:
+        request = frame.request
         refusal = self._claim_stream(sid)
         if refusal is not None:
             return self.fail(Code.BAD_STREAM, refusal)
@@ -619,7 +688,7 @@ class ServerProtocol:
             return [Send(sid, encode(Error(Code.TOO_MANY_STREAMS,
                                            f"at most {self.max_streams} concurrent streams per connection")))]  # fmt: skip
         self.open_streams.add(sid)
-        return [StartStream(sid, request)]
+        return [StartStream(sid, request, frame.reading_rate)]
 
     def _refuse_stream(self, sid: int, code: str, message: str) -> list[ServerOutput]:
         """A well-formed but unusable generate: refuse that stream, keep the connection."""
@@ -648,6 +717,13 @@ class ServerProtocol:
         if not self._end(sid):
             return None
         return encode(Error(code, message))
+
+    def paused(self, sid: int) -> bytes | None:
+        """The ``paused`` frame for ``sid``, or None if that stream is closed or being
+        cancelled, or the client predates the frame (version 1)."""
+        if sid not in self.open_streams or sid in self._cancelling or self.version < READER_REPORT_VERSION:
+            return None
+        return encode(Paused())
 
     def is_cancelling(self, sid: int) -> bool:
         return sid in self._cancelling
@@ -689,6 +765,13 @@ class TokenReceived:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class StreamPaused:
+    """Output (client): the server paused the answer on ``stream_id`` (it resumes later)."""
+
+    stream_id: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class StreamDone:
     stream_id: int
     result: GenerationResult
@@ -708,7 +791,7 @@ class StreamFailed:
     message: str
 
 
-ClientOutput = Union[Send, Ready, TokenReceived, StreamDone, StreamFailed, PongReceived, CloseConnection]
+ClientOutput = Union[Send, Ready, TokenReceived, StreamPaused, StreamDone, StreamFailed, PongReceived, CloseConnection]
 
 
 @dataclasses.dataclass(slots=True)
@@ -739,14 +822,15 @@ class ClientProtocol:
         """hello and auth, to send on stream 0 back to back (auth needs no reply to hello)."""
         return [encode(Hello(self._versions, self._agent)), encode(Auth(self._token))]
 
-    def open_stream(self, request: GenerationRequest) -> tuple[int, bytes]:
-        """Allocate the next stream id and encode ``request`` for it."""
+    def open_stream(self, request: GenerationRequest, reading_rate: float | None = None) -> tuple[int, bytes]:
+        """Allocate the next stream id and encode ``request`` for it (with the reader's rate,
+        when given)."""
         if self.state is not ClientState.READY:
             raise ProtocolError("the connection is not ready", code=Code.BAD_STREAM)
         sid = self._next_stream_id
         if sid > MAX_STREAM_ID:
             raise ProtocolError("this connection ran out of stream ids", code=Code.BAD_STREAM)
-        data = encode(Generate(request))
+        data = encode(Generate(request, reading_rate))
         limit = self.welcome.max_frame_size if self.welcome is not None else None
         if limit is not None and len(data) > limit:
             raise ProtocolError(f"the request encodes to {len(data)} bytes; the server accepts at most {limit}",
@@ -760,6 +844,24 @@ class ClientProtocol:
         if self._streams.pop(sid, None) is None:
             return None
         return encode(Cancel())
+
+    @property
+    def reports_readers(self) -> bool:
+        """The server understands ``reader_report`` (the connection speaks version 2 or later)."""
+        return self.welcome is not None and self.welcome.version >= READER_REPORT_VERSION
+
+    def reader_report(self, sid: int, buffered_tokens: int, reading_rate_tps: float) -> bytes | None:
+        """The ``reader_report`` frame for ``sid`` (``received`` is where its tokens have got to),
+        or None when the stream is no longer followed or the server predates the frame."""
+        stream = self._streams.get(sid)
+        if stream is None or not self.reports_readers:
+            return None
+        return encode(ReaderReport(buffered_tokens, reading_rate_tps, stream.next_position))
+
+    def received(self, sid: int) -> int | None:
+        """The position after the last token received on ``sid`` (None: not followed)."""
+        stream = self._streams.get(sid)
+        return None if stream is None else stream.next_position
 
     @property
     def open_streams(self) -> int:
@@ -806,7 +908,7 @@ class ClientProtocol:
             raise ProtocolError(f"stream frame on {sid} before the handshake finished")
         stream = self._streams.get(sid)
         if stream is None:
-            if sid % 2 == 1 and sid < self._next_stream_id and isinstance(frame, (Token, Done, Error)):
+            if sid % 2 == 1 and sid < self._next_stream_id and isinstance(frame, (Token, Paused, Done, Error)):
                 return []  # late frames of a stream we stopped following
             raise ProtocolError(f"frame on stream {sid}, which this client never opened")
         if isinstance(frame, Token):
@@ -816,6 +918,8 @@ class ClientProtocol:
                 )
             stream.next_position += 1
             return [TokenReceived(sid, frame.piece, frame.generated_ns, frame.sent_ns)]
+        if isinstance(frame, Paused) and self.reports_readers:
+            return [StreamPaused(sid)]
         if isinstance(frame, Done):
             del self._streams[sid]
             return [StreamDone(sid, frame.result)]

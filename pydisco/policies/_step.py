@@ -44,7 +44,10 @@ class SequenceView:
         kv_tokens: KV cells it holds now.
         first_token_s: when its first token came, if it did.
         preemptions: times the scheduler preempted it.
-        unread: its reader's unread buffer, as the client reported it (None: not reported).
+        unread: its reader's unread buffer in tokens, as the loop knows it: the reader's own
+            report brought forward by the tokens delivered since and the reading rate, else
+            inferred from delivery times alone (``pydisco.batching.ReaderModel``). None when
+            the loop models no reader for it (the scheduler then infers one itself).
     """
 
     id: int
@@ -58,7 +61,7 @@ class SequenceView:
     kv_tokens: int = 0
     first_token_s: float | None = None
     preemptions: int = 0
-    unread: int | None = None
+    unread: float | None = None
 
     @property
     def context_tokens(self) -> int:

@@ -311,11 +311,13 @@ class AndesScheduler:
     whole batch is faster than the strictest reader's interval), it serves like FCFS. When either
     is short, each step picks the batch greedily: first the streams that reached
     ``max_preemptions`` (they are never preempted again), then preempted streams whose reader's
-    buffer has fallen below ``resume_margin_s`` of reading, then the rest by ``(Q_serve − Q_wait)/l`` (QoE gained per KV token over
+    buffer has fallen below ``resume_margin_s`` of reading (resumed before it drains), then
+    decoding streams whose buffer is that low (no slack to give: they keep decoding), then the rest by ``(Q_serve − Q_wait)/l`` (QoE gained per KV token over
     ``lookahead_s``, ``pydisco.qoe``), up to the largest batch whose step latency keeps pace with
     the strictest reader and while their context fits the KV capacity. Decoding streams not picked
-    are preempted (their KV kept). A reader's buffer is its client's report when there is one,
-    else inferred from delivery: ``generated − r·(now − first_token)``.
+    are preempted (their KV kept), so only streams whose reader has slack are. A reader's buffer
+    is the view's ``unread`` when the loop models the reader (a server: from its client's
+    reports and delivery times), else inferred here: ``generated − r·(now − first_token)``.
     """
 
     name = "andes"
@@ -356,12 +358,18 @@ class AndesScheduler:
         """Decoding and at its preemption bound: it keeps its place until it ends."""
         return s.phase == Phase.DECODING and s.preemptions >= self.max_preemptions
 
-    def _draining(self, s: SequenceView, now_s: float) -> bool:
-        """Preempted, and its reader is about to run out of tokens."""
-        return s.phase == Phase.PREEMPTED and self.buffer(s, now_s) < s.slo.reading_rate * self.resume_margin_s
+    def _short(self, s: SequenceView, now_s: float) -> bool:
+        """Its reader is about to run out of tokens (less than ``resume_margin_s`` of reading)."""
+        return self.buffer(s, now_s) < s.slo.reading_rate * self.resume_margin_s
 
     def _rank(self, s: SequenceView, now_s: float) -> int:
-        return 0 if self._pinned(s) else 1 if self._draining(s, now_s) else 2
+        """0: pinned; 1: preempted and draining (resumed before its reader runs dry); 2: decoding
+        with no slack to give (not preempted while there is room); 3: the rest, by QoE gain."""
+        if self._pinned(s):
+            return 0
+        if _decodable(s) and self._short(s, now_s):
+            return 1 if s.phase == Phase.PREEMPTED else 2
+        return 3
 
     def triggered(self, view: StepView) -> bool:
         live = [s for s in view.sequences if s.phase != Phase.WAITING or s.worst_case_tokens <= view.kv_capacity]

@@ -3,7 +3,9 @@
 A run calls ``endpoint.generate`` and offers every token it gets to the machine. Its deadlines
 are Trio cancel-scope deadlines, moved on at each token: ``first_token_timeout_s`` from the run's
 start — for an endpoint that queues requests, from when it says the request left its queue
-(``sink.admitted()``) — then ``silence_timeout_s`` after each token. A run that misses one, or whose endpoint raises
+(``sink.admitted()``) — then ``silence_timeout_s`` after each token; when the endpoint says its
+server paused the answer for others (``sink.paused()``), not before the reader's unread buffer
+would have run out plus ``silence_timeout_s``. A run that misses one, or whose endpoint raises
 anything but a cancellation, has failed: the failure goes to the coordinator's handler, which
 decides what happens next (``_handover.Failover``). A run stopped by the coordinator (lost race,
 handover) just ends.
@@ -19,7 +21,7 @@ from collections.abc import Callable, Mapping
 import trio
 
 from .._errors import EndpointError, PydiscoError
-from .._types import Endpoint, GenerationResult, TokenPiece
+from .._types import Endpoint, GenerationResult, ReaderState, TokenPiece
 from ..observability._logging import get_logger
 from ._answer import Answer
 from ._health import Health
@@ -48,18 +50,27 @@ class _Run:
 
 
 class _RunSink:
-    """A run's sink: each token to the machine, and the endpoint's word that it started and
-    what its prefill computed."""
+    """A run's sink: each token to the machine, the endpoint's word that it started, what its
+    prefill computed and that its server paused the answer, and the reader's state for an
+    endpoint that tells its server (``_types.TokenSink``)."""
 
-    __slots__ = ("_offer", "admitted", "prefilled")
+    __slots__ = ("_offer", "_answer", "admitted", "prefilled", "paused")
 
-    def __init__(self, offer: Callable[[TokenPiece], None], admitted: Callable[[], None], prefilled: Callable[[int], None]) -> None:
+    def __init__(self, offer: Callable[[TokenPiece], None], admitted: Callable[[], None], prefilled: Callable[[int], None],
+                 paused: Callable[[], None], answer: Answer) -> None:  # fmt: skip
         self._offer = offer
+        self._answer = answer
         self.admitted = admitted
         self.prefilled = prefilled
+        self.paused = paused
 
     def __call__(self, piece: TokenPiece) -> None:
         self._offer(piece)
+
+    def reader_state(self) -> ReaderState:
+        answer = self._answer
+        interval_ns = answer.pacer.interval_ns
+        return ReaderState(answer.committed - answer.consumed(), 1e9 / interval_ns if interval_ns > 0 else None)
 
 
 class Usage:
@@ -164,7 +175,16 @@ class Runs:
                 raise ValueError(f"{run.name} reported a negative prefill: {tokens}")
             run.prefilled = tokens
 
-        sink = _RunSink(offer, admitted, prefilled)
+        def paused() -> None:
+            # The endpoint's server paused the answer for others (a step scheduler's
+            # preemption): not silence while the reader still has tokens to read.
+            state = sink.reader_state()
+            rate = state.reading_rate_tps
+            slack = state.buffered_tokens / rate if rate else 0.0
+            log.debug("%s paused the answer; %.2f s of reading left", run.name, slack)
+            watch.deadline = max(watch.deadline, trio.current_time() + slack + deadlines.silence_s)
+
+        sink = _RunSink(offer, admitted, prefilled, paused, answer)
         if getattr(endpoint, "queues_requests", False):
             watch.deadline = math.inf  # until it says the request started
 
