@@ -162,6 +162,7 @@ def test_cli_writes_the_report_and_prints_the_headline_keys(tmp_path: pathlib.Pa
         (["--device-profile", "/no/such/profile.json"], "no such file"),
         (["--data", "/no/such/folder"], "no such folder"),
         (["--providers", "nope", "--data", str(DATA)], "no server records"),
+        (["--providers", "groq_70b", "--data", "/"], "no server records folder"),
     ],
 )
 def test_cli_bad_arguments_get_one_line_and_status_2(args: list[str], words: str) -> None:

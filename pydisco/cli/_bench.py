@@ -23,9 +23,9 @@ import time
 from typing import Any
 
 from .._errors import ConfigurationError
+from ..papers._setup import DEFAULT, QUICK
 from ._args import existing_file, non_negative_float, positive_int
 
-QUICK = dict(requests=20, budgets=(0.1, 0.5, 0.9), loads=(1.0, 4.0), providers=("groq_70b",))
 
 
 def _list(kind: Any, what: str) -> Any:
@@ -73,6 +73,10 @@ def _seed(text: str) -> int:
         raise argparse.ArgumentTypeError(f"a seed is a whole number, got {text!r}") from None
 
 
+def _providers(text: str) -> tuple[str, ...] | str:
+    return "all" if text.strip() == "all" else _list(str, "providers")(text)
+
+
 def _device_profile(text: str) -> str | pathlib.Path:
     return text if text in ("cached", "quiet") else existing_file(text)
 
@@ -90,15 +94,15 @@ def add_parser(subparsers: Any) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     add = parser.add_argument
-    add("--quick", action="store_true", help=f"A small run (seconds to a minute): {QUICK['requests']} requests per replay, "
-        "budgets 0.1,0.5,0.9, loads 1,4, the groq_70b server; any option given overrides it.")
-    add("--requests", type=positive_int, metavar="N", help="Requests per replay (default 60; Andes replays 4x as many).")
+    add("--quick", action="store_true", help=f"A small run (a minute or two): {QUICK.requests} requests per replay, "
+        "budgets 0.1,0.5,0.9, loads 1,4, the fireworks_70b server; any option given overrides it.")
+    add("--requests", type=positive_int, metavar="N", help=f"Requests per replay (default {DEFAULT.requests}; Andes replays 4x as many).")
     add("--tables", type=_list(_table, "tables"), metavar="NAME[,NAME]", help="Which tables: disco, pd, andes, slice (default all).")
     add("--budgets", type=_list(_budget, "budgets"), metavar="B[,B]", help="DiSCo's budgets (default 0.1,0.3,0.5,0.7,0.9).")
-    add("--providers", metavar="NAME[,NAME]|all",
+    add("--providers", type=_providers, metavar="NAME[,NAME]|all",
         help="The measured APIs (server_ttft/<NAME>.json) DiSCo runs against (default groq_70b,fireworks_70b,replicate_70b; "
              "the first also serves the other tables).")  # fmt: skip
-    add("--loads", type=_list(_rate, "loads"), metavar="RATE[,RATE]", help="SLICE's arrival rates per second (default 0.5,1,2,4).")
+    add("--loads", type=_list(_rate, "loads"), metavar="RATE[,RATE]", help="SLICE's arrival rates per second (default 0.5,1,2,4,8).")
     add("--seed", type=_seed, default=0, help="Seed of every replay (default 0).")
     add("--data", type=_data_dir, metavar="DIR", help="Where the trace and server records are (default ../shared/data).")
     add("--device-profile", type=_device_profile, default="cached", metavar="FILE|cached|quiet",
@@ -125,20 +129,18 @@ def _device(choice: str | pathlib.Path) -> Any:
 
 def _setup(args: argparse.Namespace) -> Any:
     from ..papers import BenchSetup, default_data_dir
-    from ..papers._setup import DEFAULT_BUDGETS, DEFAULT_LOADS, DEFAULT_PROVIDERS
 
-    quick: dict[str, Any] = QUICK if args.quick else {}
+    sizes = QUICK if args.quick else DEFAULT  # what an option given does not override
     providers: tuple[str, ...] | None
     if args.providers is None:
-        providers = quick.get("providers", DEFAULT_PROVIDERS)
-    elif args.providers.strip() == "all":
-        providers = None
+        providers = sizes.providers
     else:
-        providers = _list(str, "providers")(args.providers)
+        providers = None if args.providers == "all" else args.providers
     return BenchSetup.build(
-        requests=args.requests or quick.get("requests", 60), budgets=args.budgets or quick.get("budgets", DEFAULT_BUDGETS),
-        loads=args.loads or quick.get("loads", DEFAULT_LOADS), providers=providers, seed=args.seed,
+        requests=args.requests or sizes.requests, budgets=args.budgets or sizes.budgets,
+        loads=args.loads or sizes.loads, providers=providers, seed=args.seed,
         data_dir=args.data or default_data_dir(), device=_device(args.device_profile), device_cost=args.device_cost,
+        require_servers=args.providers is not None,
     )  # fmt: skip
 
 

@@ -143,14 +143,16 @@ def plot_series(setup: BenchSetup, results: Sequence[RunResult]) -> dict[str, An
     run's (mean TTFT, cost per request)."""
     middle = sorted(setup.budgets)[len(setup.budgets) // 2]
     cdfs: dict[str, dict[str, list[float]]] = {}
-    points: list[tuple[str, str, float, float]] = []
+    points: list[tuple[str, str, bool, float, float]] = []  # server, policy, migrates, mean TTFT, cost
     for r in results:
         provider, policy, budget, on, migration = r.run.label
         if policy in ("device-only", "cloud-only") or (budget == middle and migration == "disco-migrate"):
             name = str(policy) if on == "-" else f"{policy} ({on} {budget:g})"
             cdfs.setdefault(str(provider), {})[name] = r.values("ttft_s")
         mean = _ttft(r, "mean")
-        if mean is not None and r.summary["requests"]:
-            name = f"{policy}" + ("" if migration == "disco-migrate" or on == "-" else " no-mig")
-            points.append((str(provider), name, mean, float(r.summary["cost"]) / int(r.summary["requests"])))  # type: ignore[arg-type, call-overload]
+        requests = r.summary["requests"]
+        cost = r.summary["cost"]
+        if mean is not None and isinstance(requests, int) and requests and isinstance(cost, (int, float)):
+            migrates = migration == "disco-migrate" or on == "-"  # the single-endpoint baselines: as they are
+            points.append((str(provider), str(policy), migrates, mean, cost / requests))
     return {"middle_budget": middle, "ttft_cdfs": cdfs, "cost_points": points}

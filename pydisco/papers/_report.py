@@ -13,7 +13,7 @@ from .._errors import MissingExtraError
 from . import _andes, _disco, _pd, _slice
 from ._figures import PAPER_FIGURES, PAPERS
 from ._run import BenchResult
-from ._table import PaperTable
+from ._table import PaperTable, pct
 
 __all__ = ["PLOTS", "render_markdown", "write_report"]
 
@@ -61,12 +61,15 @@ def write_report(result: BenchResult, out: pathlib.Path, *, command: str = "") -
 def _value(key: str, value: object) -> str:
     if value is None:
         return "- (not computable here; see the notes)"
-    if isinstance(value, list):
+    if isinstance(value, list):  # a [min, max] range, shown in the order of what it shows
+        if "_cut" in key:
+            value = sorted(-v for v in value)
+            return " to ".join(pct(v) for v in value)
         return " to ".join(_value(key, v) for v in value)
     if not isinstance(value, (int, float)) or (isinstance(value, float) and math.isnan(value)):
         return str(value)
-    if key.endswith("_cut"):
-        return f"{-value * 100:+.0f} %"
+    if "_cut" in key:  # a cut is shown as the change it makes, as the papers write it
+        return pct(-value)
     if key.endswith("_ms"):
         return f"{value:.0f} ms"
     if key.endswith(("_ratio", "_gain")):
@@ -133,6 +136,15 @@ def render_markdown(result: BenchResult, *, command: str = "", plots: set[str] |
 # ----- plots ------------------------------------------------------------------------------------
 
 
+def _log_seconds(ax: Any) -> None:
+    """A log axis of seconds labelled 0.1, 1, 10 (no crowded minor labels)."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def _ecdf(ax: Any, values: Sequence[float], label: str) -> None:
     xs = sorted(values)
     if not xs:
@@ -154,7 +166,7 @@ def _ttft_cdfs(figure: Any, result: BenchResult, path: pathlib.Path) -> pathlib.
     for ax, (title, cdfs) in zip(axes, panels):
         for name, values in cdfs.items():
             _ecdf(ax, values, name)
-        ax.set_xscale("log")
+        _log_seconds(ax)
         ax.set_title(title)
         ax.set_xlabel("TTFT (s)")
         ax.set_ylabel("share of requests")
@@ -180,18 +192,23 @@ def _cdf_plot(figure: Any, series: dict[str, list[float]], what: str, path: path
 
 def _cost_ttft(figure: Any, result: BenchResult, path: pathlib.Path) -> pathlib.Path:
     points = _disco.plot_series(result.setup, result.of("disco"))["cost_points"]
-    fig = figure(figsize=(6.5, 4.5), layout="constrained")
+    fig = figure(figsize=(7.0, 4.8), layout="constrained")
     ax = fig.subplots()
     markers = "osD^v<>px*"
-    providers = sorted({p for p, _, _, _ in points})
-    policies = sorted({n for _, n, _, _ in points})
-    for i, policy in enumerate(policies):
-        for j, provider in enumerate(providers):
-            pts = [(x, y) for p, n, x, y in points if p == provider and n == policy]
-            if pts:
-                ax.scatter([x for x, _ in pts], [y for _, y in pts], marker=markers[j % len(markers)], color=f"C{i}",
-                           label=f"{policy}, {provider}", alpha=0.8)  # fmt: skip
-    ax.set_xscale("log")
+    providers = sorted({p[0] for p in points})
+    policies = sorted({p[1] for p in points})
+    # Colour: the server; marker: the policy; hollow: the same policy without migration.
+    for j, provider in enumerate(providers):
+        for i, policy in enumerate(policies):
+            for migrates in (True, False):
+                pts = [(x, y) for p, n, m, x, y in points if p == provider and n == policy and m == migrates]
+                if not pts:
+                    continue
+                colour = f"C{j}"
+                ax.scatter([x for x, _ in pts], [y for _, y in pts], marker=markers[i % len(markers)], s=40, alpha=0.85,
+                           facecolors=colour if migrates else "none", edgecolors=colour,
+                           label=f"{policy}{'' if migrates else ' no-mig'}, {provider}")  # fmt: skip
+    _log_seconds(ax)
     ax.set_xlabel("mean TTFT (s)")
     ax.set_ylabel("cost per request (replay units)")
     ax.set_title("DiSCo: cost against TTFT (every budget)")

@@ -18,16 +18,29 @@ from ..replay import DeviceModel, ReplayConfig, RequestRow, ServerModel
 from ..replay._sweep import WorkloadSpec
 from ..workloads import AZURE_CONV_PROMPT_TOKENS, AZURE_CONV_RATE_PER_S, iter_azure_trace, load_server_ttft
 
-__all__ = ["BenchSetup", "FixedSlo", "MixedTasks", "Run", "RunResult", "default_data_dir"]
+__all__ = ["DEFAULT", "QUICK", "BenchSetup", "FixedSlo", "MixedTasks", "Run", "RunResult", "Sizes", "default_data_dir"]
 
 AZURE_FILE = "traces/AzureLLMInferenceTrace_conv.csv"
 SERVER_TTFT_DIR = "server_ttft"
 # A fast, a middling and a heavy-tailed API of the llmperf records (TTFT p99 0.34 / 0.95 / 60 s).
 DEFAULT_PROVIDERS = ("groq_70b", "fireworks_70b", "replicate_70b")
 DEFAULT_BUDGETS = (0.1, 0.3, 0.5, 0.7, 0.9)
-QUICK_BUDGETS = (0.1, 0.5, 0.9)
-DEFAULT_LOADS = (0.5, 1.0, 2.0, 4.0)  # SLICE: tasks per second on the one device
-QUICK_LOADS = (1.0, 4.0)
+DEFAULT_LOADS = (0.5, 1.0, 2.0, 4.0, 8.0)  # SLICE: tasks per second on the one device
+DEFAULT_REQUESTS = 60
+# `pydisco bench --quick` and bench/replay.py: a minute or two on two cores. One API whose
+# median TTFT (0.52 s) the device beats on short prompts, so DiSCo has something to decide.
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    requests: int = DEFAULT_REQUESTS
+    budgets: tuple[float, ...] = DEFAULT_BUDGETS
+    loads: tuple[float, ...] = DEFAULT_LOADS
+    providers: tuple[str, ...] = DEFAULT_PROVIDERS
+
+
+DEFAULT = Sizes()
+QUICK = Sizes(requests=20, budgets=(0.1, 0.5, 0.9), loads=(1.0, 4.0), providers=("fireworks_70b",))
 DATA_ENV = "PYDISCO_DATA_DIR"
 # SmolLM2's trained context. The device engine's default n_ctx is 2048, too short for half the
 # Azure conversation prompts and their answers; the papers' devices hold their prompts.
@@ -147,10 +160,12 @@ class BenchSetup:
         data_dir: pathlib.Path | None = None,
         device: DeviceModel | None = None,
         device_cost: float = DEVICE_TOKEN_COST,
+        require_servers: bool = False,
     ) -> BenchSetup:
         """Find the data: the Azure trace under ``data_dir`` and the named providers' records
         (``$PYDISCO_SERVER_TTFT_DIR`` or ``data_dir/server_ttft``; ``providers=None``: every one
-        there). A provider named but absent is an error; absent data is not (it is skipped)."""
+        there). A provider named but absent is an error; absent data is not (it is skipped), unless
+        ``require_servers``: then a missing records folder is an error too."""
         azure = data_dir / AZURE_FILE if data_dir is not None else None
         ttft_dir = pathlib.Path(os.environ[SERVER_TTFT_ENV]) if os.environ.get(SERVER_TTFT_ENV) else (
             data_dir / SERVER_TTFT_DIR if data_dir is not None else None)
@@ -163,6 +178,8 @@ class BenchSetup:
                     known = ", ".join(sorted(p.stem for p in ttft_dir.glob("*.json")))
                     raise ConfigurationError(f"no server records for provider {name!r} in {ttft_dir}; known: {known}")
                 servers[name] = ServerModel.from_samples(load_server_ttft(path))
+        elif require_servers:
+            raise ConfigurationError(f"no server records folder (looked for {ttft_dir or 'DATA/server_ttft'}; --data names DATA)")
         return cls(requests, tuple(budgets), tuple(loads), seed, device or DeviceModel.smollm2(), servers,
                    azure if azure is not None and azure.is_file() else None, device_cost)  # fmt: skip
 

@@ -47,7 +47,10 @@ def ms(seconds: object) -> str:
 
 
 def pct(x: float | None) -> str:
-    return "-" if x is None or math.isnan(x) else f"{x * 100:+.0f} %"
+    """A signed change in percent; 0 without a sign."""
+    if x is None or math.isnan(x):
+        return "-"
+    return "0 %" if round(x * 100) == 0 else f"{x * 100:+.0f} %"
 
 
 def share(x: object) -> str:
