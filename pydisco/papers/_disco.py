@@ -130,6 +130,9 @@ def table(setup: BenchSetup, results: Sequence[RunResult]) -> PaperTable:
             f"The device runs at SmolLM2's trained {DEVICE_CONTEXT}-token context (the engine's default n_ctx is "
             "2048); a prompt and answer beyond it cannot run there and the runtime routes it to the cloud, so "
             "device-only spends cloud tokens too.",
+            "The runtime's budget guard leaves the budgeted endpoint out of an answer that could push its share "
+            "past the budget; early in a replay every answer can, so a short replay spends less than its budget "
+            "(see 'budget used').",
         ),
     )
 

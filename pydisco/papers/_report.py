@@ -136,11 +136,12 @@ def render_markdown(result: BenchResult, *, command: str = "", plots: set[str] |
 # ----- plots ------------------------------------------------------------------------------------
 
 
-def _log_seconds(ax: Any) -> None:
-    """A log axis of seconds labelled 0.1, 1, 10 (no crowded minor labels)."""
-    from matplotlib.ticker import FuncFormatter, NullFormatter
+def _log_x(ax: Any) -> None:
+    """A log x axis labelled 0.1, 0.2, 0.5, 1, 2, 5 ... in plain numbers (no crowded minor labels)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.xaxis.set_minor_formatter(NullFormatter())
 
@@ -166,7 +167,7 @@ def _ttft_cdfs(figure: Any, result: BenchResult, path: pathlib.Path) -> pathlib.
     for ax, (title, cdfs) in zip(axes, panels):
         for name, values in cdfs.items():
             _ecdf(ax, values, name)
-        _log_seconds(ax)
+        _log_x(ax)
         ax.set_title(title)
         ax.set_xlabel("TTFT (s)")
         ax.set_ylabel("share of requests")
@@ -208,7 +209,6 @@ def _cost_ttft(figure: Any, result: BenchResult, path: pathlib.Path) -> pathlib.
                 ax.scatter([x for x, _ in pts], [y for _, y in pts], marker=markers[i % len(markers)], s=40, alpha=0.85,
                            facecolors=colour if migrates else "none", edgecolors=colour,
                            label=f"{policy}{'' if migrates else ' no-mig'}, {provider}")  # fmt: skip
-    _log_seconds(ax)
     ax.set_xlabel("mean TTFT (s)")
     ax.set_ylabel("cost per request (replay units)")
     ax.set_title("DiSCo: cost against TTFT (every budget)")
@@ -223,7 +223,7 @@ def _slo_attainment(figure: Any, result: BenchResult, path: pathlib.Path) -> pat
     ax = fig.subplots()
     for name, curve in _slice.curves(result.of("slice")).items():
         ax.plot([x for x, _ in curve], [y for _, y in curve], marker="o", label=name)
-    ax.set_xscale("log")
+    _log_x(ax)
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("load (tasks per second)")
     ax.set_ylabel("SLO attainment")
