@@ -180,3 +180,16 @@ def test_cli_out_that_is_a_file_is_refused_before_any_replay(tmp_path: pathlib.P
     blocker.write_text("")
     done = bench_cli("--out", str(blocker), "--requests", "1")
     assert done.returncode == 2 and "not a folder" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_cli_without_out_prints_the_tables_as_markdown(tmp_path: pathlib.Path) -> None:
+    done = bench_cli("--tables", "slice", "--loads", "2", "--requests", "2", "--device-profile", "quiet",
+                     "--data", str(tmp_path), "--workers", "1")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "## SLICE" in done.stdout and "the paper's (quoted)" in done.stdout and "up to 35x" in done.stdout
+
+
+def test_the_bench_imports_matplotlib_only_to_draw() -> None:
+    code = "import sys, pydisco.papers, pydisco.cli; pydisco.cli.build_parser(); print('matplotlib' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr

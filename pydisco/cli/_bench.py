@@ -165,14 +165,12 @@ def run(args: argparse.Namespace) -> int:
     import os
 
     from ..papers import TABLES, plan, run_bench
-    from ..papers._report import render_markdown, write_report
+    from ..papers._report import render_markdown, require_matplotlib, write_report
 
     if args.out is not None:
         if args.out.exists() and not args.out.is_dir():
             raise ConfigurationError(f"--out {args.out}: exists and is not a folder")
-        from ..papers._report import _figure_class
-
-        _figure_class()  # a missing matplotlib stops here, before minutes of replays
+        require_matplotlib()  # a missing matplotlib stops here, before minutes of replays
     setup = _setup(args)
     tables = args.tables or TABLES
     runs = len(plan(setup, tables))
@@ -190,13 +188,8 @@ def run(args: argparse.Namespace) -> int:
         if not args.json:
             print(f"wrote {', '.join(str(p) for p in written)}")
     if args.json:
-        print(json.dumps(_finite(result.to_json())))
+        print(json.dumps(result.to_json()))
     elif args.out is None:
         print(render_markdown(result, command=command, plots=set()))
     return 0
 
-
-def _finite(value: Any) -> Any:
-    from ..replay._run import _finite as finite
-
-    return finite(value)

@@ -15,7 +15,7 @@ from ._figures import PAPER_FIGURES, PAPERS
 from ._run import BenchResult
 from ._table import PaperTable, pct
 
-__all__ = ["PLOTS", "render_markdown", "write_report"]
+__all__ = ["PLOTS", "render_markdown", "require_matplotlib", "write_report"]
 
 PLOTS = {
     "ttft_cdf.png": "TTFT CDFs per policy (DiSCo per server at the middle budget; P/D-Device)",
@@ -27,7 +27,8 @@ _PLOT_OF_TABLE = {"disco": ("ttft_cdf.png", "cost_ttft.png"), "pd": ("ttft_cdf.p
                   "slice": ("slo_attainment.png",)}  # fmt: skip
 
 
-def _figure_class() -> Any:
+def require_matplotlib() -> Any:
+    """matplotlib's ``Figure``, or ``MissingExtraError`` naming the extra that brings it."""
     try:
         from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
     except ImportError:
@@ -37,7 +38,7 @@ def _figure_class() -> Any:
 
 def write_report(result: BenchResult, out: pathlib.Path, *, command: str = "") -> list[pathlib.Path]:
     """Write ``out/report.md`` and the plots of the tables that ran; the files written."""
-    figure = _figure_class()  # before any work: a missing extra stops here
+    figure = require_matplotlib()  # before any work: a missing extra stops here
     out.mkdir(parents=True, exist_ok=True)
     ran = {t.key for t in result.tables}
     written: list[pathlib.Path] = []

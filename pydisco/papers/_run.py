@@ -10,6 +10,7 @@ import pathlib
 import tempfile
 from collections.abc import Callable, Sequence
 
+from ..replay._run import finite_json
 from ..replay._sweep import read_rows, sweep_runs
 from . import _andes, _disco, _pd, _slice
 from ._figures import PAPER_FIGURES
@@ -44,14 +45,16 @@ class BenchResult:
         return [r for r in self.results if r.run.table == table]
 
     def to_json(self) -> dict[str, object]:
-        return {
+        """Plain JSON values (NaN as None): the headlines, the quoted figures, the setup, the tables."""
+        out: dict[str, object] = finite_json({
             **self.headlines(),
             "paper": {k: {"text": f.text, "paper": f.paper} for k, f in PAPER_FIGURES.items()},
             "setup": self.setup.describe(),
             "tables": [dataclasses.asdict(t) for t in self.tables],
             "replays": len(self.results),
             "wall_s_of_replays": sum(r.wall_s for r in self.results),
-        }
+        })
+        return out
 
 
 def plan(setup: BenchSetup, tables: Sequence[str] = TABLES) -> list[Run]:

@@ -22,30 +22,29 @@ __all__ = ["DEFAULT", "QUICK", "BenchSetup", "FixedSlo", "MixedTasks", "Run", "R
 
 AZURE_FILE = "traces/AzureLLMInferenceTrace_conv.csv"
 SERVER_TTFT_DIR = "server_ttft"
-# A fast, a middling and a heavy-tailed API of the llmperf records (TTFT p99 0.34 / 0.95 / 60 s).
-DEFAULT_PROVIDERS = ("groq_70b", "fireworks_70b", "replicate_70b")
-DEFAULT_BUDGETS = (0.1, 0.3, 0.5, 0.7, 0.9)
-DEFAULT_LOADS = (0.5, 1.0, 2.0, 4.0, 8.0)  # SLICE: tasks per second on the one device
-DEFAULT_REQUESTS = 60
-# `pydisco bench --quick` and bench/replay.py: a minute or two on two cores. One API whose
-# median TTFT (0.52 s) the device beats on short prompts, so DiSCo has something to decide.
-
-
-@dataclasses.dataclass(frozen=True)
-class Sizes:
-    requests: int = DEFAULT_REQUESTS
-    budgets: tuple[float, ...] = DEFAULT_BUDGETS
-    loads: tuple[float, ...] = DEFAULT_LOADS
-    providers: tuple[str, ...] = DEFAULT_PROVIDERS
-
-
-DEFAULT = Sizes()
-QUICK = Sizes(requests=20, budgets=(0.1, 0.5, 0.9), loads=(1.0, 4.0), providers=("fireworks_70b",))
 DATA_ENV = "PYDISCO_DATA_DIR"
 # SmolLM2's trained context. The device engine's default n_ctx is 2048, too short for half the
 # Azure conversation prompts and their answers; the papers' devices hold their prompts.
 DEVICE_CONTEXT = 8192
 DEVICE_TOKEN_COST = 0.2  # a device token against a cloud token of 1 (the replay's default)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    """How big a bench is: ``requests`` per replay, DiSCo's ``budgets`` and ``providers`` (the
+    first also serves the other tables), SLICE's ``loads`` (tasks per second)."""
+
+    requests: int = 60
+    budgets: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
+    loads: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)
+    # A fast, a middling and a heavy-tailed API of the llmperf records (TTFT p99 0.34 / 0.95 / 60 s).
+    providers: tuple[str, ...] = ("groq_70b", "fireworks_70b", "replicate_70b")
+
+
+DEFAULT = Sizes()
+# `pydisco bench --quick` and bench/replay.py: a minute or two on two cores. One API whose median
+# TTFT (0.52 s) the device beats on short prompts, so that DiSCo has something to decide.
+QUICK = Sizes(requests=20, budgets=(0.1, 0.5, 0.9), loads=(1.0, 4.0), providers=("fireworks_70b",))
 
 
 def default_data_dir() -> pathlib.Path | None:
@@ -153,9 +152,9 @@ class BenchSetup:
         cls,
         *,
         requests: int,
-        budgets: Sequence[float] = DEFAULT_BUDGETS,
-        loads: Sequence[float] = DEFAULT_LOADS,
-        providers: Sequence[str] | None = DEFAULT_PROVIDERS,
+        budgets: Sequence[float] = DEFAULT.budgets,
+        loads: Sequence[float] = DEFAULT.loads,
+        providers: Sequence[str] | None = DEFAULT.providers,
         seed: int = 0,
         data_dir: pathlib.Path | None = None,
         device: DeviceModel | None = None,

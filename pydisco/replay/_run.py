@@ -195,7 +195,7 @@ class ReplaySummary:
         """The summary as plain JSON values (what ``pydisco replay --json`` prints)."""
         served = self.outcomes["completed"] + self.outcomes["failed"]
         budget_on = str(self.config.get("budget_on", "cloud"))
-        out: dict[str, object] = _finite({
+        out: dict[str, object] = finite_json({
             "requests": self.requests,
             "outcomes": dict(self.outcomes),
             "routed_from_device": self.routed_from_device,
@@ -216,14 +216,14 @@ class ReplaySummary:
         return out
 
 
-def _finite(value: Any) -> Any:
+def finite_json(value: Any) -> Any:
     """NaN and infinities as None: strict JSON has no such numbers."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: finite_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
+        return [finite_json(v) for v in value]
     return value
 
 
