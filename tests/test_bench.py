@@ -193,3 +193,11 @@ def test_the_bench_imports_matplotlib_only_to_draw() -> None:
     code = "import sys, pydisco.papers, pydisco.cli; pydisco.cli.build_parser(); print('matplotlib' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr
+
+
+def test_the_tables_do_not_depend_on_the_executor() -> None:
+    setup = small_setup(seed=2, loads=(4.0,))
+    inline = run_bench(setup, ["slice"], executor=InlineExecutor())
+    with concurrent.futures.ProcessPoolExecutor(max_workers=2) as pool:
+        pooled = run_bench(setup, ["slice"], executor=pool)
+    assert [(t.rows, t.headlines) for t in pooled.tables] == [(t.rows, t.headlines) for t in inline.tables]

@@ -28,6 +28,10 @@ from ._args import existing_file, non_negative_float, positive_int
 
 
 
+def _joined(values: tuple[object, ...]) -> str:
+    return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+
+
 def _list(kind: Any, what: str) -> Any:
     def parse(text: str) -> tuple[Any, ...]:
         items = [t.strip() for t in text.split(",")]
@@ -95,14 +99,15 @@ def add_parser(subparsers: Any) -> None:
     )  # fmt: skip
     add = parser.add_argument
     add("--quick", action="store_true", help=f"A small run (a minute or two): {QUICK.requests} requests per replay, "
-        "budgets 0.1,0.5,0.9, loads 1,4, the fireworks_70b server; any option given overrides it.")
+        f"budgets {_joined(QUICK.budgets)}, loads {_joined(QUICK.loads)}, servers {_joined(QUICK.providers)}; "
+        "any option given overrides it.")
     add("--requests", type=positive_int, metavar="N", help=f"Requests per replay (default {DEFAULT.requests}; Andes replays 4x as many).")
     add("--tables", type=_list(_table, "tables"), metavar="NAME[,NAME]", help="Which tables: disco, pd, andes, slice (default all).")
-    add("--budgets", type=_list(_budget, "budgets"), metavar="B[,B]", help="DiSCo's budgets (default 0.1,0.3,0.5,0.7,0.9).")
+    add("--budgets", type=_list(_budget, "budgets"), metavar="B[,B]", help=f"DiSCo's budgets (default {_joined(DEFAULT.budgets)}).")
     add("--providers", type=_providers, metavar="NAME[,NAME]|all",
-        help="The measured APIs (server_ttft/<NAME>.json) DiSCo runs against (default groq_70b,fireworks_70b,replicate_70b; "
+        help=f"The measured APIs (server_ttft/<NAME>.json) DiSCo runs against (default {_joined(DEFAULT.providers)}; "
              "the first also serves the other tables).")  # fmt: skip
-    add("--loads", type=_list(_rate, "loads"), metavar="RATE[,RATE]", help="SLICE's arrival rates per second (default 0.5,1,2,4,8).")
+    add("--loads", type=_list(_rate, "loads"), metavar="RATE[,RATE]", help=f"SLICE's arrival rates per second (default {_joined(DEFAULT.loads)}).")
     add("--seed", type=_seed, default=0, help="Seed of every replay (default 0).")
     add("--data", type=_data_dir, metavar="DIR", help="Where the trace and server records are (default ../shared/data).")
     add("--device-profile", type=_device_profile, default="cached", metavar="FILE|cached|quiet",
