@@ -42,9 +42,9 @@ class Sizes:
 
 
 DEFAULT = Sizes()
-# `pydisco bench --quick` and bench/replay.py: a minute or two on two cores. One API whose median
-# TTFT (0.52 s) the device beats on short prompts, so that DiSCo has something to decide.
-QUICK = Sizes(requests=20, budgets=(0.1, 0.5, 0.9), loads=(1.0, 4.0), providers=("fireworks_70b",))
+# `pydisco bench --quick` and bench/replay.py: a minute or two on two cores. A fast API, and one
+# whose median TTFT (0.52 s) the device beats on short prompts, so that DiSCo has something to decide.
+QUICK = Sizes(requests=20, budgets=(0.1, 0.5, 0.9), loads=(1.0, 4.0), providers=("groq_70b", "fireworks_70b"))
 
 
 def default_data_dir() -> pathlib.Path | None:
