@@ -147,12 +147,16 @@ def _log_x(ax: Any) -> None:
     ax.xaxis.set_minor_formatter(NullFormatter())
 
 
-def _ecdf(ax: Any, values: Sequence[float], label: str) -> None:
+# Policies that decide alike draw the same curve: dashes keep the one underneath visible.
+_LINES = ("-", "--", "-.", ":")
+
+
+def _ecdf(ax: Any, values: Sequence[float], label: str, index: int = 0) -> None:
     xs = sorted(values)
     if not xs:
         return
     ys = [(i + 1) / len(xs) for i in range(len(xs))]
-    ax.step(xs, ys, where="post", label=label)
+    ax.step(xs, ys, where="post", label=label, linestyle=_LINES[index % len(_LINES)], linewidth=1.6)
 
 
 def _ttft_cdfs(figure: Any, result: BenchResult, path: pathlib.Path) -> pathlib.Path:
@@ -166,8 +170,8 @@ def _ttft_cdfs(figure: Any, result: BenchResult, path: pathlib.Path) -> pathlib.
     fig = figure(figsize=(5.0 * len(panels), 4.0), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (title, cdfs) in zip(axes, panels):
-        for name, values in cdfs.items():
-            _ecdf(ax, values, name)
+        for i, (name, values) in enumerate(cdfs.items()):
+            _ecdf(ax, values, name, i)
         _log_x(ax)
         ax.set_title(title)
         ax.set_xlabel("TTFT (s)")
@@ -181,8 +185,8 @@ def _ttft_cdfs(figure: Any, result: BenchResult, path: pathlib.Path) -> pathlib.
 def _cdf_plot(figure: Any, series: dict[str, list[float]], what: str, path: pathlib.Path, title: str) -> pathlib.Path:
     fig = figure(figsize=(5.5, 4.0), layout="constrained")
     ax = fig.subplots()
-    for name, values in series.items():
-        _ecdf(ax, values, name)
+    for i, (name, values) in enumerate(series.items()):
+        _ecdf(ax, values, name, i)
     ax.set_title(title)
     ax.set_xlabel(what)
     ax.set_ylabel("share of requests")
