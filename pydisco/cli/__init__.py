@@ -24,6 +24,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "pydisco.cli._profile",
     "pydisco.cli._serve",
     "pydisco.cli._replay",
+    "pydisco.cli._bench",
 )
 
 EXIT_FAILED = 1  # the work was tried and failed (no endpoint could finish the answer), or a bug

@@ -23,7 +23,7 @@ import trio.testing
 
 from .._errors import ConfigurationError, PydiscoError
 from .._groups import single_exception
-from ..policies import create_dispatch_policy
+from ..policies import create_dispatch_policy, step_scheduler_names
 from ..policies._base import Budget, EndpointName, Slo
 from ..runtime import AnswerFailed, RuntimeConfig, open_runtime
 from ..workloads import TraceRequest
@@ -48,7 +48,8 @@ def default_budget_endpoint(dispatch: str) -> EndpointName:
 class ReplayConfig:
     """What to replay against. ``device`` / ``server``: the endpoint models (None leaves that
     endpoint out). ``device_mode``: ``"fleet"`` (each request its own device, as a trace of
-    many users) or ``"shared"`` (one device runs them all, batched). ``budget``: the share of
+    many users) or ``"shared"`` (one device runs them all, batched, at most
+    ``device_max_batch`` at once under the step scheduler ``device_scheduler``). ``budget``: the share of
     tokens ``budget_on`` may process (default per dispatch policy: :func:`default_budget_endpoint`).
     ``slo``: for requests whose trace gives none. ``pace``: release at the reading rate
     (Andes' pacer), as the runtime does by default. ``seed`` fixes everything random: the
@@ -62,6 +63,7 @@ class ReplayConfig:
     device: DeviceModel | None = None
     device_mode: Literal["fleet", "shared"] = "fleet"
     device_max_batch: int = 4
+    device_scheduler: str = "fcfs"
     server: ServerModel | None = None
     link: LastHop | None = None
     slo: Slo = Slo()
@@ -80,6 +82,9 @@ class ReplayConfig:
             raise ConfigurationError(f"the budget is a share in [0, 1], got {self.budget!r}")
         if self.device_mode not in ("fleet", "shared"):
             raise ConfigurationError(f"device_mode is 'fleet' or 'shared', not {self.device_mode!r}")
+        if self.device_scheduler not in step_scheduler_names():
+            known = ", ".join(step_scheduler_names())
+            raise ConfigurationError(f"unknown step scheduler {self.device_scheduler!r}; known: {known}")
 
     def runtime_config(self) -> RuntimeConfig:
         options = dict(self.dispatch_options)
@@ -117,14 +122,18 @@ class RequestRow:
     tokens: int  # tokens the reader received
     ttft_s: float
     tbt_p50_s: float
+    tbt_mean_s: float  # the answer's mean time per output token as the reader got it
     tbt_max_s: float
     qoe: float
     ttft_target_s: float
+    tpot_target_s: float  # 1 / the SLO's reading rate
+    realtime: bool  # the SLO's real-time class (SLICE)
     endpoints: str  # those that committed tokens, in order, joined by "+"
     migrations: int
     failovers: int
     device_refused: bool  # the device could not take it (context): routed elsewhere or refused
     cloud_tokens: int  # prompt + answer tokens the cloud processed
+    cloud_decoded_tokens: int  # answer tokens the cloud produced (committed or not)
     device_tokens: int
     cost: float
     device_energy_j: float
@@ -186,7 +195,7 @@ class ReplaySummary:
         """The summary as plain JSON values (what ``pydisco replay --json`` prints)."""
         served = self.outcomes["completed"] + self.outcomes["failed"]
         budget_on = str(self.config.get("budget_on", "cloud"))
-        out: dict[str, object] = _finite({
+        out: dict[str, object] = finite_json({
             "requests": self.requests,
             "outcomes": dict(self.outcomes),
             "routed_from_device": self.routed_from_device,
@@ -207,14 +216,14 @@ class ReplaySummary:
         return out
 
 
-def _finite(value: Any) -> Any:
+def finite_json(value: Any) -> Any:
     """NaN and infinities as None: strict JSON has no such numbers."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: finite_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
+        return [finite_json(v) for v in value]
     return value
 
 
@@ -249,6 +258,8 @@ def describe(config: ReplayConfig) -> dict[str, object]:
         "dispatch": config.dispatch, "migration": config.migration, "budget": config.budget,
         "budget_on": config.budget_on or default_budget_endpoint(config.dispatch), "seed": config.seed,
         "device": None if config.device is None else {"mode": config.device_mode, "source": config.device.source,
+                                                      **({"scheduler": config.device_scheduler, "max_batch": config.device_max_batch}
+                                                         if config.device_mode == "shared" else {}),
                                                       "prefill_a_s": config.device.prefill_a_s,
                                                       "prefill_c_s_per_token": config.device.prefill_c_s_per_token,
                                                       "decode_s_per_token": config.device.decode_s_per_token,
@@ -282,7 +293,7 @@ async def _replay(
     cloud: SimulatedCloud | None = None
     if config.device is not None:
         if config.device_mode == "shared":
-            device = SharedDevice(config.device, book, max_batch=config.device_max_batch)
+            device = SharedDevice(config.device, book, max_batch=config.device_max_batch, scheduler=config.device_scheduler)
         else:
             device = SimulatedDevice(config.device, book)
         endpoints["device"] = device
@@ -328,9 +339,10 @@ async def _answer(
         fields: dict[str, Any] = dict(
             index=index, arrival_s=request.arrival_s, prompt_tokens=request.prompt_tokens,
             output_tokens=request.output_tokens, outcome=outcome, finish_reason=finish, tokens=0,
-            ttft_s=nan, tbt_p50_s=nan, tbt_max_s=nan, qoe=nan, ttft_target_s=slo.ttft_target_s,
-            endpoints="", migrations=0, failovers=0, device_refused=False, cloud_tokens=0,
-            device_tokens=0, cost=0.0, device_energy_j=0.0, error=error,
+            ttft_s=nan, tbt_p50_s=nan, tbt_mean_s=nan, tbt_max_s=nan, qoe=nan, ttft_target_s=slo.ttft_target_s,
+            tpot_target_s=slo.tpot_s, realtime=slo.realtime, endpoints="", migrations=0, failovers=0,
+            device_refused=False, cloud_tokens=0, cloud_decoded_tokens=0, device_tokens=0, cost=0.0,
+            device_energy_j=0.0, error=error,
         )  # fmt: skip
         fields.update(kw)
         return RequestRow(**fields)
@@ -366,16 +378,22 @@ async def _answer(
     return row(
         outcome, report.finish_reason, _one_line(failure) if failure is not None else "",
         tokens=report.tokens, ttft_s=report.ttft_s if report.ttft_s is not None else nan,
-        tbt_p50_s=statistics.median(tbt) if tbt else nan, tbt_max_s=max(tbt) if tbt else nan, qoe=report.qoe,
+        tbt_p50_s=statistics.median(tbt) if tbt else nan, tbt_mean_s=statistics.fmean(tbt) if tbt else nan,
+        tbt_max_s=max(tbt) if tbt else nan, qoe=report.qoe,
         endpoints="+".join(report.endpoints_used), migrations=kinds.count("migration"),
         failovers=kinds.count("failover"), device_refused=refused_by_device,
-        cloud_tokens=_tokens(usage.get("cloud")), device_tokens=_tokens(usage.get("device")),
+        cloud_tokens=_tokens(usage.get("cloud")), cloud_decoded_tokens=_decoded(usage.get("cloud")),
+        device_tokens=_tokens(usage.get("device")),
         cost=report.total_cost, device_energy_j=energy,
     ), tbt  # fmt: skip
 
 
 def _tokens(usage: Any) -> int:
     return 0 if usage is None else int(usage.prefilled_tokens + usage.offered_tokens)
+
+
+def _decoded(usage: Any) -> int:
+    return 0 if usage is None else int(usage.offered_tokens)
 
 
 def _one_line(error: BaseException | None) -> str:

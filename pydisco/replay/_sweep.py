@@ -12,7 +12,8 @@ import itertools
 import math
 import os
 import pathlib
-from collections.abc import Iterator, Sequence
+import random
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from .._errors import ConfigurationError
@@ -25,12 +26,16 @@ from ..workloads import (
     PoissonArrivals,
     TraceFormat,
     TraceRequest,
+    andes_slo,
     iter_synthetic,
     iter_trace,
 )
+from ..policies._base import Slo
 from ._run import ReplayConfig, RequestRow, replay
 
-__all__ = ["RowWriter", "WorkloadSpec", "run_one", "sweep"]
+__all__ = ["RowWriter", "WorkloadSpec", "read_rows", "run_one", "sweep", "sweep_runs"]
+
+SloDraw = Callable[[int, random.Random], Slo]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +43,8 @@ class WorkloadSpec:
     """A workload described by value, so another process can open it again: a trace file
     (``path``, ``format`` or recognised), or ``synthetic`` requests from the generators.
     ``limit``: only the first that many requests. ``seed``: the synthetic draws (and the Andes
-    trace's arrivals, at ``andes_rate_per_s``)."""
+    trace's arrivals, at ``andes_rate_per_s``). ``slo``: each synthetic request's SLO from its
+    prompt length (a picklable callable; default Andes' readers, None for none)."""
 
     path: str | None = None
     format: TraceFormat | None = None
@@ -49,6 +55,7 @@ class WorkloadSpec:
     limit: int | None = None
     seed: int = 0
     andes_rate_per_s: float | None = 1.0
+    slo: SloDraw | None = andes_slo
 
     def open(self) -> Iterator[TraceRequest]:
         if self.path is not None:
@@ -58,7 +65,7 @@ class WorkloadSpec:
         else:
             stream = iter_synthetic(self.synthetic if self.synthetic is not None else 1000, seed=self.seed,
                                     arrivals=self.arrivals, prompt_len_dist=self.prompt_lengths,
-                                    output_len_dist=self.output_lengths)  # fmt: skip
+                                    output_len_dist=self.output_lengths, slo=self.slo)  # fmt: skip
         return itertools.islice(stream, self.limit) if self.limit is not None else stream
 
     def describe(self) -> str:
@@ -124,6 +131,28 @@ class RowWriter:
                 self._parquet_writer.close()
 
 
+def read_rows(path: str | os.PathLike[str]) -> Iterator[RequestRow]:
+    """The rows of a CSV table that :class:`RowWriter` wrote, typed again (an empty cell is NaN)."""
+    kinds = {f.name: f.type for f in dataclasses.fields(RequestRow)}  # annotations as text
+
+    def value(name: str, text: str) -> object:
+        kind = kinds[name]
+        if kind == "float":
+            return math.nan if text == "" else float(text)
+        if kind == "int":
+            return int(text)
+        if kind == "bool":
+            return text == "True"
+        return text
+
+    with pathlib.Path(path).open(newline="", encoding="utf-8") as file:
+        reader = csv.DictReader(file)
+        if reader.fieldnames is None or set(reader.fieldnames) != set(kinds):
+            raise ConfigurationError(f"{path}: not a replay's per-request table (columns {reader.fieldnames})")
+        for record in reader:
+            yield RequestRow(**{name: value(name, text) for name, text in record.items()})  # type: ignore[arg-type]
+
+
 def run_one(workload: WorkloadSpec, config: ReplayConfig, rows_path: str | None = None) -> dict[str, object]:
     """One replay, as a sweep's worker runs it: the summary as JSON values (picklable)."""
     if rows_path is None:
@@ -142,13 +171,31 @@ def sweep(
     """Replay ``workload`` under each config on ``executor`` (default: a process pool with one
     worker per core) and return the summaries in the configs' order. Each replay is
     deterministic, so the results do not depend on the executor or the order runs finish in."""
-    paths = list(rows_paths) if rows_paths is not None else [None] * len(configs)
-    if len(paths) != len(configs):
-        raise ValueError("rows_paths needs one entry per config")
+    return sweep_runs([(workload, c) for c in configs], executor=executor, rows_paths=rows_paths)
+
+
+Progress = Callable[[int, int], None]  # (replays finished, replays in all)
+
+
+def sweep_runs(
+    runs: Sequence[tuple[WorkloadSpec, ReplayConfig]],
+    *,
+    executor: concurrent.futures.Executor | None = None,
+    rows_paths: Sequence[str | None] | None = None,
+    progress: Progress | None = None,
+) -> list[dict[str, object]]:
+    """As :func:`sweep`, for runs that each name their own workload; ``progress`` is called as
+    each replay ends."""
+    paths = list(rows_paths) if rows_paths is not None else [None] * len(runs)
+    if len(paths) != len(runs):
+        raise ValueError("rows_paths needs one entry per run")
     own = executor is None
-    pool = executor if executor is not None else concurrent.futures.ProcessPoolExecutor(max_workers=min(len(configs), os.cpu_count() or 1) or 1)
+    pool = executor if executor is not None else concurrent.futures.ProcessPoolExecutor(max_workers=min(len(runs), os.cpu_count() or 1) or 1)
     try:
-        futures = [pool.submit(run_one, workload, c, p) for c, p in zip(configs, paths)]
+        futures = [pool.submit(run_one, w, c, p) for (w, c), p in zip(runs, paths)]
+        if progress is not None:
+            for done, _ in enumerate(concurrent.futures.as_completed(futures), 1):
+                progress(done, len(futures))
         return [f.result() for f in futures]
     finally:
         if own:
