@@ -31,7 +31,7 @@ from ._args import dispatch_policy, gguf_model, migration_policy, non_empty, non
 from ._args import shell_schemes, transport_url, zenoh_endpoint, zenoh_key_prefix
 from ._args import add_logging_options, configure_logging_from
 
-LOOPBACK_TRANSPORTS = ("wss", "ws", "quic")
+LOOPBACK_TRANSPORTS = ("wss", "ws", "quic", "zenoh")  # zenoh needs pydisco[zenoh]
 
 
 def add_parser(subparsers: Any) -> None:
