@@ -134,3 +134,32 @@ async def test_through_a_zenoh_router_each_connection_reaches_exactly_one_of_two
                 await conn.aclose()
         nursery.cancel_scope.cancel()
     assert len(served) == 4  # one handler per connection: no second server took it too
+
+
+@trio_test(60)
+async def test_a_server_gone_mid_answer_is_a_failover_to_the_device() -> None:
+    from cloud_support import TOKEN, StubBackend, start_server
+    from pydisco import RuntimeConfig, open_runtime
+    from pydisco._types import TokenPiece
+    from pydisco.cloud import open_cloud_endpoint
+    from pydisco.policies._base import Slo
+    from pydisco.testing import ScriptedEndpoint
+
+    length = 30
+    same_tokens = [TokenPiece(position=i, token_id=i, text=f"t{i} ") for i in range(length)]  # StubBackend's
+    config = RuntimeConfig(device_model=None, dispatch="cloud-only", migration="never", slo=Slo(reading_rate=400.0))
+    async with trio.open_nursery() as nursery:
+        server, life = await start_server(nursery, StubBackend(period=0.02), ["zenoh"])
+        async with open_cloud_endpoint(server.urls[0], token=TOKEN) as cloud:
+            device = ScriptedEndpoint("device", same_tokens, prefill_s=0.01, gaps_s=[0.002])
+            async with open_runtime(config, endpoints={"device": device, "cloud": cloud}) as rt:
+                async with rt.stream(prompt="x", max_tokens=length) as answer:
+                    async for piece in answer:
+                        if piece.position == 4:
+                            life.cancel()  # the server goes away mid-answer
+                report = answer.report
+        nursery.cancel_scope.cancel()
+    assert report.text == "".join(p.text for p in same_tokens) and report.finish_reason == "length"
+    (failover,) = report.migrations
+    assert (failover.kind, failover.source, failover.target) == ("failover", "cloud", "device")
+    assert failover.handover_position >= 5
