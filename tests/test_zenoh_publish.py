@@ -134,3 +134,21 @@ def test_a_failed_answer_is_published_to_its_end_and_then_raises(sessions: tuple
 def test_a_key_prefix_zenoh_cannot_carry_is_refused(prefix: str) -> None:
     with pytest.raises(ValueError, match="key prefix"):
         answer_keys(prefix, "a1")
+
+
+def test_a_blocking_answer_is_published_from_the_calling_thread(sessions: tuple[Any, Any, Received]) -> None:
+    from pydisco import BlockingRuntime
+    from pydisco.runtime import publish_to_zenoh_blocking
+
+    _, runtime_side, received = sessions
+    endpoints = {"device": ScriptedEndpoint("device", ANSWER, prefill_s=0.01, gaps_s=[0.002])}
+    shown: list[int] = []
+    with BlockingRuntime(CONFIG, endpoints=endpoints) as rt:
+        answer = rt.stream(prompt="hi", max_tokens=12)
+        tokens_key, report_key = answer_keys(PREFIX, answer.answer_id)
+        trio.run(until_subscribed, runtime_side, tokens_key)
+        published = publish_to_zenoh_blocking(answer, runtime_side, PREFIX, on_piece=lambda p: shown.append(p.position))
+        trio.run(until_report, received, report_key)
+    *tokens, end = received.on(tokens_key)
+    assert published == len(ANSWER) and shown == [t["position"] for t in tokens] == list(range(len(ANSWER)))
+    assert end["end"] and end["finish_reason"] == "length" and end["tokens"] == len(ANSWER)

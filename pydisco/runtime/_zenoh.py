@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import queue
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,7 @@ import trio
 
 from .._errors import MissingExtraError
 from .._groups import single_exception
+from ._blocking import BlockingAnswer
 from ._handover import AnswerFailed
 from ._report import AnswerReport, Piece
 from ._runtime import AnswerStream
@@ -147,6 +149,47 @@ async def open_answer_publisher(
 async def _run_worker(publisher: ZenohAnswerPublisher) -> None:
     # Not abandoned on cancellation: the thread ends by itself once it has put the queue's rest.
     await trio.to_thread.run_sync(publisher._run, abandon_on_cancel=False)
+
+
+def publish_to_zenoh_blocking(
+    answer: BlockingAnswer,
+    session: zenoh.Session,
+    key_prefix: str = "pydisco",
+    *,
+    on_piece: Callable[[Piece], None] | None = None,
+) -> int:
+    """:func:`publish_to_zenoh` for a :class:`BlockingAnswer`, in the calling thread (which only
+    reads and queues; the same kind of worker thread puts). Returns once everything was put; a
+    Zenoh error in the worker is raised here after the answer was read."""
+    publisher = ZenohAnswerPublisher(session, key_prefix, answer.answer_id)
+    failure: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            publisher._run()
+        except BaseException as e:  # noqa: BLE001 - raised in the calling thread below
+            failure.append(e)
+
+    worker = threading.Thread(target=work, name=f"zenoh publisher {answer.answer_id}", daemon=True)
+    worker.start()
+    tokens = 0
+    try:
+        try:
+            for piece in answer:
+                publisher.token(piece)
+                tokens += 1
+                if on_piece is not None:
+                    on_piece(piece)
+        except AnswerFailed:
+            publisher.finish(answer.report)
+            raise
+        publisher.finish(answer.report)  # the iteration closed the answer: the report is final
+    finally:
+        publisher._queue.put(_DONE)
+        worker.join()
+    if failure:
+        raise failure[0]
+    return tokens
 
 
 async def publish_to_zenoh(
