@@ -152,3 +152,30 @@ def test_a_blocking_answer_is_published_from_the_calling_thread(sessions: tuple[
     *tokens, end = received.on(tokens_key)
     assert published == len(ANSWER) and shown == [t["position"] for t in tokens] == list(range(len(ANSWER)))
     assert end["end"] and end["finish_reason"] == "length" and end["tokens"] == len(ANSWER)
+
+
+def test_a_publisher_cancelled_mid_answer_puts_what_it_read_and_no_end(sessions: tuple[Any, Any, Received]) -> None:
+    _, runtime_side, received = sessions
+    slow = Slo(ttft_target_s=1.0, reading_rate=20.0)  # 50 ms a token: the cut lands mid-answer
+    endpoints = {"device": ScriptedEndpoint("device", ANSWER, prefill_s=0.01, gaps_s=[0.002])}
+
+    async def main() -> tuple[str, int]:
+        with trio.fail_after(30):
+            async with open_runtime(CONFIG, endpoints=endpoints) as rt:
+                async with rt.stream(prompt="hi", max_tokens=12, slo=slow) as answer:
+                    await until_subscribed(runtime_side, answer_keys(PREFIX, answer.answer_id)[0])
+                    read: list[int] = []
+                    with trio.move_on_after(0.2) as scope:
+                        await publish_to_zenoh(answer, runtime_side, PREFIX, on_piece=lambda p: read.append(p.position))
+                    assert scope.cancelled_caught
+                tokens_key = answer_keys(PREFIX, answer.answer_id)[0]
+                while len(received.on(tokens_key)) < len(read):
+                    await trio.sleep(0.01)
+                await trio.sleep(0.1)  # an end message, had one been sent, would be here by now
+                return answer.answer_id, len(read)
+
+    answer_id, read = trio.run(main)
+    tokens_key, report_key = answer_keys(PREFIX, answer_id)
+    messages = received.on(tokens_key)
+    assert 0 < read < len(ANSWER) and [m["position"] for m in messages] == list(range(read))
+    assert not any(m["end"] for m in messages) and received.on(report_key) == []
