@@ -28,8 +28,9 @@ for Zenoh's queue (congestion control ``BLOCK``), so it runs in a worker thread,
 per connection; opening and closing sessions do too.
 
 ``max_frame_size`` is enforced by the receiving side (``FrameTooLarge``, the connection stays
-usable); Zenoh itself has received the whole sample by then (its own limit, set here to a few
-times the frame limit, bounds that). Frames travel in the clear on ``tcp/``: authentication is
+usable); Zenoh itself has received the whole sample by then. Its own limit, set here to a few
+times the frame limit, bounds that: Zenoh drops a bigger sample silently (the frame is lost,
+the connection stays up). Frames travel in the clear on ``tcp/``: authentication is
 the protocol's (hello/auth); encrypt the Zenoh network itself (TLS links in the routers'
 configuration) where it leaves the robot.
 """
@@ -75,8 +76,8 @@ control from subscriber to publisher; this bounds what a flooding peer costs).""
 
 
 def _zenoh_rx_limit(max_frame_size: int) -> int:
-    # Zenoh reassembles a sample whole; beyond this it drops the link. Frames between the frame
-    # limit and this are refused one by one with FrameTooLarge instead, as on WebSocket.
+    # Zenoh reassembles a sample whole; beyond this it drops the sample (measured: silently, the
+    # link stays up). Frames between the frame limit and this get FrameTooLarge, as on WebSocket.
     return 4 * max_frame_size + 1024
 
 
