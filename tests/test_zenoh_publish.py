@@ -136,6 +136,12 @@ def test_a_key_prefix_zenoh_cannot_carry_is_refused(prefix: str) -> None:
         answer_keys(prefix, "a1")
 
 
+@pytest.mark.parametrize("answer_id", ["", "a/b", "a*", "$x"])
+def test_an_answer_id_that_is_not_one_key_chunk_is_refused(answer_id: str) -> None:
+    with pytest.raises(ValueError, match="one key chunk"):
+        answer_keys("robot", answer_id)
+
+
 def test_a_blocking_answer_is_published_from_the_calling_thread(sessions: tuple[Any, Any, Received]) -> None:
     from pydisco import BlockingRuntime
     from pydisco.runtime import publish_to_zenoh_blocking

@@ -49,6 +49,8 @@ def answer_keys(key_prefix: str, answer_id: str) -> tuple[str, str]:
     prefix = key_prefix.strip("/")
     if not prefix or any(c in prefix for c in "*$?#") or "//" in prefix:
         raise ValueError(f"a Zenoh key prefix is chunks separated by '/', without * $ ? #: got {key_prefix!r}")
+    if not answer_id or any(c in answer_id for c in "/*$?#"):
+        raise ValueError(f"an answer id on Zenoh is one key chunk, without / * $ ? #: got {answer_id!r}")
     base = f"{prefix}/answers/{answer_id}"
     return f"{base}/{TOKENS_SUFFIX}", f"{base}/{REPORT_SUFFIX}"
 
