@@ -14,7 +14,10 @@
   back to back (SmolLM2 on the device, one llama.cpp thread), over its p99 with the ring idle.
   Measured with the loop at SCHED_FIFO when granted (how a robot runs its controller) and at
   normal priority.
-- ``zenoh_p50_vs_ws``: null — the Zenoh transport is not built yet.
+- ``zenoh_p50_vs_ws``: the zenoh:// transport's per-token p50 (server emit -> client receive,
+  the whole stack) over the ws:// transport's, measured in the same run by bench/transport.py
+  (alternating rounds, so the shared machine's load falls on both alike); null with the reason
+  in ``zenoh_missing`` when the zenoh extra is not installed.
 
 The C++ programs are built with CMake into build/bench-embedding (once; reused after).
 """
@@ -185,6 +188,24 @@ def _streaming_loop(build: pathlib.Path, seconds: float, realtime: bool) -> dict
     return streaming
 
 
+def zenoh_vs_ws(quick: bool) -> dict[str, Any]:
+    """bench/transport.py's per-token overhead for ws and zenoh only, in one run of its own."""
+    tokens = "300" if quick else "2000"
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "transport.py"), "--json", "--no-streams", "--schemes", "ws", "zenoh",
+         "--tokens", tokens],
+        check=True, capture_output=True, text=True, timeout=600,
+    ).stdout  # fmt: skip
+    figures: dict[str, Any] = json.loads(out)
+    ws, zenoh = figures["ws_p50_us"], figures["zenoh_p50_us"]
+    return {
+        "ws_p50_us": ws,
+        "zenoh_p50_us": zenoh,
+        "ratio": round(zenoh / ws, 2) if ws and zenoh else None,
+        "missing": figures["missing"].get("zenoh"),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true")
@@ -203,6 +224,7 @@ def main() -> None:
     rounds = 2 if args.quick else 3
     jitter_rt = control_jitter(build, seconds, realtime=True, rounds=rounds)
     jitter_normal = control_jitter(build, seconds, realtime=False, rounds=rounds)
+    zenoh = zenoh_vs_ws(args.quick)
 
     figures: dict[str, Any] = {
         "shm_received_p50_us": shm["latency_p50_us"],
@@ -217,7 +239,10 @@ def main() -> None:
         "control_jitter_ratio": jitter_rt["ratio"],
         "control_jitter": {"realtime_loop": jitter_rt, "normal_priority_loop": jitter_normal},
         "control_jitter_ratio_normal_priority": jitter_normal["ratio"],
-        "zenoh_p50_vs_ws": None,
+        "zenoh_p50_vs_ws": zenoh["ratio"],
+        "zenoh_p50_us": zenoh["zenoh_p50_us"],
+        "ws_p50_us": zenoh["ws_p50_us"],
+        "zenoh_missing": zenoh["missing"],
         "load": f"{os.cpu_count()} busy processes (latency); the runtime itself (jitter)",
     }
     rows = [
@@ -226,7 +251,8 @@ def main() -> None:
         ("in-process C++ consumer, p99 (without the hand-off)", f"{inproc['p99']:.1f} µs ({inproc_plain['p99']:.1f} µs)"),
         ("100 Hz loop (SCHED_FIFO) tick lateness p99, idle / streaming", f"{jitter_rt['idle_p99_us']:.1f} / {jitter_rt['streaming_p99_us']:.1f} µs -> ratio {jitter_rt['ratio']:.2f} (granted {jitter_rt['realtime_granted']}, {jitter_rt['answers_during']} answers)"),
         ("100 Hz loop (normal) tick lateness p99, idle / streaming", f"{jitter_normal['idle_p99_us']:.1f} / {jitter_normal['streaming_p99_us']:.1f} µs -> ratio {jitter_normal['ratio']:.2f}"),
-        ("zenoh transport p50 vs websocket", "not built"),
+        ("zenoh transport p50 vs websocket", f"{zenoh['zenoh_p50_us']} / {zenoh['ws_p50_us']} µs -> ratio {zenoh['ratio']}"
+         if zenoh["ratio"] is not None else f"not measured: {zenoh['missing']}"),
     ]
     emit(rows, figures, args.json)
 

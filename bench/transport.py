@@ -13,7 +13,7 @@ ones); a registered scheme that does not load here is reported as missing (null)
    ``CloudEndpoint`` in this process receives it. So the figure is the whole stack: server
    protocol and writer task, transport, client reader and dispatch, up to the sink. The baseline
    is the same pacing over bare trio-websocket: one small msgpack message per token, like with
-   like — plain ``ws`` against bare WebSocket, the TLS schemes (``wss``, ``quic``) against bare
+   like — the plain schemes (``ws``, ``zenoh``) against bare WebSocket, the TLS ones (``wss``, ``quic``) against bare
    WebSocket over TLS.
 2. Sustained concurrent streams. The stub emits ``--rate`` tokens/s per stream on absolute
    deadlines; K streams (16 per connection) run at once for ``--stream-tokens`` tokens. Delivery
@@ -48,7 +48,7 @@ from pydisco._types import GenerationRequest, GenerationResult, TokenPiece, Toke
 from _stats import percentile  # the script's own folder is on sys.path
 
 TOKEN = "bench"
-PLAIN = ("ws",)  # schemes without TLS; every other network scheme gets the throwaway certificate
+PLAIN = ("ws", "zenoh")  # schemes without TLS; every other network scheme gets the throwaway certificate
 STREAMS_PER_CONNECTION = 16
 
 

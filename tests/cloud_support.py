@@ -75,8 +75,11 @@ def listen_url(scheme: str) -> str:
     return f"{scheme}://srv:0" if scheme == "memory" else f"{scheme}://127.0.0.1:0"
 
 
+PLAIN = ("ws", "memory", "zenoh")  # schemes without TLS of their own
+
+
 def client_context(scheme: str) -> ssl.SSLContext | None:
-    return None if scheme in ("ws", "memory") else client_tls()
+    return None if scheme in PLAIN else client_tls()
 
 
 # -- the model ----------------------------------------------------------------------------
@@ -215,7 +218,7 @@ def server_config(backend: Backend, schemes: Sequence[str], **options: Any) -> S
         listen=[options.pop("url", None) or listen_url(s) for s in schemes],
         tokens=options.pop("tokens", [TOKEN]),
         backend=backend,
-        ssl_context=server_tls() if any(s not in ("ws", "memory") for s in schemes) else None,
+        ssl_context=server_tls() if any(s not in PLAIN for s in schemes) else None,
         **options,
     )
 

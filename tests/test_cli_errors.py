@@ -80,6 +80,12 @@ BAD_COMMAND_LINES = [
     case(Bad(("run", "hi", "--token", "t"), "--token is the bearer token for --cloud"), "run-token-without-cloud"),
     case(Bad(("run", "hi", "--cloud", "ws://127.0.0.1:1", "--transport", "quic"), "--transport picks the loopback"),
          "run-transport-with-cloud"),  # fmt: skip
+    case(Bad(("run", "hi", "--zenoh", "robot/*"), "--zenoh: a Zenoh key prefix is chunks separated by '/'",
+             usage=True), "run-zenoh-wildcard-prefix"),  # fmt: skip
+    case(Bad(("run", "hi", "--zenoh", "robot", "--zenoh-connect", "127.0.0.1:7447"),
+             "expected a Zenoh endpoint like tcp/127.0.0.1:7447", usage=True), "run-zenoh-endpoint-no-protocol"),  # fmt: skip
+    case(Bad(("run", "hi", "--zenoh-connect", "tcp/127.0.0.1:7447"), "--zenoh-connect says where --zenoh KEY_PREFIX"),
+         "run-zenoh-connect-alone"),  # fmt: skip
     case(Bad(("run", "hi", "--model", "{tmp}/missing.gguf"), "model file not found", usage=True, llama=True),
          "run-model-missing"),  # fmt: skip
     case(Bad(("run", "hi", "--model", "{tmp}/notes.gguf"), "not a GGUF model file", usage=True, llama=True),

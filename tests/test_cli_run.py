@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -59,3 +60,26 @@ def test_run_writes_a_trace_and_logs_json_lines_with_the_answer_id(tmp_path: pat
 def test_run_refuses_a_trace_file_in_a_missing_folder(tmp_path: pathlib.Path) -> None:
     result = pydisco("run", "Hi", "--no-cloud", "--trace", str(tmp_path / "nowhere" / "t.json"))
     assert result.returncode == 2 and "--trace" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_run_publishes_the_answer_on_zenoh(tmp_path: pathlib.Path) -> None:
+    zenoh = pytest.importorskip("zenoh")
+    from zenoh_support import free_port, loopback_config
+
+    endpoint = f"tcp/127.0.0.1:{free_port()}"
+    config_file = tmp_path / "zenoh.json5"  # the command's session: no multicast scouting either
+    config_file.write_text(json.dumps({"scouting": {"multicast": {"enabled": False}}, "listen": {"endpoints": []}}))
+    got: list[tuple[str, dict[str, object]]] = []
+    with zenoh.open(loopback_config(listen=[endpoint])) as session:
+        session.declare_subscriber("pydisco/cli-test/**", lambda s: got.append((str(s.key_expr), json.loads(s.payload.to_bytes()))))
+        result = subprocess.run(
+            [sys.executable, "-m", "pydisco.cli", "run", "Say hello.", "--max-tokens", "6", "--reading-rate", "0",
+             "--threads", "1", "--no-cloud", "--json", "--zenoh", "pydisco/cli-test", "--zenoh-connect", endpoint],
+            capture_output=True, text=True, timeout=600, env={**os.environ, "ZENOH_CONFIG": str(config_file)},
+        )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    tokens = [m for key, m in got if key.endswith("/tokens") and not m["end"]]
+    reports = [m for key, m in got if key.endswith("/report")]
+    assert "".join(str(t["text"]) for t in tokens) == report["text"] and len(tokens) == report["tokens"] > 0
+    assert len(reports) == 1 and reports[0]["text"] == report["text"]

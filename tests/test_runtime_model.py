@@ -157,7 +157,7 @@ def test_migration_in_either_direction_gives_the_uninterrupted_text(reference: s
     assert report.endpoints_used == (migration.source, migration.target)
 
 
-@pytest.mark.parametrize("transport", ["wss", "quic"])
+@pytest.mark.parametrize("transport", ["wss", "quic", "zenoh"])
 def test_failover_when_the_cloud_link_dies_mid_answer(reference: str, transport: str) -> None:
     def cut_at_token_4(piece: pydisco.Piece, cloud: object) -> None:
         if piece.position == 4:

@@ -32,7 +32,7 @@ from pydisco.cloud import protocol as P
 from pydisco.linkemu import LinkControl, LinkProfile, serve_udp_proxy
 from pydisco._types import GenerationRequest, GenerationResult
 from pydisco import transports
-from pydisco.transports import _quic_config, memory, quic, websocket
+from pydisco.transports import _quic_config, memory, quic, websocket, zenoh
 
 LOCAL = "127.0.0.1"
 FOREVER = 10**6  # max_tokens of an answer that only ends when cancelled
@@ -50,7 +50,8 @@ def no_warnings_from_pydisco(caplog: pytest.LogCaptureFixture) -> list[str]:
 # -- a client that closes cleanly while the server still has frames for it -----------------
 
 CONNECTION_CLASSES = {"memory": memory.MemoryConnection, "ws": websocket.WebSocketConnection,
-                      "wss": websocket.WebSocketConnection, "quic": quic.QuicFrameConnection}  # fmt: skip
+                      "wss": websocket.WebSocketConnection, "quic": quic.QuicFrameConnection,
+                      "zenoh": zenoh.ZenohConnection}  # fmt: skip
 
 
 class SendLog:

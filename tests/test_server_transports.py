@@ -7,7 +7,7 @@ import importlib
 import pytest
 import trio
 
-from cloud_support import client_context, listen_url, server_tls, transports, trio_test
+from cloud_support import PLAIN, client_context, listen_url, server_tls, transports, trio_test
 from transport_schemes import SCHEMES
 
 LIMIT = 4096
@@ -31,7 +31,7 @@ async def echo_until_closed(connection: transports.FrameConnection) -> None:
 
 
 async def start_echo(nursery: trio.Nursery, scheme: str) -> transports.ListenerInfo:
-    ssl_context = None if scheme in ("ws", "memory") else server_tls()
+    ssl_context = None if scheme in PLAIN else server_tls()
     info: transports.ListenerInfo = await nursery.start(
         lambda task_status: transports.serve(
             echo_until_closed, listen_url(scheme), ssl_context=ssl_context, max_frame_size=LIMIT, task_status=task_status

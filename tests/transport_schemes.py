@@ -1,3 +1,3 @@
-"""The transport schemes the server tests run over (the QUIC transport adds "quic" here)."""
+"""The transport schemes the server tests run over (a new transport adds its scheme here)."""
 
-SCHEMES = ["memory", "ws", "wss", "quic"]
+SCHEMES = ["memory", "ws", "wss", "quic", "zenoh"]

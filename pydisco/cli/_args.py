@@ -101,6 +101,23 @@ def http_url(text: str) -> str:
     return text
 
 
+def zenoh_key_prefix(text: str) -> str:
+    from ..runtime._zenoh import answer_keys  # imports no zenoh: the check is pure
+
+    try:
+        answer_keys(text, "id")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text.strip("/")
+
+
+def zenoh_endpoint(text: str) -> str:
+    protocol, _, address = text.partition("/")
+    if not protocol or not address or not protocol.replace("-", "").isalnum():
+        raise argparse.ArgumentTypeError(f"expected a Zenoh endpoint like tcp/127.0.0.1:7447, got {text!r}")
+    return text
+
+
 def existing_file(text: str) -> pathlib.Path:
     path = pathlib.Path(text).expanduser()
     if path.is_dir():

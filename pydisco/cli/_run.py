@@ -10,25 +10,28 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import pathlib
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import trio
 from rich.console import Console
 
-from .._errors import ConfigurationError
+from .._errors import ConfigurationError, MissingExtraError
 from ..policies import dispatch_policy_names, migration_policy_names
 from ..policies._base import Slo
 from ..policies._base import Budget
 from ..runtime._runtime import AnswerStream, RuntimeConfig, open_runtime
+from ..runtime._zenoh import publish_to_zenoh
 from ._live import AnswerView, LiveView, PlainView, QuietView
 from ._config import add_config_option
 from ._args import dispatch_policy, gguf_model, migration_policy, non_empty, non_negative_float, positive_int
-from ._args import shell_schemes, transport_url
+from ._args import shell_schemes, transport_url, zenoh_endpoint, zenoh_key_prefix
 from ._args import add_logging_options, configure_logging_from
 
-LOOPBACK_TRANSPORTS = ("wss", "ws", "quic")
+LOOPBACK_TRANSPORTS = ("wss", "ws", "quic", "zenoh")  # zenoh needs pydisco[zenoh]
 
 
 def add_parser(subparsers: Any) -> None:
@@ -60,6 +63,12 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--model", type=gguf_model, metavar="PATH",
                         help="The GGUF model for the device and the loopback cloud (default: SmolLM2-135M).")  # fmt: skip
     parser.add_argument("--threads", type=positive_int, metavar="N", help="llama.cpp threads per engine (default: half the CPUs).")
+    parser.add_argument("--zenoh", type=zenoh_key_prefix, metavar="KEY_PREFIX",
+                        help="Also publish the answer on Zenoh: tokens on KEY_PREFIX/answers/<id>/tokens, the report "
+                        "on .../report, as JSON (needs pydisco[zenoh]; docs/embedding.md).")  # fmt: skip
+    parser.add_argument("--zenoh-connect", type=zenoh_endpoint, action="append", metavar="ENDPOINT",
+                        help="A Zenoh router or peer to connect to, e.g. rmw_zenohd's tcp/127.0.0.1:7447 "
+                        "(repeatable; default: Zenoh's own configuration, ZENOH_CONFIG if set).")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="Print the report as JSON instead of text.")
     parser.add_argument("--plain", action="store_true",
                         help="Print plain text even on a terminal, instead of the live coloured view.")  # fmt: skip
@@ -78,12 +87,40 @@ def _check_combination(args: argparse.Namespace) -> None:
         raise ConfigurationError("give --cloud URL or --no-cloud, not both")
     if args.token and args.cloud is None:
         raise ConfigurationError("--token is the bearer token for --cloud URL; the loopback cloud needs none")
+    if args.zenoh_connect and args.zenoh is None:
+        raise ConfigurationError("--zenoh-connect says where --zenoh KEY_PREFIX publishes: give --zenoh too")
     if args.transport is not None and (args.cloud is not None or args.no_cloud):
         raise ConfigurationError("--transport picks the loopback cloud's transport; --cloud URL names its own")
 
 
 async def _main(args: argparse.Namespace, config: RuntimeConfig) -> int:
     messages = [{"role": "user", "content": args.prompt}]
+    zenoh_session = None if args.zenoh is None else await _open_zenoh(args.zenoh_connect or ())
+    try:
+        return await _answer(args, config, messages, zenoh_session)
+    finally:
+        if zenoh_session is not None:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(zenoh_session.close)
+
+
+async def _open_zenoh(connect: Sequence[str]) -> Any:
+    """A Zenoh session on Zenoh's own configuration (ZENOH_CONFIG if set), connected to
+    ``connect`` as well; opened in a thread (it may wait for the network)."""
+    try:
+        import zenoh
+    except ImportError as e:
+        raise MissingExtraError("--zenoh needs eclipse-zenoh", "zenoh") from e
+    config = zenoh.Config.from_env() if os.environ.get("ZENOH_CONFIG") else zenoh.Config()
+    if connect:
+        config.insert_json5("connect/endpoints", json.dumps(list(connect)))
+    try:
+        return await trio.to_thread.run_sync(zenoh.open, config)
+    except zenoh.ZError as e:
+        raise ConfigurationError(f"cannot open a Zenoh session: {e}") from None
+
+
+async def _answer(args: argparse.Namespace, config: RuntimeConfig, messages: list[dict[str, str]], zenoh_session: Any) -> int:
     async with trio.open_nursery() as nursery:
         if args.cloud is not None:
             config = dataclasses.replace(config, cloud_url=args.cloud, cloud_token=args.token)
@@ -95,8 +132,11 @@ async def _main(args: argparse.Namespace, config: RuntimeConfig) -> int:
                 view = _view(args, answer, config.budget)
                 nursery.start_soon(view.run_clock)
                 try:
-                    async for piece in answer:
-                        view.piece(piece)
+                    if zenoh_session is not None:
+                        await publish_to_zenoh(answer, zenoh_session, args.zenoh, on_piece=view.piece)
+                    else:
+                        async for piece in answer:
+                            view.piece(piece)
                 except BaseException:
                     view.finish(None)  # what was shown stays; the error follows
                     raise
@@ -106,7 +146,7 @@ async def _main(args: argparse.Namespace, config: RuntimeConfig) -> int:
     if args.trace is not None:
         args.trace.write_text(json.dumps(report.timeline.to_chrome_trace()))
     if args.json:
-        print(json.dumps(_jsonable(report), indent=2))
+        print(json.dumps(report.as_dict(), indent=2))
     return 0
 
 
@@ -130,13 +170,6 @@ async def _loopback(args: argparse.Namespace, *, task_status: trio.TaskStatus[An
     ) as cloud:
         task_status.started(cloud)
         await trio.sleep_forever()
-
-
-def _jsonable(report: Any) -> Any:
-    data = dataclasses.asdict(report)
-    del data["timeline"]  # --trace FILE exports it
-    data["total_cost"] = report.total_cost
-    return data
 
 
 def run(args: argparse.Namespace) -> int:

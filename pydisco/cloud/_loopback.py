@@ -1,7 +1,7 @@
 """A cloud on this machine: a pydisco server on loopback, behind the link emulator.
 
 The embedded default for ``pydisco run``, the benchmarks and the tests: a real server speaking
-the real protocol over real TLS (WebSocket or QUIC) with a real model behind it, reached
+the real protocol over real TLS (WebSocket or QUIC; or Zenoh, plain) with a real model behind it, reached
 through a user-space link that adds a realistic last hop's latency, jitter and loss.
 """
 
@@ -18,11 +18,13 @@ import trio
 
 from ._backends import Backend, LlamaBackend
 from ..linkemu import REALISTIC_LAST_HOP, LinkControl, LinkProfile, serve_tcp_proxy, serve_udp_proxy
-from ._server import RunningServer, ServerConfig, serve
+from ._server import PLAIN_SCHEMES, RunningServer, ServerConfig, serve
 from ._tls import client_ssl_context, self_signed, server_ssl_context
 from .._groups import single_exception
 
 LOOPBACK = "127.0.0.1"
+# zenoh:// runs over tcp/, so the TCP link emulator sits in front of it as of WebSocket.
+LOOPBACK_TRANSPORTS = ("ws", "wss", "quic", "zenoh")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,8 +56,8 @@ async def open_loopback_cloud(
     """Start the server (a llama.cpp backend on ``model_path`` unless ``backend`` is given)
     and the link emulator in front of it; stop both on exit. ``profile=None``: a link that
     adds nothing (still cuttable). An exception raised in the block comes out unchanged."""
-    if transport not in ("ws", "wss", "quic"):
-        raise ValueError(f"transport must be ws, wss or quic, not {transport!r}")
+    if transport not in LOOPBACK_TRANSPORTS:
+        raise ValueError(f"transport must be one of {', '.join(LOOPBACK_TRANSPORTS)}, not {transport!r}")
     credentials = self_signed()
     token = secrets.token_urlsafe(16)
     owned = backend is None
@@ -70,7 +72,7 @@ async def open_loopback_cloud(
                     listen=[f"{transport}://{LOOPBACK}:0"],
                     tokens=[token],
                     backend=backend,
-                    ssl_context=server_ssl_context(credentials) if transport != "ws" else None,
+                    ssl_context=server_ssl_context(credentials) if transport not in PLAIN_SCHEMES else None,
                 )
                 server: RunningServer = await nursery.start(serve, config)
                 port = server.listeners[0].port

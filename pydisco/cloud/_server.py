@@ -49,7 +49,7 @@ from ..observability._prometheus import ServerMetrics
 
 log = get_logger("pydisco.server")
 
-PLAIN_SCHEMES = frozenset({"ws", "memory"})  # every other scheme gets the TLS context
+PLAIN_SCHEMES = frozenset({"ws", "memory", "zenoh"})  # every other scheme gets the TLS context
 _FLUSH_TIMEOUT = 2.0  # how long a closing session tries to deliver its last frames
 _SHUTDOWN_NOTICE = 0.2  # how long a stopping server spends telling a client why
 

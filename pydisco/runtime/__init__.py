@@ -29,6 +29,10 @@ from ._statistics import RuntimeStatistics as RuntimeStatistics
 from ._runtime import open_runtime as open_runtime
 from ._shm import forward_to_shm as forward_to_shm
 from ._shm import forward_to_shm_blocking as forward_to_shm_blocking
+from ._zenoh import ZenohAnswerPublisher as ZenohAnswerPublisher
+from ._zenoh import open_answer_publisher as open_answer_publisher
+from ._zenoh import publish_to_zenoh as publish_to_zenoh
+from ._zenoh import publish_to_zenoh_blocking as publish_to_zenoh_blocking
 
 __all__ = [
     "ENDPOINT_IDS",
@@ -51,10 +55,14 @@ __all__ = [
     "TokenTimes",
     "TransitionTimes",
     "VirtualTimePacer",
+    "ZenohAnswerPublisher",
     "chrome_trace",
     "forward_to_shm",
     "forward_to_shm_blocking",
+    "open_answer_publisher",
     "open_runtime",
+    "publish_to_zenoh",
+    "publish_to_zenoh_blocking",
     "realtime_thread",
     "set_thread_normal",
     "set_thread_realtime",

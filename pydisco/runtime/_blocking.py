@@ -64,6 +64,11 @@ class BlockingAnswer:
             self.close()
 
     @property
+    def answer_id(self) -> str:
+        """The answer's id (see ``AnswerStream.answer_id``)."""
+        return self._answer.answer_id
+
+    @property
     def released_ring(self) -> TokenRing:
         """The answer's native ring, for a reader that is not this iterator: a C++ thread, a
         control loop taking what is there once per tick (``pop_many``, never blocking),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from .. import _core
 from ..qoe import qoe as andes_qoe
@@ -127,6 +128,24 @@ class AnswerReport:
             )
         lines.append(f"late tokens {self.late_tokens}, max lateness {self.max_lateness_s * 1e3:.2f} ms")
         return "\n".join(lines)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The report as plain JSON values (what ``pydisco run --json`` prints and the Zenoh
+        publisher sends): every field but the timeline (``timeline.to_json()`` or a trace has
+        it, and it grows with the answer), plus ``total_cost``."""
+        data = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "timeline"}
+        data["total_cost"] = self.total_cost
+        return data
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value
 
 
 # -- derivation ------------------------------------------------------------------------------

@@ -61,6 +61,11 @@ class AnswerStream:
         return piece
 
     @property
+    def answer_id(self) -> str:
+        """The answer's id: its log records', the request id the server sees, its timeline's."""
+        return self._coordinator.answer.request.request_id
+
+    @property
     def released_ring(self) -> TokenRing:
         """The native ring the pacer releases this answer into, for a consumer that is not
         this object (a C++ thread with TokenRing::pop_wait, pydisco.NativeCollector): use
