@@ -137,7 +137,7 @@ BAD_FILES = [
     ("max_tokens = [1, 2]\n", "max_tokens: expected a single value, got a list"),
     ("no_cloud = 1\n", "no_cloud: expected true or false, got 1"),
     ("token = 12\n", "token: expected a string, got 12"),
-    ("transport = 'tcp'\n", "transport: expected one of wss, ws, quic, got 'tcp'"),
+    ("transport = 'tcp'\n", "transport: expected one of wss, ws, quic, zenoh, got 'tcp'"),
     ("dispatch = 'nope'\n", "dispatch: unknown dispatch policy 'nope'; known: cloud-only"),
     ("cloud = 'http://h:1'\n", "cloud: unknown URL scheme 'http'"),
     ("max_tokens = 5\nmax-tokens = 6\n", "'max-tokens' is given twice"),
