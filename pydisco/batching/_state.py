@@ -176,7 +176,9 @@ class StepState:
             answer.deferred_why = why
         for seq_id in plan.admit:
             answer = self.answers[seq_id]
-            self.executor.admit(seq_id, answer.request)
+            took = self.executor.admit(seq_id, answer.request)
+            if took is not None:  # the cache changed while it waited: what it really needs
+                answer.prefill_tokens, answer.max_new_tokens = took.prefill_tokens, took.max_new_tokens
             answer.phase = Phase.PREFILLING if answer.prefill_tokens else Phase.DECODING
             answer.call(answer.on_admitted)
         for seq_id in plan.preempt:
