@@ -36,12 +36,14 @@ async def run_answer(
     make: Callable[[Callable[[list[TokenPiece]], None], Callable[[GenerationResult | BaseException], None], Callable[[], None]], Answer],
     submit: Callable[[Answer], None],
     poke: Callable[[], None],
+    ended: Callable[[GenerationResult], None] | None = None,
 ) -> GenerationResult:
     """The answer's side of a step loop (shared by the real-time and the virtual-time loop):
     enqueue it, feed its tokens to ``sink`` in order, and return how it ended. On cancellation
     the answer is marked cancelled, the loop is poked, and this waits until the loop has let it
     go before ``trio.Cancelled`` propagates. A sink that raises cancels the answer; its
-    exception comes out."""
+    exception comes out. ``ended`` hears every result the loop ends the answer with, a
+    cancelled one included (for accounting)."""
     finished = trio.Event()
     outcome: list[GenerationResult | BaseException] = []
     sink_error: list[BaseException] = []
@@ -59,6 +61,8 @@ async def run_answer(
     def done(result: GenerationResult | BaseException) -> None:
         outcome.append(result)
         finished.set()
+        if ended is not None and isinstance(result, GenerationResult):
+            ended(result)
 
     admitted = getattr(sink, "admitted", None) or (lambda: None)
     answer = make(deliver, done, admitted)
@@ -108,8 +112,14 @@ class StepLoop:
         with self._wakeup:
             return self._state.statistics(extra_queued=len(self._inbox))
 
-    async def generate(self, request: GenerationRequest, sink: TokenSink, slo: Slo | None = None,
-                       reports: ReportBox | None = None) -> GenerationResult:  # fmt: skip
+    async def generate(
+        self,
+        request: GenerationRequest,
+        sink: TokenSink,
+        slo: Slo | None = None,
+        reports: ReportBox | None = None,
+        ended: Callable[[GenerationResult], None] | None = None,
+    ) -> GenerationResult:
         """Generate ``request`` among the loop's other answers (see :func:`run_answer`); ``slo``
         is its service level, the scheduler's input. ``reports``: the answer's reader is remote
         (a server's client); the loop models its buffer from the tokens it delivers and the
@@ -134,7 +144,7 @@ class StepLoop:
             with self._wakeup:
                 self._wakeup.notify()
 
-        return await run_answer(request, sink, make, submit, poke)
+        return await run_answer(request, sink, make, submit, poke, ended)
 
     def _run(self) -> None:
         state = self._state

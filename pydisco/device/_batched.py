@@ -51,11 +51,14 @@ class _Slot:
         self.owner: int | None = None
         self.last_used = 0  # when it last had an owner (least recently used first to go)
 
-    def reusable(self, target: Sequence[int]) -> int:
-        """Leading rows of ``target`` this slot holds, computed in multi-row batches."""
+    def reusable(self, plan: Plan) -> int:
+        """Leading rows of ``plan``'s target this slot holds, computed as the engine computes
+        them: prompt rows in multi-row batches; answer rows either way (generation decodes
+        them alone or beside others, as the step has it)."""
         common = 0
-        for token, alone, wanted in zip(self.cached, self.alone, target):
-            if alone or token != wanted:
+        n_prompt = len(plan.prompt)
+        for i, (token, alone, wanted) in enumerate(zip(self.cached, self.alone, plan.target)):
+            if token != wanted or (alone and i < n_prompt and n_prompt > 1):
                 break
             common += 1
         return common
@@ -196,7 +199,7 @@ class BatchedEngine:
         the longest multi-row prefix any slot holds, always at least the last row, whose
         logits it samples from), its prompt's length, the most tokens it may produce."""
         plan = self._plan(request)
-        return self._admission(plan, max((s.reusable(plan.target) for s in self._slots), default=0))
+        return self._admission(plan, max((s.reusable(plan) for s in self._slots), default=0))
 
     def admit(self, seq_id: int, request: GenerationRequest) -> Admission:
         """Take ``request`` in as ``seq_id`` in a free slot: the free slot holding the longest
@@ -210,17 +213,17 @@ class BatchedEngine:
         if not free:
             raise RuntimeError(f"all {self._max_batch} sequence slots are in use: the scheduler admitted too many")
         target = plan.target
-        slot = max(free, key=lambda s: (s.reusable(target), -s.last_used))
-        source = max(self._slots, key=lambda s: s.reusable(target))
+        slot = max(free, key=lambda s: (s.reusable(plan), -s.last_used))
+        source = max(self._slots, key=lambda s: s.reusable(plan))
         if plan.start >= plan.limit:
             keep = 0  # nothing to generate: it ends at once, computing nothing
-        elif source.reusable(target) > slot.reusable(target):
-            keep = min(source.reusable(target), len(target) - 1)
+        elif source.reusable(plan) > slot.reusable(plan):
+            keep = min(source.reusable(plan), len(target) - 1)
             self._forget(slot, 0)
             C.llama_memory_seq_cp(self._mem, source.index, slot.index, 0, keep)
             slot.cached, slot.alone = source.cached[:keep], source.alone[:keep]
         else:
-            keep = min(slot.reusable(target), len(target) - 1)
+            keep = min(slot.reusable(plan), len(target) - 1)
             self._forget(slot, keep)
         slot.owner = seq_id
         slot.last_used = next(self._clock)
@@ -251,7 +254,12 @@ class BatchedEngine:
     def step(self, decode: Sequence[int], prefill: tuple[int, int] | None) -> list[StepEvent]:
         """One ``llama_decode``: a row for each of ``decode`` (its last token), and up to
         ``prefill[1]`` rows of ``prefill[0]``'s prompt and resumed prefix. Returns each
-        sequence's new token (a finished prefill samples the first one) and its end."""
+        sequence's new token (a finished prefill samples the first one) and its end.
+
+        Resumed answer rows are computed as generation computes answer rows: in the batch when
+        others decode beside them, else one ``llama_decode`` of one row each (as a sequence
+        decoding alone, and ``LlamaEngine``, computes them), so a resume in a batch of one is
+        exact."""
         self._check_open()
         events: list[StepEvent] = []
         rows: list[_Row] = []
@@ -263,27 +271,36 @@ class BatchedEngine:
                 raise ValueError(f"sequence {seq_id} cannot decode: its prefill is not done")
             else:
                 rows.append(_Row(sequence, sequence.pending, len(sequence.slot.cached), samples=True))
+        one_by_one: list[_Row] = []
         if prefill is not None:
-            rows += self._prefill_rows(prefill, alone=not rows)
+            batched, one_by_one = self._prefill_rows(prefill, beside_decodes=bool(rows))
+            rows += batched
         if rows:
             self._decode(rows)
             events += self._sample(rows)
+        for row in one_by_one:
+            self._decode([row])
+            events += self._sample([row])
         return events
 
-    def _prefill_rows(self, prefill: tuple[int, int], *, alone: bool) -> list[_Row]:
+    def _prefill_rows(self, prefill: tuple[int, int], *, beside_decodes: bool) -> tuple[list[_Row], list[_Row]]:
+        """The rows of a prefill chunk: those for the step's batch, and resumed answer rows to
+        compute one by one after it (when no decode rows are beside them)."""
         seq_id, count = prefill
         sequence = self._sequence(seq_id)
-        target, slot = sequence.plan.target, sequence.slot
+        plan, slot = sequence.plan, sequence.slot
         start = len(slot.cached)
         if not sequence.prefilling or count < 1:
             raise ValueError(f"sequence {seq_id} has no prefill of {count} rows left")
-        end = min(len(target), start + count)
-        if alone and end - start == 1 and start > 0:
-            # A lone row would take other kernels than the multi-row batch its uninterrupted
-            # run computes it in: compute it beside the row before it (again).
+        end = min(len(plan.target), start + count)
+        split = end if beside_decodes else max(start, min(end, len(plan.prompt)))
+        if not beside_decodes and split - start == 1 and start > 0:
+            # A lone prompt row would take other kernels than the multi-row batch its
+            # uninterrupted run computes it in: compute it beside the row before it (again).
             start -= 1
             self._forget(slot, start)
-        return [_Row(sequence, target[i], i, samples=i == len(target) - 1) for i in range(start, end)]
+        rows = [_Row(sequence, plan.target[i], i, samples=i == len(plan.target) - 1) for i in range(start, end)]
+        return rows[: split - start], rows[split - start :]
 
     def _decode(self, rows: list[_Row]) -> None:
         batch = self._batch
