@@ -127,6 +127,7 @@ class BatchedEngine:
         self.seed = seed & 0xFFFFFFFF
         self._max_batch = max_batch
         self._chunk = prefill_chunk
+        self._batch_rows = max_batch + prefill_chunk  # the most rows one step can put in a batch
         self._slots = [_Slot(i) for i in range(max_batch)]
         self._live: dict[int, _Sequence] = {}
         self._clock = itertools.count(1)
@@ -144,7 +145,7 @@ class BatchedEngine:
         params.n_ctx = n_ctx
         # One step (a decode row per sequence and one prefill chunk) is one ubatch: llama.cpp
         # never splits it, so a multi-row step never becomes a one-row ubatch with other kernels.
-        params.n_batch = params.n_ubatch = self._max_batch + self._chunk
+        params.n_batch = params.n_ubatch = self._batch_rows
         params.n_seq_max = self._max_batch
         params.kv_unified = True  # one pool of n_ctx cells, so seq_cp shares a prefix's cells
         params.n_threads = params.n_threads_batch = self.n_threads
@@ -156,7 +157,7 @@ class BatchedEngine:
         self._ctx = ctx
         self._mem = C.llama_get_memory(ctx)
         self.n_ctx: int = C.llama_n_ctx(ctx)
-        self._batch = C.llama_batch_init(self._max_batch + self._chunk, 0, 1)
+        self._batch = C.llama_batch_init(self._batch_rows, 0, 1)
 
     # -- what the step loop reads ----------------------------------------------------------
 
@@ -261,6 +262,8 @@ class BatchedEngine:
         decoding alone, and ``LlamaEngine``, computes them), so a resume in a batch of one is
         exact."""
         self._check_open()
+        if len(decode) > self._max_batch or (prefill is not None and prefill[1] > self._chunk):
+            raise ValueError(f"a step holds at most {self._max_batch} decodes and a prefill chunk of {self._chunk} rows")
         events: list[StepEvent] = []
         rows: list[_Row] = []
         for seq_id in decode:
