@@ -178,6 +178,22 @@ def test_a_repeated_prompt_computes_only_its_last_row() -> None:
     assert engine().admission(0, POEM).prefill_tokens == 1
 
 
+def test_an_idle_slots_cells_are_given_up_when_the_cache_is_full() -> None:
+    small = BatchedEngine(n_threads=THREADS, max_batch=2, n_ctx=512)
+    try:
+        first = GenerationRequest(prompt="word " * 300, max_tokens=4)
+        second = GenerationRequest(prompt="other " * 300, max_tokens=4)
+        expected = drive(small, [second])
+        small.clear()
+        drive(small, [first])  # released: its cells stay in its slot
+        (kept,) = [slot for slot in small._slots if slot.cached]
+        assert len(kept.cached) + len(small.vocabulary.prompt(second)) > small.n_ctx
+        assert drive(small, [second]) == expected  # it needs the room the idle slot's cells held
+        assert not kept.cached
+    finally:
+        small.close()
+
+
 # -- release, resume, refusal ------------------------------------------------------------------
 
 

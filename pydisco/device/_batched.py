@@ -320,6 +320,14 @@ class BatchedEngine:
             rc = C.llama_decode(self._ctx, batch)
             if rc != DECODE_NO_SLOT or not self._give_up_kept_cells():
                 break
+        if rc == DECODE_NO_SLOT:
+            # Prefix rows a sequence reused are not in the scheduler's reservations (see
+            # docs/device.md, "Prefix sharing"): with every idle slot's cells given up, the
+            # live sequences alone fill the cache.
+            raise EndpointError(
+                f"the KV cache ({self.n_ctx} cells) is full with the {len(self._live)} answers admitted "
+                "and the prefixes they share", code="kv_full",
+            )  # fmt: skip
         if rc != 0:
             raise EndpointError(f"llama_decode failed with code {rc} on a batch of {len(rows)} rows{recent_log_text()}", code="decode_failed")
         for row in rows:
