@@ -271,10 +271,12 @@ def test_misuse_of_the_step_interface_is_a_clear_error() -> None:
 class Sink:
     def __init__(self) -> None:
         self.pieces: list[TokenPiece] = []
+        self.times: list[float] = []
         self.admitted_at: float | None = None
 
     def __call__(self, piece: TokenPiece) -> None:
         self.pieces.append(piece)
+        self.times.append(trio.current_time())
 
     def admitted(self) -> None:
         self.admitted_at = trio.current_time()
@@ -304,6 +306,10 @@ async def test_concurrent_answers_through_the_endpoint_each_get_their_own_tokens
             assert sink.text.startswith(expected), (prompt, sink.text)
             assert [p.position for p in sink.pieces] == list(range(6))
             assert results[prompt].finish_reason == "length" and sink.admitted_at is not None
+        # Two slots for three answers: the last one admitted waited for one of the others to end.
+        waited = max(sinks.values(), key=lambda s: s.admitted_at or 0.0)
+        assert waited.admitted_at is not None
+        assert any(s.times[-1] <= waited.admitted_at for s in sinks.values() if s is not waited)
         statistics = device.statistics()
         assert statistics.queued == statistics.running == 0 and statistics.tokens == 18
         assert device.cost.totals().answers == 3 and not device.busy

@@ -253,8 +253,8 @@ class BatchedEngine:
     # -- one step --------------------------------------------------------------------------
 
     def step(self, decode: Sequence[int], prefill: tuple[int, int] | None) -> list[StepEvent]:
-        """One ``llama_decode``: a row for each of ``decode`` (its last token), and up to
-        ``prefill[1]`` rows of ``prefill[0]``'s prompt and resumed prefix. Returns each
+        """One step, one ``llama_batch``: a row for each of ``decode`` (its last token), and up
+        to ``prefill[1]`` rows of ``prefill[0]``'s prompt and resumed prefix. Returns each
         sequence's new token (a finished prefill samples the first one) and its end.
 
         Resumed answer rows are computed as generation computes answer rows: in the batch when

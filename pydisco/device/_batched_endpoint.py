@@ -114,7 +114,8 @@ class BatchedDeviceEndpoint:
 def measure_step_profile(engine: BatchedEngine, *, decode_steps: int = 8) -> StepProfile:
     """A first step profile for the loop (it learns the real one as it runs): one prefill chunk
     and ``decode_steps`` one-sequence decode steps timed on ``engine``, extended to larger
-    batches by :func:`~pydisco.batching.rough_profile`. Leaves the cache empty."""
+    batches by :func:`~pydisco.batching.rough_profile`. Call it before a loop drives the engine
+    (it needs no answer admitted); it leaves the cache empty."""
     counting = ", ".join(str(i) for i in range(1, engine.prefill_chunk))
     request = GenerationRequest(prompt=counting, max_tokens=decode_steps + 2)
     engine.clear()
