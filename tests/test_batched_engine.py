@@ -24,7 +24,7 @@ from llama_cpp import llama_cpp as C
 from pydisco._errors import ConfigurationError, PromptTooLongError
 from pydisco._types import GenerationRequest, TokenPiece
 from pydisco.batching import AdmissionRefused
-from pydisco.device import BatchedEngine, open_batched_device_endpoint
+from pydisco.device import BatchedEngine, measure_step_profile, open_batched_device_endpoint
 from pydisco.policies import Slo
 
 pytestmark = pytest.mark.model
@@ -263,6 +263,14 @@ def test_misuse_of_the_step_interface_is_a_clear_error() -> None:
             eng.step([], (0, 65))
     finally:
         eng.release(0)
+
+
+def test_the_step_profile_is_measured_on_the_engine() -> None:
+    eng = engine()
+    profile = measure_step_profile(eng)
+    assert len(profile.decode_s) == eng.max_batch and profile.prefill_s_per_token > 0
+    assert list(profile.decode_s) == sorted(profile.decode_s)  # a larger batch is never faster
+    assert eng.live == 0 and all(not slot.cached for slot in eng._slots)
 
 
 # -- the endpoint --------------------------------------------------------------------------------

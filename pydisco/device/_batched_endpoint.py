@@ -116,25 +116,28 @@ def measure_step_profile(engine: BatchedEngine, *, decode_steps: int = 8) -> Ste
     and ``decode_steps`` one-sequence decode steps timed on ``engine``, extended to larger
     batches by :func:`~pydisco.batching.rough_profile`. Call it before a loop drives the engine
     (it needs no answer admitted); it leaves the cache empty."""
-    counting = ", ".join(str(i) for i in range(1, engine.prefill_chunk))
+    counting = ", ".join(str(i) for i in range(1, engine.prefill_chunk + 1))  # > one chunk of tokens
     request = GenerationRequest(prompt=counting, max_tokens=decode_steps + 2)
     engine.clear()
-    admission = engine.admit(0, request)
+    left = engine.admit(0, request).prefill_tokens
+    prefill: list[float] = []  # seconds per token of each full chunk
+    decode: list[float] = []
     try:
-        chunk = min(admission.prefill_tokens - 1, engine.prefill_chunk)
-        started = time.perf_counter()
-        engine.step([], (0, chunk))
-        prefill_s = (time.perf_counter() - started) / chunk
-        engine.step([], (0, admission.prefill_tokens - chunk))
-        times = []
+        while left > 0:
+            chunk = min(engine.prefill_chunk, left)
+            started = time.perf_counter()
+            engine.step([], (0, chunk))
+            if chunk == engine.prefill_chunk:
+                prefill.append((time.perf_counter() - started) / chunk)
+            left -= chunk
         for _ in range(decode_steps):
             started = time.perf_counter()
             engine.step([0], None)
-            times.append(time.perf_counter() - started)
+            decode.append(time.perf_counter() - started)
     finally:
         engine.release(0)
         engine.clear()
-    return rough_profile(statistics.median(times), prefill_s, engine.max_batch)
+    return rough_profile(statistics.median(decode), statistics.median(prefill), engine.max_batch)
 
 
 @contextlib.asynccontextmanager
