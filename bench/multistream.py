@@ -21,6 +21,10 @@ paired ratios, a check on drift).
 Numerics (--numerics): prompts answered greedily alone (``LlamaEngine``) and together in one
 batch of 4 and of 8; for each batched answer, the position where it first departs from its solo
 answer. ``greedy_departure_share`` is the share of compared positions at or after a departure.
+Then two effects of the cache's layout: the logits of an answer computed alone after an idle
+slot kept a prompt of 20, 280 or 300 words (so its cells sit further on), against the same answer
+from an empty cache (position by position, bit for bit), and an answer computed beside a longer one, resumed beside it at three points (exact
+continuations counted).
 
 Not measured here yet (printed as "not measured", JSON null): the device SLO attainment of slice,
 fcfs and fastserve over an overload ramp, the server's QoE of andes and fcfs under bursts, and
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import os
 import statistics
 import time
@@ -178,6 +183,7 @@ async def throughput(threads: int, tokens: int, rounds: int) -> dict[str, list[f
     return rates
 
 
+IDLE_WORDS = (20, 280, 300)  # prompts an idle slot keeps before the measured answer's cells
 NUMERICS_QUESTIONS = (
     "Write a short poem about the sea.", "Describe a storm at night.", "Name three colours.",
     "What is a comet?", "Tell me about owls.", "How do trains work?", "Why is the sky blue?",
@@ -216,6 +222,51 @@ def numerics(threads: int, tokens: int) -> dict[str, Any]:
         "sequences_departed": sum(d is not None for d in departures),
         "sequences_compared": len(departures),
         "first_departures": departures,
+    }
+
+
+def layout_effects(threads: int, tokens: int) -> dict[str, Any]:
+    """Two things a row's numbers depend on besides batch size (docs/device.md): the cache's
+    used cells (``n_kv``, rounded up to 256) and how a sequence's cells interleave with others'."""
+    poem = GenerationRequest(messages=[{"role": "user", "content": NUMERICS_QUESTIONS[0]}], max_tokens=tokens)
+    with BatchedEngine(n_threads=threads, max_batch=4, n_ctx=N_CTX) as engine:
+        logits: dict[int, list[bytes]] = {}
+        sample = engine._sample
+
+        def spy(rows: list[Any]) -> list[Any]:
+            for i, row in enumerate(rows):
+                if row.samples:
+                    data = ctypes.string_at(C.llama_get_logits_ith(engine._ctx, i), 4 * engine.vocabulary.n_vocab)
+                    logits.setdefault(row.sequence.slot.owner, []).append(data)
+            return sample(rows)
+
+        engine._sample = spy  # type: ignore[method-assign]
+        engine.clear()
+        _fcfs(engine, [poem])
+        cold = logits.pop(0)
+        same_after_idle: dict[str, int] = {}
+        for words in IDLE_WORDS:  # an idle slot keeps that prompt's cells before the poem's
+            engine.clear()
+            _fcfs(engine, [GenerationRequest(prompt="word " * words, max_tokens=4)])
+            logits.clear()
+            _fcfs(engine, [poem])
+            same_after_idle[str(words)] = sum(a == b for a, b in zip(cold, logits.pop(0)))
+        # The poem beside a longer counting answer, then resumed beside it at three points.
+        companion = GenerationRequest(messages=[{"role": "user", "content": "Count from 1 to 100, separated by commas."}],
+                                      max_tokens=3 * tokens)  # fmt: skip
+        engine.clear()
+        full = _fcfs(engine, [poem, companion])[0]
+        exact = 0
+        points = [len(full) // 5, len(full) // 2, 3 * len(full) // 4]
+        for k in points:
+            engine.clear()
+            resumed = dataclasses.replace(poem, resume_token_ids=tuple(full[:k]))
+            exact += _fcfs(engine, [resumed, companion])[0] == full[k:]
+    return {
+        "same_logits_after_idle_cells": same_after_idle,
+        "positions_compared_after_idle_cells": len(cold),
+        "resumes_beside_a_companion_exact": exact,
+        "resumes_beside_a_companion": len(points),
     }
 
 
@@ -272,13 +323,18 @@ def main() -> None:
         ("batch8_vs_raw_batched", f"{figures['batch8_vs_raw_batched']:.3f} (paired {paired:.3f})"),
     ]
     if args.numerics:
-        found = numerics(args.threads, tokens)
+        found = numerics(args.threads, tokens) | layout_effects(args.threads, tokens)
         figures |= found
         rows += [
             ("greedy_departure_share", f"{found['greedy_departure_share']:.3f}"),
             ("sequences departed", f"{found['sequences_departed']} of {found['sequences_compared']}"),
             ("first departure positions", " ".join("-" if d is None else str(d) for d in found["first_departures"])),
-        ]
+            *((f"alone after an idle slot's {words}-word prompt: logits as cold",
+               f"{same} of {found['positions_compared_after_idle_cells']} positions")
+              for words, same in found["same_logits_after_idle_cells"].items()),
+            ("resumes beside a companion that continue exactly",
+             f"{found['resumes_beside_a_companion_exact']} of {found['resumes_beside_a_companion']}"),
+        ]  # fmt: skip
     rows += [(key, "not measured") for key in NOT_MEASURED]
     rows += [("threads, tokens, rounds, load", f"{args.threads}, {tokens}, {rounds}, {figures['load_average']:.2f}")]
     emit(rows, figures, args.json)
