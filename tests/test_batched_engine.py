@@ -6,8 +6,8 @@ usable, a resume in a batch of one is exact, bad input is refused before work, a
 
 What does *not* hold, and is measured rather than asserted (``bench/multistream.py --numerics``,
 docs/device.md): a sequence decoded beside others is computed with other kernels than alone,
-and its attention depends on the cache's size, so its greedy answer may depart from its solo
-run."""
+and its numbers depend on where its cells sit in the cache, so its greedy answer may depart from
+its solo run. Hence every comparison here starts from an empty cache."""
 
 from __future__ import annotations
 
