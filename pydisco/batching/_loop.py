@@ -12,7 +12,9 @@ Waiting for admission is not work: the sink hears when the request is admitted
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -39,27 +41,24 @@ async def run_answer(
     ended: Callable[[GenerationResult], None] | None = None,
 ) -> GenerationResult:
     """The answer's side of a step loop (shared by the real-time and the virtual-time loop):
-    enqueue it, feed its tokens to ``sink`` in order, and return how it ended. On cancellation
-    the answer is marked cancelled, the loop is poked, and this waits until the loop has let it
-    go before ``trio.Cancelled`` propagates. A sink that raises cancels the answer; its
-    exception comes out. ``ended`` hears every result the loop ends the answer with, a
-    cancelled one included (for accounting)."""
+    enqueue it, feed its tokens to ``sink`` in order, and return how it ended. ``sink`` is called
+    in this task (the loop's callbacks only queue the pieces), so once this task is cancelled,
+    nothing more reaches it. On cancellation the answer is marked cancelled, the loop is poked,
+    and this waits until the loop has let it go before ``trio.Cancelled`` propagates. A sink
+    that raises cancels the answer; its exception comes out. ``ended`` hears every result the
+    loop ends the answer with, a cancelled one included (for accounting)."""
     finished = trio.Event()
     outcome: list[GenerationResult | BaseException] = []
-    sink_error: list[BaseException] = []
+    send, receive = trio.open_memory_channel[TokenPiece](math.inf)
 
-    def deliver(pieces: list[TokenPiece]) -> None:
-        if sink_error:
-            return
-        try:
+    def deliver(pieces: list[TokenPiece]) -> None:  # a loop callback, in the Trio thread
+        with contextlib.suppress(trio.BrokenResourceError):  # this task has stopped reading
             for piece in pieces:
-                sink(piece)
-        except Exception as e:
-            sink_error.append(e)
-            answer.cancelled = True
+                send.send_nowait(piece)
 
     def done(result: GenerationResult | BaseException) -> None:
         outcome.append(result)
+        send.close()  # after the answer's last piece: the reading ends there
         finished.set()
         if ended is not None and isinstance(result, GenerationResult):
             ended(result)
@@ -68,16 +67,26 @@ async def run_answer(
     answer = make(deliver, done, admitted)
     answer.on_paused = getattr(sink, "paused", None) or answer.on_paused  # preempted: not silence
     submit(answer)
+    sink_error: Exception | None = None
     try:
-        await finished.wait()
+        async with receive:
+            async for piece in receive:
+                if sink_error is not None:
+                    continue
+                try:
+                    sink(piece)
+                except Exception as e:
+                    sink_error = e
+                    answer.cancelled = True
+                    poke()
     except trio.Cancelled:
         answer.cancelled = True
         poke()
         with trio.CancelScope(shield=True):
             await finished.wait()
         raise
-    if sink_error:
-        raise sink_error[0]
+    if sink_error is not None:
+        raise sink_error
     result = outcome[0]
     if isinstance(result, BaseException):
         raise result
