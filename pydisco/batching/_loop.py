@@ -32,6 +32,13 @@ from ._state import Answer, LoopStatistics, StepState
 log = logging.getLogger("pydisco.batching")
 
 
+class _Paused:
+    """The scheduler preempted the answer (queued for the sink's ``paused()``)."""
+
+
+_PAUSED = _Paused()
+
+
 async def run_answer(
     request: GenerationRequest,
     sink: TokenSink,
@@ -49,12 +56,16 @@ async def run_answer(
     loop ends the answer with, a cancelled one included (for accounting)."""
     finished = trio.Event()
     outcome: list[GenerationResult | BaseException] = []
-    send, receive = trio.open_memory_channel[TokenPiece](math.inf)
+    send, receive = trio.open_memory_channel[TokenPiece | _Paused](math.inf)
 
     def deliver(pieces: list[TokenPiece]) -> None:  # a loop callback, in the Trio thread
         with contextlib.suppress(trio.BrokenResourceError):  # this task has stopped reading
             for piece in pieces:
                 send.send_nowait(piece)
+
+    def pause() -> None:  # in order with the pieces: the sink hears it after those sent before
+        with contextlib.suppress(trio.BrokenResourceError):
+            send.send_nowait(_PAUSED)
 
     def done(result: GenerationResult | BaseException) -> None:
         outcome.append(result)
@@ -65,16 +76,22 @@ async def run_answer(
 
     admitted = getattr(sink, "admitted", None) or (lambda: None)
     answer = make(deliver, done, admitted)
-    answer.on_paused = getattr(sink, "paused", None) or answer.on_paused  # preempted: not silence
+    paused = getattr(sink, "paused", None)  # preempted: not silence
+    if paused is not None:
+        answer.on_paused = pause
     submit(answer)
     sink_error: Exception | None = None
     try:
         async with receive:
-            async for piece in receive:
+            async for item in receive:
                 if sink_error is not None:
                     continue
                 try:
-                    sink(piece)
+                    if isinstance(item, _Paused):
+                        assert paused is not None
+                        paused()
+                    else:
+                        sink(item)
                 except Exception as e:
                     sink_error = e
                     answer.cancelled = True
