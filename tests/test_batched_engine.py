@@ -358,6 +358,30 @@ async def test_a_refused_request_is_a_clear_error() -> None:
             await device.generate(GenerationRequest(prompt="word " * 1100, max_tokens=4), Sink())
 
 
+@trio_test(240)
+async def test_an_answer_beyond_the_engines_sequences_is_refused_and_the_others_go_on() -> None:
+    """fastserve admits whatever fits the KV cache; with one sequence slot, the second answer
+    it admits is refused by the engine, and only that answer ends."""
+    async with open_batched_device_endpoint(n_threads=THREADS, max_batch=1, max_sequences=1, n_ctx=1024,
+                                            scheduler="fastserve") as device:  # fmt: skip
+        outcomes: dict[str, object] = {}
+
+        async def one(prompt: str) -> None:
+            try:
+                outcomes[prompt] = await device.generate(GenerationRequest(prompt=prompt, max_tokens=6), Sink())
+            except AdmissionRefused as e:
+                outcomes[prompt] = e
+
+        async with trio.open_nursery() as nursery:
+            for prompt in list(SEQUENCES)[:2]:
+                nursery.start_soon(one, prompt)
+        kinds = sorted(type(o).__name__ for o in outcomes.values())
+        assert kinds == ["AdmissionRefused", "GenerationResult"]
+        (refused,) = [o for o in outcomes.values() if isinstance(o, AdmissionRefused)]
+        assert "all 1 sequence slots hold admitted answers" in str(refused)
+        assert device.statistics().running == 0
+
+
 @trio_test(60)
 async def test_an_unknown_scheduler_is_refused_before_loading() -> None:
     with pytest.raises(ConfigurationError, match="unknown step scheduler 'nope'"):

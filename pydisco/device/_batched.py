@@ -3,9 +3,9 @@
 ``BatchedEngine`` meets ``pydisco.batching.BatchExecutor``: a step loop asks it, one step at a
 time, for one token of each decoding sequence plus one prefill chunk, and it runs all of them
 as one ``llama_batch`` (a ``seq_id`` per row, logits only on the rows that sample). The KV cache
-is unified: ``n_ctx`` cells shared by up to ``max_batch`` sequences.
+is unified: ``n_ctx`` cells shared by all sequences.
 
-Sequences live in *slots*, llama.cpp's sequence ids ``0 … max_batch − 1``, as in llama.cpp's
+Sequences live in *slots*, llama.cpp's sequence ids ``0 … max_sequences − 1``, as in llama.cpp's
 server. A slot keeps its cells after its answer ends, so a later request that starts the same
 way (a system prompt, an earlier turn) reuses them; a newcomer whose prompt begins with rows any
 other slot holds, live or not, gets those cells by ``seq_cp`` (shared, not copied) instead of
@@ -32,12 +32,15 @@ from llama_cpp import llama_cpp as C
 
 from .._errors import ConfigurationError, EndpointError, ModelError
 from .._types import GenerationRequest, TokenPiece
-from ..batching import Admission, StepEvent
+from ..batching import Admission, AdmissionRefused, StepEvent
 from ._llama import DECODE_NO_SLOT, FLASH_ATTENTION, default_threads, init_backend, load_model, make_sampler, recent_log_text
 from ._models import model_id as _model_id
 from ._models import resolve_model_path
 from ._text import PieceStream
 from ._vocabulary import Plan, Vocabulary
+
+
+_MAX_SEQUENCES = 256  # LLAMA_MAX_SEQ
 
 
 class _Slot:
@@ -92,7 +95,8 @@ class BatchedEngine:
     """Many answers on one GGUF model and one context (a ``BatchExecutor``).
 
     ``n_ctx`` is the KV cells shared by all sequences (``kv_capacity``), ``max_batch`` the
-    sequences decoding at once, ``prefill_chunk`` the most prompt rows one step carries (with
+    sequences decoding at once, ``max_sequences`` those admitted at once (decoding, prefilling or
+    preempted; default four times ``max_batch``, at most llama.cpp's 256), ``prefill_chunk`` the most prompt rows one step carries (with
     the decode rows, one llama.cpp ubatch). Other arguments as :class:`LlamaEngine`.
     """
 
@@ -103,6 +107,7 @@ class BatchedEngine:
         model_path: str | os.PathLike[str] | None = None,
         *,
         max_batch: int = 8,
+        max_sequences: int | None = None,
         n_ctx: int = 4096,
         prefill_chunk: int = 64,
         n_threads: int | None = None,
@@ -112,8 +117,13 @@ class BatchedEngine:
     ) -> None:
         if n_threads is not None and n_threads < 1:
             raise ConfigurationError(f"n_threads must be >= 1, got {n_threads!r}")
-        if not 1 <= max_batch <= 64:
-            raise ConfigurationError(f"max_batch must be in 1..64 (llama.cpp's sequence limit), got {max_batch!r}")
+        if not 1 <= max_batch <= _MAX_SEQUENCES:
+            raise ConfigurationError(f"max_batch must be in 1..{_MAX_SEQUENCES}, got {max_batch!r}")
+        sequences = min(_MAX_SEQUENCES, 4 * max_batch) if max_sequences is None else max_sequences
+        if not max_batch <= sequences <= _MAX_SEQUENCES:
+            raise ConfigurationError(
+                f"max_sequences must be in max_batch..{_MAX_SEQUENCES} (llama.cpp's sequence limit), got {max_sequences!r}"
+            )
         if prefill_chunk < 2:
             raise ConfigurationError(f"prefill_chunk must be >= 2, got {prefill_chunk!r}")
         if n_ctx < 16:
@@ -128,7 +138,7 @@ class BatchedEngine:
         self._max_batch = max_batch
         self._chunk = prefill_chunk
         self._batch_rows = max_batch + prefill_chunk  # the most rows one step can put in a batch
-        self._slots = [_Slot(i) for i in range(max_batch)]
+        self._slots = [_Slot(i) for i in range(sequences)]
         self._live: dict[int, _Sequence] = {}
         self._clock = itertools.count(1)
         init_backend(verbose)
@@ -146,7 +156,7 @@ class BatchedEngine:
         # One step (a decode row per sequence and one prefill chunk) is one ubatch: llama.cpp
         # never splits it, so a multi-row step never becomes a one-row ubatch with other kernels.
         params.n_batch = params.n_ubatch = self._batch_rows
-        params.n_seq_max = self._max_batch
+        params.n_seq_max = len(self._slots)
         params.kv_unified = True  # one pool of n_ctx cells, so seq_cp shares a prefix's cells
         params.n_threads = params.n_threads_batch = self.n_threads
         params.no_perf = True
@@ -172,6 +182,11 @@ class BatchedEngine:
     @property
     def prefill_chunk(self) -> int:
         return self._chunk
+
+    @property
+    def max_sequences(self) -> int:
+        """Sequences admitted at once (preempted ones included)."""
+        return len(self._slots)
 
     @property
     def live(self) -> int:
@@ -212,7 +227,7 @@ class BatchedEngine:
         plan = self._plan(request)
         free = [s for s in self._slots if s.owner is None]
         if not free:
-            raise RuntimeError(f"all {self._max_batch} sequence slots are in use: the scheduler admitted too many")
+            raise AdmissionRefused(f"all {len(self._slots)} sequence slots hold admitted answers (preempted ones included)")
         target = plan.target
         slot = max(free, key=lambda s: (s.reusable(plan), -s.last_used))
         source = max(self._slots, key=lambda s: s.reusable(plan))

@@ -146,6 +146,7 @@ async def open_batched_device_endpoint(
     *,
     scheduler: str | StepScheduler = "fcfs",
     max_batch: int = 8,
+    max_sequences: int | None = None,
     n_threads: int | None = None,
     n_ctx: int = 4096,
     prefill_chunk: int = 64,
@@ -158,7 +159,8 @@ async def open_batched_device_endpoint(
     :class:`BatchedEngine` and yield its endpoint, its step loop running ``scheduler`` (a name:
     fcfs, fastserve, slice, andes; or a scheduler object).
 
-    ``n_ctx`` is the KV cells all answers share. With ``profile=True`` the single-answer device
+    ``n_ctx`` is the KV cells all answers share; ``max_batch`` the answers one step decodes,
+    ``max_sequences`` those admitted at once (see :class:`BatchedEngine`). With ``profile=True`` the single-answer device
     profile dispatch uses is loaded from the cache (measured on first use, as
     ``open_device_endpoint`` does); it also seeds the loop's step profile, which otherwise
     comes from a short measurement at opening. An unknown scheduler raises ConfigurationError
@@ -169,8 +171,8 @@ async def open_batched_device_endpoint(
     """
     policy = create_step_scheduler(scheduler) if isinstance(scheduler, str) else scheduler
     engine = await trio.to_thread.run_sync(
-        lambda: BatchedEngine(model_path, max_batch=max_batch, n_ctx=n_ctx, prefill_chunk=prefill_chunk,
-                              n_threads=n_threads, verbose=verbose)
+        lambda: BatchedEngine(model_path, max_batch=max_batch, max_sequences=max_sequences, n_ctx=n_ctx,
+                              prefill_chunk=prefill_chunk, n_threads=n_threads, verbose=verbose)
     )  # fmt: skip
     try:
         cached = load_profile(engine.model_id, engine.n_threads)
