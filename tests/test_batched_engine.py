@@ -302,9 +302,15 @@ async def test_concurrent_answers_through_the_endpoint_each_get_their_own_tokens
     async with open_batched_device_endpoint(n_threads=THREADS, max_batch=2, n_ctx=1024) as device:
         sinks = {prompt: Sink() for prompt in SEQUENCES}
         results = {}
+        ahead: list[int] = []
 
         async def one(prompt: str) -> None:
-            results[prompt] = await device.generate(GenerationRequest(prompt=prompt, max_tokens=6), sinks[prompt])
+            def sink(piece: TokenPiece) -> None:
+                ahead.append(device.answers_ahead)
+                sinks[prompt](piece)
+
+            sink.admitted = sinks[prompt].admitted  # type: ignore[attr-defined]
+            results[prompt] = await device.generate(GenerationRequest(prompt=prompt, max_tokens=6), sink)
 
         async with trio.open_nursery() as nursery:
             for prompt in SEQUENCES:
@@ -314,12 +320,14 @@ async def test_concurrent_answers_through_the_endpoint_each_get_their_own_tokens
             assert sink.text.startswith(expected), (prompt, sink.text)
             assert [p.position for p in sink.pieces] == list(range(6))
             assert results[prompt].finish_reason == "length" and sink.admitted_at is not None
-        # Two slots for three answers: the last one admitted waited for one of the others to end.
+        # Two places for three answers: the last one admitted waited while the others decoded
+        # (it is admitted when one of them ends; their first tokens reached their tasks before).
         waited = max(sinks.values(), key=lambda s: s.admitted_at or 0.0)
         assert waited.admitted_at is not None
-        assert any(s.times[-1] <= waited.admitted_at for s in sinks.values() if s is not waited)
+        assert all(s.times[0] <= waited.admitted_at for s in sinks.values() if s is not waited)
         statistics = device.statistics()
         assert statistics.queued == statistics.running == 0 and statistics.tokens == 18
+        assert ahead[0] >= 1 and device.answers_ahead == 0  # three answers, two places: one waited
         assert device.cost.totals().answers == 3 and not device.busy
 
 

@@ -76,6 +76,14 @@ class BatchedDeviceEndpoint:
         s = self._loop.statistics()
         return s.queued + s.running > 0
 
+    @property
+    def answers_ahead(self) -> int:
+        """Answers a new one would wait for (what dispatch reads): those queued for admission,
+        and, when the answers running fill a step's batch, those beyond a free place: 0 while
+        it would start decoding beside the others at once."""
+        s = self._loop.statistics()
+        return s.queued + max(0, s.running - self._engine.max_batch + 1)
+
     def statistics(self) -> LoopStatistics:
         """The step loop: answers queued and running, steps, tokens, refusals, preemptions."""
         return self._loop.statistics()
