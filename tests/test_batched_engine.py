@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import functools
 from collections.abc import Iterator, Sequence
 
@@ -354,6 +355,20 @@ async def test_a_cancelled_answer_leaves_the_others_running() -> None:
         assert results[0].finish_reason == "length" and len(kept.pieces) == 12
         assert [entry.finish_reason for entry in device.cost.recent].count("cancelled") == 1
         assert device.engine.live == 0
+
+
+@trio_test(240)
+async def test_prepare_leaves_the_prefix_cached_for_the_answer() -> None:
+    async with open_batched_device_endpoint(n_threads=THREADS, max_batch=2, n_ctx=1024) as device:
+        request = dataclasses.replace(POEM, resume_token_ids=(9690, 28, 253))  # a committed prefix
+        target = device.count_prompt_tokens(request) + 3
+        assert await device.prepare(request) == target
+        assert device.tokens_to_prefill(request) == 1  # only the last row, for its logits
+        sink = Sink()
+        result = await device.generate(request, sink)
+        assert result.prefilled_tokens == 1 and sink.pieces[0].position == 3
+        assert [entry.finish_reason for entry in device.cost.recent] == ["prepared", result.finish_reason]
+        assert device.cost.recent[0].decoded_tokens == 0
 
 
 @trio_test(240)

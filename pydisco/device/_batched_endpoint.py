@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 
 import trio
 
-from .._types import GenerationRequest, GenerationResult, TokenSink
+from .._types import GenerationRequest, GenerationResult, TokenPiece, TokenSink
 from ..batching import LoopStatistics, StepLoop, rough_profile
 from ..policies import Slo, create_step_scheduler
 from ..policies._step import StepProfile, StepScheduler
@@ -117,6 +117,37 @@ class BatchedDeviceEndpoint:
 
         result = await self._loop.generate(request, sink, slo, ended=account)
         return dataclasses.replace(result, cost_units=costs[0] if costs else 0.0)
+
+
+    async def prepare(self, request: GenerationRequest) -> int:
+        """Prefill ``request``'s prompt and resumed prefix into the cache; generate nothing.
+
+        Makes this endpoint ready to take over an answer: it runs as an answer of one token that
+        nobody hears (the first token is sampled from the prefill's own logits, so it costs no
+        decode), and its slot keeps the cells, which a later :meth:`generate` of the same
+        request (or one with a longer committed prefix) reuses, unless a full cache took them
+        back first. Returns the rows computed. A refusal raises ``AdmissionRefused``.
+
+        On cancellation: the loop releases it before its next step; the chunks computed stay
+        cached, its cost is recorded, and ``trio.Cancelled`` is raised.
+        """
+        self._engine.validate(request)
+        if request.start_position >= request.max_tokens:
+            return 0  # nothing would be generated after it: nothing to prepare
+        one_token = dataclasses.replace(request, max_tokens=request.start_position + 1, stop=())
+        computed: list[int] = []
+
+        def account(result: GenerationResult) -> None:
+            reason = "prepared" if result.finish_reason != "cancelled" else "cancelled"
+            self.cost.record(request.request_id, result.prefilled_tokens, 0, reason)
+            computed.append(result.prefilled_tokens)
+
+        await self._loop.generate(one_token, _ignore, None, None, account)
+        return computed[0]
+
+
+def _ignore(_: TokenPiece) -> None:
+    """A prepared answer's token: sampled, never reported."""
 
 
 def measure_step_profile(engine: BatchedEngine, *, decode_steps: int = 8) -> StepProfile:
