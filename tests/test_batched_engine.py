@@ -22,6 +22,7 @@ import trio
 from device_support import THREADS, run_engine, shared_engine, trio_test
 from llama_cpp import llama_cpp as C
 
+import pydisco
 from pydisco._errors import ConfigurationError, PromptTooLongError
 from pydisco._types import GenerationRequest, TokenPiece
 from pydisco.batching import AdmissionRefused
@@ -330,6 +331,26 @@ async def test_concurrent_answers_through_the_endpoint_each_get_their_own_tokens
         assert statistics.queued == statistics.running == 0 and statistics.tokens == 18
         assert ahead[0] >= 1 and device.answers_ahead == 0  # three answers, two places: one waited
         assert device.cost.totals().answers == 3 and not device.busy
+
+
+@trio_test(240)
+async def test_several_runtime_streams_at_once_share_the_batched_device() -> None:
+    async with open_batched_device_endpoint(n_threads=THREADS, max_batch=4, n_ctx=1024) as device:
+        config = pydisco.RuntimeConfig(device_model=None, cloud_url=None)
+        async with pydisco.open_runtime(config, endpoints={"device": device}) as rt:
+            texts: dict[str, str] = {}
+
+            async def one(prompt: str) -> None:
+                async with rt.stream(prompt=prompt, max_tokens=6, pace=False) as answer:
+                    texts[prompt] = "".join([piece.text async for piece in answer])
+                assert answer.report.finish_reason == "length"
+
+            async with trio.open_nursery() as nursery:
+                for prompt in SEQUENCES:
+                    nursery.start_soon(one, prompt)
+        for prompt, expected in SEQUENCES.items():
+            assert texts[prompt].startswith(expected), (prompt, texts[prompt])
+        assert device.statistics().tokens == 18
 
 
 @trio_test(240)
