@@ -38,7 +38,8 @@ from llama_cpp import llama_cpp as C
 from _stats import emit, percentile  # the script's own folder is on sys.path
 
 from pydisco.device import DeviceEndpoint
-from pydisco.device._engine import LlamaEngine, _use_extra_buffers
+from pydisco.device._engine import LlamaEngine
+from pydisco.device._llama import use_extra_buffers
 from pydisco._types import GenerationRequest, TokenPiece
 
 PROMPT = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"  # the model keeps counting: no early end of text
@@ -50,7 +51,7 @@ class RawLoop:
 
     def __init__(self, path: str, n_threads: int, n_ctx: int) -> None:
         model_params = C.llama_model_default_params()
-        model_params.use_extra_bufts = _use_extra_buffers()  # as the engine does (AMX crash)
+        model_params.use_extra_bufts = use_extra_buffers()  # as the engine does (AMX crash)
         self.model = C.llama_model_load_from_file(path.encode(), model_params)
         ctx_params = C.llama_context_default_params()
         ctx_params.n_ctx = n_ctx

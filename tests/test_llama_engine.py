@@ -9,7 +9,8 @@ import pytest
 from device_support import chat, run_engine, shared_engine
 
 from pydisco._errors import ConfigurationError, ModelError, PromptTooLongError
-from pydisco.device._engine import LlamaEngine, _PieceStream, _chunk_end, _computed_alone
+from pydisco.device._engine import LlamaEngine, _chunk_end, _computed_alone
+from pydisco.device._text import PieceStream
 from pydisco.device import default_model_path, model_id
 from pydisco._types import GenerationRequest, Sampling, TokenPiece
 
@@ -332,7 +333,7 @@ def _decodes(data: bytes) -> bool:
 
 
 def _stream(chunks: list[bytes], stops: tuple[str, ...] = (), primer: bytes = b"") -> tuple[list[TokenPiece], bool]:
-    stream = _PieceStream(stops, primer, primer.decode("utf-8", "replace"))
+    stream = PieceStream(stops, primer, primer.decode("utf-8", "replace"))
     out: list[TokenPiece] = []
     for i, data in enumerate(chunks):
         pieces, stopped = stream.push(i, 100 + i, data)

@@ -52,8 +52,10 @@ class BatchExecutor(Protocol):
         """What admitting ``request`` as ``seq_id`` would take, as of now (changes nothing)."""
         ...
 
-    def admit(self, seq_id: int, request: GenerationRequest) -> None:
-        """Take ``request`` in as sequence ``seq_id`` (reusing whatever cached prefix matches)."""
+    def admit(self, seq_id: int, request: GenerationRequest) -> Admission | None:
+        """Take ``request`` in as sequence ``seq_id`` (reusing whatever cached prefix matches).
+        Returns what admitting took when it can differ from the earlier :meth:`admission` (a
+        cache that changed while the request waited); None means as :meth:`admission` said."""
         ...
 
     def step(self, decode: Sequence[int], prefill: tuple[int, int] | None) -> list[StepEvent]:

@@ -12,7 +12,9 @@ Waiting for admission is not work: the sink hears when the request is admitted
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -30,50 +32,78 @@ from ._state import Answer, LoopStatistics, StepState
 log = logging.getLogger("pydisco.batching")
 
 
+class _Paused:
+    """The scheduler preempted the answer (queued for the sink's ``paused()``)."""
+
+
+_PAUSED = _Paused()
+
+
 async def run_answer(
     request: GenerationRequest,
     sink: TokenSink,
     make: Callable[[Callable[[list[TokenPiece]], None], Callable[[GenerationResult | BaseException], None], Callable[[], None]], Answer],
     submit: Callable[[Answer], None],
     poke: Callable[[], None],
+    ended: Callable[[GenerationResult], None] | None = None,
 ) -> GenerationResult:
     """The answer's side of a step loop (shared by the real-time and the virtual-time loop):
-    enqueue it, feed its tokens to ``sink`` in order, and return how it ended. On cancellation
-    the answer is marked cancelled, the loop is poked, and this waits until the loop has let it
-    go before ``trio.Cancelled`` propagates. A sink that raises cancels the answer; its
-    exception comes out."""
+    enqueue it, feed its tokens to ``sink`` in order, and return how it ended. ``sink`` is called
+    in this task (the loop's callbacks only queue the pieces), so once this task is cancelled,
+    nothing more reaches it. On cancellation the answer is marked cancelled, the loop is poked,
+    and this waits until the loop has let it go before ``trio.Cancelled`` propagates. A sink
+    that raises cancels the answer; its exception comes out. ``ended`` hears every result the
+    loop ends the answer with, a cancelled one included (for accounting)."""
     finished = trio.Event()
     outcome: list[GenerationResult | BaseException] = []
-    sink_error: list[BaseException] = []
+    send, receive = trio.open_memory_channel[TokenPiece | _Paused](math.inf)
 
-    def deliver(pieces: list[TokenPiece]) -> None:
-        if sink_error:
-            return
-        try:
+    def deliver(pieces: list[TokenPiece]) -> None:  # a loop callback, in the Trio thread
+        with contextlib.suppress(trio.BrokenResourceError):  # this task has stopped reading
             for piece in pieces:
-                sink(piece)
-        except Exception as e:
-            sink_error.append(e)
-            answer.cancelled = True
+                send.send_nowait(piece)
+
+    def pause() -> None:  # in order with the pieces: the sink hears it after those sent before
+        with contextlib.suppress(trio.BrokenResourceError):
+            send.send_nowait(_PAUSED)
 
     def done(result: GenerationResult | BaseException) -> None:
         outcome.append(result)
+        send.close()  # after the answer's last piece: the reading ends there
         finished.set()
+        if ended is not None and isinstance(result, GenerationResult):
+            ended(result)
 
     admitted = getattr(sink, "admitted", None) or (lambda: None)
     answer = make(deliver, done, admitted)
-    answer.on_paused = getattr(sink, "paused", None) or answer.on_paused  # preempted: not silence
+    paused = getattr(sink, "paused", None)  # preempted: not silence
+    if paused is not None:
+        answer.on_paused = pause
     submit(answer)
+    sink_error: Exception | None = None
     try:
-        await finished.wait()
+        async with receive:
+            async for item in receive:
+                if sink_error is not None:
+                    continue
+                try:
+                    if isinstance(item, _Paused):
+                        assert paused is not None
+                        paused()
+                    else:
+                        sink(item)
+                except Exception as e:
+                    sink_error = e
+                    answer.cancelled = True
+                    poke()
     except trio.Cancelled:
         answer.cancelled = True
         poke()
         with trio.CancelScope(shield=True):
             await finished.wait()
         raise
-    if sink_error:
-        raise sink_error[0]
+    if sink_error is not None:
+        raise sink_error
     result = outcome[0]
     if isinstance(result, BaseException):
         raise result
@@ -108,8 +138,14 @@ class StepLoop:
         with self._wakeup:
             return self._state.statistics(extra_queued=len(self._inbox))
 
-    async def generate(self, request: GenerationRequest, sink: TokenSink, slo: Slo | None = None,
-                       reports: ReportBox | None = None) -> GenerationResult:  # fmt: skip
+    async def generate(
+        self,
+        request: GenerationRequest,
+        sink: TokenSink,
+        slo: Slo | None = None,
+        reports: ReportBox | None = None,
+        ended: Callable[[GenerationResult], None] | None = None,
+    ) -> GenerationResult:
         """Generate ``request`` among the loop's other answers (see :func:`run_answer`); ``slo``
         is its service level, the scheduler's input. ``reports``: the answer's reader is remote
         (a server's client); the loop models its buffer from the tokens it delivers and the
@@ -134,7 +170,7 @@ class StepLoop:
             with self._wakeup:
                 self._wakeup.notify()
 
-        return await run_answer(request, sink, make, submit, poke)
+        return await run_answer(request, sink, make, submit, poke, ended)
 
     def _run(self) -> None:
         state = self._state

@@ -161,6 +161,8 @@ class StepState:
                         self.profile.current(), executor.max_batch, executor.prefill_chunk)  # fmt: skip
         plan = self.scheduler.schedule(view)
         self._carry_out(plan)
+        if plan.prefill is not None and plan.prefill[0] not in self.answers:  # its admission failed
+            plan = dataclasses.replace(plan, prefill=None)
         return plan
 
     def _carry_out(self, plan: StepPlan) -> None:
@@ -176,7 +178,15 @@ class StepState:
             answer.deferred_why = why
         for seq_id in plan.admit:
             answer = self.answers[seq_id]
-            self.executor.admit(seq_id, answer.request)
+            try:
+                took = self.executor.admit(seq_id, answer.request)
+            except Exception as e:  # this answer cannot start (the engine has no room): it alone ends
+                log.info("answer %s could not be admitted: %s", answer.request.request_id or seq_id, e)
+                self.answers.pop(answer.id, None)
+                answer.call(answer.done, e)
+                continue
+            if took is not None:  # the cache changed while it waited: what it really needs
+                answer.prefill_tokens, answer.max_new_tokens = took.prefill_tokens, took.max_new_tokens
             answer.phase = Phase.PREFILLING if answer.prefill_tokens else Phase.DECODING
             answer.call(answer.on_admitted)
         for seq_id in plan.preempt:

@@ -1,7 +1,9 @@
 """The device side: one llama.cpp model in the application's process (docs/device.md).
 
 ``LlamaEngine`` is the synchronous engine one thread owns; ``DeviceEndpoint`` is the Trio actor
-around it that the runtime talks to; ``DeviceProfile`` is its measured speed. Importing this
+around it that the runtime talks to; ``DeviceProfile`` is its measured speed. ``BatchedEngine``
+serves many answers at once on one context, and ``BatchedDeviceEndpoint`` runs it under a step
+scheduler. Importing this
 package loads llama.cpp; without it (a client-only install) importing this package raises
 ``MissingExtraError`` naming the extra to install.
 """
@@ -18,6 +20,10 @@ except ImportError as _missing:
     raise _MissingExtraError(f"a device model needs {_what}", "device") from _missing
 del _jinja2, _llama_cpp
 
+from ._batched import BatchedEngine as BatchedEngine
+from ._batched_endpoint import BatchedDeviceEndpoint as BatchedDeviceEndpoint
+from ._batched_endpoint import measure_step_profile as measure_step_profile
+from ._batched_endpoint import open_batched_device_endpoint as open_batched_device_endpoint
 from ._endpoint import CostLedger as CostLedger
 from ._endpoint import CostTotals as CostTotals
 from ._endpoint import DeviceEndpoint as DeviceEndpoint
@@ -44,6 +50,8 @@ from ._profile import save_profile as save_profile
 __all__ = [
     "DEFAULT_MODEL_PACKAGE",
     "AnswerCost",
+    "BatchedDeviceEndpoint",
+    "BatchedEngine",
     "CostLedger",
     "CostRates",
     "CostTotals",
@@ -58,7 +66,9 @@ __all__ = [
     "load_profile",
     "machine_id",
     "measure_profile",
+    "measure_step_profile",
     "model_id",
+    "open_batched_device_endpoint",
     "open_device_endpoint",
     "profile_cache_dir",
     "profile_cache_path",
