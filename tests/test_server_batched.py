@@ -201,10 +201,3 @@ def test_serve_scheduler_runs_one_batched_backend_over_the_batched_engine(monkey
         assert config.parallel == backend.parallel > 3 and config.max_queue == 0
     finally:
         backend.close()
-
-
-def test_serve_scheduler_without_the_batched_engine_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
-    device = pytest.importorskip("pydisco.device")
-    monkeypatch.delattr(device, "BatchedEngine", raising=False)
-    with pytest.raises(ConfigurationError, match="needs the batched llama.cpp engine"):
-        serve_cli._backend(serve_args("--scheduler", "slice"))

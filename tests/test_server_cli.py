@@ -71,6 +71,42 @@ def test_pydisco_serve_answers_over_ws_and_a_self_signed_wss_then_stops_on_sigin
             process.wait()
 
 
+@pytest.mark.model
+def test_pydisco_serve_with_a_step_scheduler_answers_several_clients_at_once_from_one_engine() -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pydisco.cli", "serve", "--listen", "ws://127.0.0.1:0", "--token", "t",
+         "--scheduler", "fcfs", "--max-batch", "4", "--threads", "1"],  # fmt: skip
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        url = read_until(process, r"^listening on ", 1)[-1].split()[-1]
+        questions = ["Name a color.", "Name a fruit.", "Name an animal."]
+
+        @trio_test(120)
+        async def ask() -> None:
+            texts: dict[str, str] = {}
+
+            async def one(question: str) -> None:
+                got: list[TokenPiece] = []
+                async with open_cloud_endpoint(url, token="t") as cloud:
+                    await cloud.generate(GenerationRequest(messages=[{"role": "user", "content": question}], max_tokens=6), got.append)
+                texts[question] = text_of(got)
+
+            async with trio.open_nursery() as nursery:
+                for question in questions:
+                    nursery.start_soon(one, question)
+            assert sorted(texts) == sorted(questions) and all(texts.values()), texts
+
+        ask()
+        process.send_signal(signal.SIGINT)
+        assert process.wait(15) == 130
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 def test_a_server_whose_port_is_taken_fails_with_os_error() -> None:
     import socket
 

@@ -124,12 +124,7 @@ def batched_engine(args: argparse.Namespace) -> BatchExecutor:
     """The batched llama.cpp engine ``--scheduler`` serves from (one model, many sequences)."""
     from .. import device  # MissingExtraError (one clear line) on a client-only install
 
-    # The seam for the batched engine (pydisco.device.BatchedEngine, issue 10), built apart.
-    engine_class = getattr(device, "BatchedEngine", None)
-    if engine_class is None:
-        raise ConfigurationError("--scheduler needs the batched llama.cpp engine (pydisco.device.BatchedEngine), "
-                                 "which this build of pydisco lacks")  # fmt: skip
-    engine: BatchExecutor = engine_class(args.model, max_batch=args.max_batch or DEFAULT_MAX_BATCH, n_threads=args.threads)
+    engine: BatchExecutor = device.BatchedEngine(args.model, max_batch=args.max_batch or DEFAULT_MAX_BATCH, n_threads=args.threads)
     return engine
 
 
