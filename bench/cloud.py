@@ -40,21 +40,7 @@ from pydisco import GenerationRequest
 from pydisco._types import TokenPiece
 from pydisco.cloud import open_cloud_endpoint
 from pydisco.device import default_model_path
-
-# llama-cpp-python's server with one workaround, as tests/test_upstream.py starts it: these VMs
-# advertise AMX without enabling it and llama.cpp's AMX matmul then crashes, so weight repacking
-# (which picks AMX) is off, as pydisco's engine does for itself.
-_LLAMA_SERVER = """
-import llama_cpp.llama_cpp as C
-_default = C.llama_model_default_params
-def _params():
-    p = _default()
-    p.use_extra_bufts = False
-    return p
-C.llama_model_default_params = _params
-from llama_cpp.server.__main__ import main
-main()
-"""
+from pydisco.device._llama import llama_cpp_server_command
 
 TOPICS = [
     "volcanoes", "the moon", "bread", "rivers", "bees", "glass", "chess", "rain", "copper", "owls",
@@ -172,8 +158,8 @@ def main() -> None:
     base = f"http://127.0.0.1:{llama_port}/v1"
     serve_pydisco = [pydisco_bin, "serve", "--listen", f"ws://127.0.0.1:{pydisco_port}", "--token", token,
                      "--model", model, "--threads", str(args.threads)]  # fmt: skip
-    serve_llama = [sys.executable, "-c", _LLAMA_SERVER, "--model", model, "--host", "127.0.0.1", "--port", str(llama_port),
-                   "--n_ctx", "2048", "--n_threads", str(args.threads), "--verbose", "False"]  # fmt: skip
+    serve_llama = llama_cpp_server_command(sys.executable, "--model", model, "--host", "127.0.0.1", "--port", str(llama_port),
+                                           "--n_ctx", "2048", "--n_threads", str(args.threads), "--verbose", "False")  # fmt: skip
     with child(serve_pydisco, lambda: _accepts(pydisco_port), "pydisco serve"), \
          child(serve_llama, lambda: _serves(base), "llama-cpp-python's server"):  # fmt: skip
         times = trio.run(measure, f"ws://127.0.0.1:{pydisco_port}", token, base, rounds, args.max_tokens)

@@ -21,24 +21,10 @@ from pydisco.cloud._backends import OpenAIUpstreamBackend
 from pydisco.cloud import open_cloud_endpoint
 from pydisco._errors import EndpointError, PromptTooLongError
 from pydisco.device import default_model_path
+from pydisco.device._llama import llama_cpp_server_command
 from pydisco._types import GenerationRequest, TokenPiece
 
 UPSTREAM_KEY = "upstream-key"
-
-# llama-cpp-python's own server, with one workaround: these VMs advertise AMX without enabling
-# it and llama.cpp's AMX matmul then segfaults, so weight repacking (which picks AMX) is off, as
-# pydisco.device's engine does for its own engine.
-_SERVER = """
-import llama_cpp.llama_cpp as C
-_default = C.llama_model_default_params
-def _params():
-    p = _default()
-    p.use_extra_bufts = False
-    return p
-C.llama_model_default_params = _params
-from llama_cpp.server.__main__ import main
-main()
-"""
 
 
 def _free_port() -> int:
@@ -52,9 +38,9 @@ def _free_port() -> int:
 def upstream() -> Iterator[str]:
     """Base URL (``.../v1``) of a llama-cpp-python server running the default model."""
     port = _free_port()
-    args = [sys.executable, "-c", _SERVER, "--model", str(default_model_path()), "--host", "127.0.0.1",
-            "--port", str(port), "--n_ctx", "512", "--n_threads", "1", "--api_key", UPSTREAM_KEY,
-            "--verbose", "False"]  # fmt: skip
+    args = llama_cpp_server_command(sys.executable, "--model", str(default_model_path()), "--host", "127.0.0.1",
+                                    "--port", str(port), "--n_ctx", "512", "--n_threads", "1", "--api_key", UPSTREAM_KEY,
+                                    "--verbose", "False")  # fmt: skip
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}/v1"
     deadline = time.monotonic() + 60

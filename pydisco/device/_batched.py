@@ -33,7 +33,7 @@ from llama_cpp import llama_cpp as C
 from .._errors import ConfigurationError, EndpointError, ModelError
 from .._types import GenerationRequest, TokenPiece
 from ..batching import Admission, AdmissionRefused, StepEvent
-from ._llama import DECODE_NO_SLOT, FLASH_ATTENTION, default_threads, init_backend, load_model, make_sampler, recent_log_text
+from ._llama import DECODE_NO_SLOT, FLASH_ATTENTION, default_threads, free_handles, init_backend, load_model, make_sampler, recent_log_text
 from ._models import model_id as _model_id
 from ._models import resolve_model_path
 from ._text import PieceStream
@@ -418,15 +418,8 @@ class BatchedEngine:
         """Free the samplers, the context and the model. Idempotent."""
         for seq_id in list(self._live):
             self.release(seq_id)
-        if self._batch is not None:
-            C.llama_batch_free(self._batch)
-            self._batch = None
-        if self._ctx is not None:
-            C.llama_free(self._ctx)
-            self._ctx = None
-        if self._model is not None:
-            C.llama_model_free(self._model)
-            self._model = None
+        free_handles(self._batch, self._ctx, self._model)
+        self._batch = self._ctx = self._model = None
 
     def __enter__(self) -> BatchedEngine:
         return self

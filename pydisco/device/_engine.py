@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from llama_cpp import llama_cpp as C
 
 from .._errors import ConfigurationError, EndpointError, ModelError, PromptTooLongError
-from ._llama import DECODE_ABORTED, FLASH_ATTENTION, init_backend, load_model, make_sampler, recent_log_text
+from ._llama import DECODE_ABORTED, FLASH_ATTENTION, free_handles, init_backend, load_model, make_sampler, recent_log_text
 from ._llama import default_threads as default_threads
 from ._models import model_id as _model_id
 from ._models import resolve_model_path
@@ -217,15 +217,8 @@ class LlamaEngine:
 
     def close(self) -> None:
         """Free the context and the model. Idempotent; the engine is unusable afterwards."""
-        if self._batch is not None:
-            C.llama_batch_free(self._batch)
-            self._batch = None
-        if self._ctx is not None:
-            C.llama_free(self._ctx)
-            self._ctx = None
-        if self._model is not None:
-            C.llama_model_free(self._model)
-            self._model = None
+        free_handles(self._batch, self._ctx, self._model)
+        self._batch = self._ctx = self._model = None
 
     def __enter__(self) -> LlamaEngine:
         return self

@@ -109,6 +109,34 @@ def load_model(path: str | os.PathLike[str], extra_buffers: bool | None) -> int:
     return model
 
 
+def free_handles(batch: object | None, ctx: object | None, model: object | None) -> None:
+    """Free an engine's llama.cpp batch, context and model (any of them may be None)."""
+    if batch is not None:
+        C.llama_batch_free(batch)
+    if ctx is not None:
+        C.llama_free(ctx)
+    if model is not None:
+        C.llama_model_free(model)
+
+
+def llama_cpp_server_command(python: str, *args: str) -> list[str]:
+    """A command line that starts llama-cpp-python's OpenAI-compatible server with ``args``,
+    under the same weight-repacking choice as pydisco's engines (``use_extra_buffers``), so it
+    runs on the VMs whose AMX matmul crashes. For tests and benchmarks that compare against it."""
+    script = (
+        "import llama_cpp.llama_cpp as C\n"
+        "_default = C.llama_model_default_params\n"
+        "def _params():\n"
+        "    p = _default()\n"
+        f"    p.use_extra_bufts = {use_extra_buffers()!r}\n"
+        "    return p\n"
+        "C.llama_model_default_params = _params\n"
+        "from llama_cpp.server.__main__ import main\n"
+        "main()\n"
+    )
+    return [python, "-c", script, *args]
+
+
 def make_sampler(sampling: Sampling, engine_seed: int) -> int:
     """A sampler chain for ``sampling`` (free it with ``llama_sampler_free``): greedy, or top-k,
     top-p, temperature and a draw seeded by the request's seed XOR the engine's."""
