@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import ssl
+import struct
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
@@ -28,6 +29,27 @@ DEFAULT_MAX_FRAME_SIZE = 1 << 20
 
 class FrameTooLarge(Exception):
     """A peer sent a frame over the size limit."""
+
+
+# For transports without native streams (WebSocket, Zenoh): each message is a 4-byte
+# big-endian stream id, then the frame.
+ENVELOPE = struct.Struct(">I")
+
+
+def seal_envelope(stream_id: int, frame: bytes) -> bytes:
+    return ENVELOPE.pack(stream_id) + frame
+
+
+def open_envelope(message: bytes, max_frame_size: int) -> tuple[int, bytes]:
+    """(stream id, frame) of one enveloped message. A message too short to be an envelope
+    goes to stream 0 whole (the protocol layer refuses it as a bad frame); a frame over
+    ``max_frame_size`` raises FrameTooLarge."""
+    if len(message) < ENVELOPE.size:
+        return 0, message
+    if len(message) - ENVELOPE.size > max_frame_size:
+        raise FrameTooLarge(f"a frame of {len(message) - ENVELOPE.size} bytes exceeds the limit of {max_frame_size}")
+    (stream_id,) = ENVELOPE.unpack_from(message)
+    return stream_id, message[ENVELOPE.size :]
 
 
 class FrameConnection(Protocol):

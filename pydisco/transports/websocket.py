@@ -15,15 +15,22 @@ from __future__ import annotations
 
 import logging
 import ssl
-import struct
 from urllib.parse import urlsplit
 
 import trio
 import trio_websocket as tws
 
-from ._base import DEFAULT_MAX_FRAME_SIZE, ConnectionHandler, FrameConnection, FrameTooLarge, ListenerInfo
+from ._base import (
+    DEFAULT_MAX_FRAME_SIZE,
+    ENVELOPE,
+    ConnectionHandler,
+    FrameConnection,
+    FrameTooLarge,
+    ListenerInfo,
+    open_envelope,
+    seal_envelope,
+)
 
-_ENVELOPE = struct.Struct(">I")
 _CLEAN_CLOSE = (1000, 1001)  # normal closure, going away
 _TOO_BIG = 1009
 _SEND_TIMEOUT = 10.0  # a shielded send that cannot finish in this long means a dead peer
@@ -34,7 +41,7 @@ log = logging.getLogger("pydisco.transports.websocket")
 
 
 def _ws_limit(max_frame_size: int) -> int:
-    return 2 * max_frame_size + _ENVELOPE.size
+    return 2 * max_frame_size + ENVELOPE.size
 
 
 class WebSocketConnection:
@@ -52,7 +59,7 @@ class WebSocketConnection:
         BrokenResourceError once the peer has closed, however cleanly: nobody will read it."""
         if self._closed_locally:
             raise trio.ClosedResourceError("this connection is closed")
-        message = _ENVELOPE.pack(stream_id) + frame
+        message = seal_envelope(stream_id, frame)
         # One scope, shielded and with a deadline (scopes cost on every token).
         with trio.CancelScope(shield=True, deadline=trio.current_time() + _SEND_TIMEOUT) as scope:
             try:
@@ -75,14 +82,7 @@ class WebSocketConnection:
             raise self._closed_error(e) from None
         if isinstance(message, str):
             return 0, message.encode("utf-8", "surrogateescape")
-        if len(message) < _ENVELOPE.size:
-            return 0, message
-        if len(message) - _ENVELOPE.size > self._max_frame_size:
-            raise FrameTooLarge(
-                f"a frame of {len(message) - _ENVELOPE.size} bytes exceeds the limit of {self._max_frame_size}"
-            )
-        (stream_id,) = _ENVELOPE.unpack_from(message)
-        return stream_id, message[_ENVELOPE.size :]
+        return open_envelope(message, self._max_frame_size)
 
     async def end_stream(self, stream_id: int) -> None:
         """Streams are virtual on WebSocket: nothing to send."""

@@ -43,7 +43,6 @@ import json
 import logging
 import math
 import ssl
-import struct
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -52,7 +51,15 @@ from urllib.parse import urlsplit
 import trio
 
 from .._errors import ConfigurationError, MissingExtraError
-from ._base import DEFAULT_MAX_FRAME_SIZE, ConnectionHandler, FrameConnection, FrameTooLarge, ListenerInfo
+from ._base import (
+    DEFAULT_MAX_FRAME_SIZE,
+    ConnectionHandler,
+    FrameConnection,
+    FrameTooLarge,
+    ListenerInfo,
+    open_envelope,
+    seal_envelope,
+)
 
 try:
     import zenoh
@@ -63,7 +70,6 @@ log = logging.getLogger("pydisco.transports.zenoh")
 
 SCHEME = "zenoh"
 SERVICE = "pydisco/cloud"
-_ENVELOPE = struct.Struct(">I")
 _END = b""
 _RESET = b"\x00"
 _OPEN_TIMEOUT = 10.0  # a server that answers no open query within this is not there
@@ -206,7 +212,7 @@ class ZenohConnection:
             raise trio.ClosedResourceError("this connection is closed")
         if self._peer_gone:
             raise trio.BrokenResourceError(f"{self.label}: the peer is gone")
-        await self._send(_ENVELOPE.pack(stream_id) + frame)
+        await self._send(seal_envelope(stream_id, frame))
 
     async def receive_frame(self) -> tuple[int, bytes]:
         """Next frame. EndOfChannel after the peer's clean close, BrokenResourceError after a
@@ -227,14 +233,7 @@ class ZenohConnection:
         raise trio.BrokenResourceError(f"{self.label}: {self._lost.reason}")
 
     def _frame(self, payload: bytes) -> tuple[int, bytes]:
-        if len(payload) < _ENVELOPE.size:
-            return 0, payload  # not an envelope: the protocol layer refuses it as bad_frame
-        if len(payload) - _ENVELOPE.size > self._max_frame_size:
-            raise FrameTooLarge(
-                f"a frame of {len(payload) - _ENVELOPE.size} bytes exceeds the limit of {self._max_frame_size}"
-            )
-        (stream_id,) = _ENVELOPE.unpack_from(payload)
-        return stream_id, payload[_ENVELOPE.size :]
+        return open_envelope(payload, self._max_frame_size)
 
     async def end_stream(self, stream_id: int) -> None:
         """Streams are virtual here: nothing to send."""
