@@ -178,6 +178,8 @@ void register_ring(py::module_& m) {
            "Block (without the GIL) until a token arrives or the timeout passes; None then.")
       .def("spin_for_announced",
            [](TokenRing& ring, std::optional<double> timeout) {
+             // Nothing announced (the common case on the reader's path): no GIL hand-off.
+             if (ring.announced_next_ns() < 0) return ring.front() != nullptr;
              const std::int64_t deadline = deadline_from_timeout(timeout);
              py::gil_scoped_release nogil;
              return ring.spin_for_announced(deadline);
