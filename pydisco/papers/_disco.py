@@ -30,6 +30,7 @@ def runs(setup: BenchSetup) -> list[Run]:
         def run(policy: str, budget: float, on: str | None, migration: str = "disco-migrate") -> Run:
             config = ReplayConfig(dispatch=policy, migration=migration, budget=budget, budget_on=on,  # type: ignore[arg-type]
                                   seed=setup.seed, device=device, server=server, cost_per_token=setup.cost_per_token,
+                                  prefill_cost_per_token=setup.prefill_cost_per_token,
                                   dispatch_options=prior if policy.startswith("disco-") else {})
             return Run(TABLE, (provider, policy, budget, on or "-", migration), work, config)
 
@@ -124,9 +125,11 @@ def table(setup: BenchSetup, results: Sequence[RunResult]) -> PaperTable:
             "DeepSeek-V2.5, Cohere and LLaMA-3-70B; the device is SmolLM2-135M on this machine's CPU, not a phone "
             "running a 0.5-1.1B model. The cost scale is the replay's (device token 0.2, cloud token 1.0), not the "
             f"paper's dollars and joules: a device token costs {setup.device_cost:g} of a cloud token "
-            "(--device-cost). Migrating to the device pays only when what it saves per remaining answer token "
-            "outweighs the cost of the device prefilling the prompt and the tokens so far; after the trace's "
-            "~1000-token prompts and ~130-token answers it seldom does.",
+            "(--device-cost); a device token *prefilled* costs that times the profile's prefill time per token "
+            f"over its decode time per token ({setup.prefill_cost_per_token['device']:.3g}: energy follows time at "
+            "one power draw). Migrating to the device pays only when what it saves on the remaining answer tokens "
+            "outweighs the device's prefill of the prompt and the tokens so far; the cloud keeps decoding during "
+            "that prefill, so on the trace's short answers (~130 tokens) little is left to save.",
             f"The device runs at SmolLM2's trained {DEVICE_CONTEXT}-token context (the engine's default n_ctx is "
             "2048); a prompt and answer beyond it cannot run there and the runtime routes it to the cloud, so "
             "device-only spends cloud tokens too.",

@@ -45,7 +45,8 @@ def runs(setup: BenchSetup) -> list[Run]:
     return [
         Run(TABLE, (provider, policy), work,
             ReplayConfig(dispatch=policy, migration="never", seed=setup.seed, device=device, server=server, device_standby=False,
-                         cost_per_token=setup.cost_per_token))
+                         cost_per_token=setup.cost_per_token,
+                         prefill_cost_per_token=setup.prefill_cost_per_token))
         for policy in POLICIES
     ]  # fmt: skip
 

@@ -186,6 +186,14 @@ class BenchSetup:
     def cost_per_token(self) -> dict[str, float]:
         return {"device": self.device_cost, "cloud": 1.0}
 
+    @property
+    def prefill_cost_per_token(self) -> dict[str, float]:
+        """A device token prefilled costs what one decoded costs, scaled by their times in the
+        device's profile (energy per token at the same power); the cloud prices both alike."""
+        d = self.device
+        ratio = d.prefill_c_s_per_token / d.decode_s_per_token if d.decode_s_per_token > 0 else 1.0
+        return {"device": self.device_cost * ratio}
+
     def device_with_context(self, tokens: int = DEVICE_CONTEXT) -> DeviceModel:
         return dataclasses.replace(self.device, context_tokens=tokens)
 

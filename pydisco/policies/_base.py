@@ -180,9 +180,19 @@ class MigrationView:
     device: DeviceSpeed | None  # the device's measured speed (None: never profiled)
     server_ttft_samples_s: Sequence[float]  # recent cloud TTFTs
     cost_per_token: Mapping[str, float]  # cost per token processed on each endpoint
+    # Cost per prefilled token where it differs (``prefill_rate``); empty: as cost_per_token.
+    prefill_cost_per_token: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
 
 class MigrationPolicy(Protocol):
     name: str
 
     def should_migrate(self, view: MigrationView) -> bool: ...
+
+
+def prefill_rate(cost_per_token: Mapping[str, float], prefill_cost_per_token: Mapping[str, float], endpoint: str) -> float:
+    """What one prefilled token costs on ``endpoint``: its prefill price where one is given,
+    else its price per token, else 0."""
+    if endpoint in prefill_cost_per_token:
+        return prefill_cost_per_token[endpoint]
+    return cost_per_token.get(endpoint, 0.0)

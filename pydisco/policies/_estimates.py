@@ -7,7 +7,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Sequence
 
-from ._base import DeviceSpeed, MigrationView
+from ._base import DeviceSpeed, MigrationView, prefill_rate
 
 __all__ = [
     "DEFAULT_CLOUD_TTFT_S",
@@ -60,5 +60,5 @@ def catch_up_time(view: MigrationView) -> float:
 
 
 def migration_overhead(view: MigrationView) -> float:
-    """The cost of migrating: the target's catch-up prefill at its cost per token."""
-    return view.cost_per_token.get(view.target, 0.0) * view.catch_up_tokens
+    """The cost of migrating: the target's catch-up prefill at its cost per prefilled token."""
+    return prefill_rate(view.cost_per_token, view.prefill_cost_per_token, view.target) * view.catch_up_tokens

@@ -73,6 +73,7 @@ class ReplayConfig:
     first_token_timeout_s: float = 10.0
     silence_timeout_s: float = 2.0
     cost_per_token: Mapping[str, float] = dataclasses.field(default_factory=lambda: {"device": 0.2, "cloud": 1.0})
+    prefill_cost_per_token: Mapping[str, float] = dataclasses.field(default_factory=dict)  # RuntimeConfig's
     dispatch_options: Mapping[str, object] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -99,6 +100,7 @@ class ReplayConfig:
             slo=self.slo, pace=self.pace, seed=self.seed, device_standby=self.device_standby,
             max_migrations=self.max_migrations, first_token_timeout_s=self.first_token_timeout_s,
             silence_timeout_s=self.silence_timeout_s, cost_per_token=dict(self.cost_per_token),
+            prefill_cost_per_token=dict(self.prefill_cost_per_token),
         )  # fmt: skip
 
     def server_ttft_prior(self) -> tuple[float, ...]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import ssl
 from collections.abc import Mapping
 
@@ -69,6 +70,12 @@ class RuntimeConfig:
     cost_per_token: Mapping[str, float] = dataclasses.field(
         default_factory=lambda: {"device": 0.2, "cloud": 1.0}
     )
+    # Cost units per *prefilled* token, where it differs from ``cost_per_token`` (an endpoint
+    # not named here prefills at its ``cost_per_token``). Prefill is usually far cheaper: APIs
+    # price input tokens below output ones, and a device's energy per token follows its time
+    # per token (``DeviceProfile``: prefill ~0.75 ms against decode ~8 ms here). It decides
+    # whether a migration pays (the target's catch-up is prefill) and prices usage.
+    prefill_cost_per_token: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not (self.silence_timeout_s > 0 and self.first_token_timeout_s > 0):
@@ -79,5 +86,8 @@ class RuntimeConfig:
             raise ConfigurationError(f"pacer_spin_s must be >= 0, got {self.pacer_spin_s!r}")
         if not self.reader_handoff_s >= 0:
             raise ConfigurationError(f"reader_handoff_s must be >= 0, got {self.reader_handoff_s!r}")
+        for name, rates in (("cost_per_token", self.cost_per_token), ("prefill_cost_per_token", self.prefill_cost_per_token)):
+            if any(not (v >= 0 and math.isfinite(v)) for v in rates.values()):
+                raise ConfigurationError(f"{name} values must be finite numbers >= 0, got {dict(rates)!r}")
         if self.device_threads is not None and self.device_threads < 1:
             raise ConfigurationError(f"device_threads must be >= 1, got {self.device_threads!r}")

@@ -58,6 +58,7 @@ class AnswerSettings:
     realtime_pacer: bool
     deadlines: Deadlines
     cost_per_token: Mapping[str, float]
+    prefill_cost_per_token: Mapping[str, float]
     # Do device and cloud share token ids (resume by ids, else by text)? Asked at each resume:
     # the cloud names its model only once connected.
     same_vocabulary: Callable[[], bool]
@@ -232,6 +233,7 @@ class AnswerCoordinator:
             started_ns=self.answer.started_ns,
             prefilled=self._usage.prefilled,
             cost_per_token=self._settings.cost_per_token,
+            prefill_cost_per_token=self._settings.prefill_cost_per_token,
             dispatch=self._decision.reason or _describe(self._decision),
             ttft_target_s=slo.ttft_target_s,
             reading_rate=slo.reading_rate,

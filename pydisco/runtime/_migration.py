@@ -29,6 +29,7 @@ class MigrationFacts:
     server_ttft_samples_s: Sequence[float]
     cost_per_token: Mapping[str, float]
     max_migrations: int
+    prefill_cost_per_token: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
 
 class MigrationTrigger:
@@ -72,6 +73,7 @@ class MigrationTrigger:
             device=facts.device,
             server_ttft_samples_s=facts.server_ttft_samples_s,
             cost_per_token=facts.cost_per_token,
+            prefill_cost_per_token=facts.prefill_cost_per_token,
         )
         if self._policy.should_migrate(view):
             log.info(

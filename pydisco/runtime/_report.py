@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .. import _core
+from ..policies._base import prefill_rate
 from ..qoe import qoe as andes_qoe
 from ._timeline import Timeline, TokenTimes, TransitionTimes
 
@@ -60,7 +61,7 @@ class EndpointUsage:
     generated_tokens: int  # tokens it delivered that were committed
     offered_tokens: int  # tokens it produced (committed or dropped as duplicates)
     prefilled_tokens: int  # prompt + prefix tokens it computed
-    cost: float  # (prefilled + offered) × the endpoint's cost per token
+    cost: float  # prefilled × its prefill price + offered × the endpoint's cost per token
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -295,6 +296,7 @@ def build_report(
     started_ns: int,
     prefilled: Mapping[str, int],
     cost_per_token: Mapping[str, float],
+    prefill_cost_per_token: Mapping[str, float],
     dispatch: str,
     ttft_target_s: float,
     reading_rate: float,
@@ -316,7 +318,8 @@ def build_report(
             generated_tokens=c.accepted,
             offered_tokens=c.offered,
             prefilled_tokens=prefilled.get(name, 0),
-            cost=cost_per_token.get(name, 0.0) * (prefilled.get(name, 0) + c.offered),
+            cost=prefill_rate(cost_per_token, prefill_cost_per_token, name) * prefilled.get(name, 0)
+            + cost_per_token.get(name, 0.0) * c.offered,
         )
     used: list[str] = []
     for p in pieces:
