@@ -101,6 +101,9 @@ class DispatchView:
     # Answers the device will run or admit before this one (one model serving requests in
     # turn, or a step loop's admission queue): its first token waits for them.
     device_answers_ahead: int = 0
+    # Worst-case tokens (prompt + max_tokens) of the answers still in flight that each endpoint
+    # was dispatched to: not in ``tokens_spent`` yet, so a budget guard reserves them.
+    tokens_in_flight: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def device_prefill_tokens(self) -> int:
@@ -134,6 +137,16 @@ class DispatchDecision:
     # While the cloud decodes, may the device follow the committed prefix (spending device
     # tokens on speculation, so a failover or migration to it computes only the last few)?
     device_standby: bool = True
+
+    def endpoints_used(self) -> tuple[EndpointName, ...]:
+        """Every endpoint this decision may run the answer on: those started, the fallback, and
+        both for a handoff."""
+        used = list(self.start)
+        if self.fallback is not None:
+            used.append(self.fallback[0])
+        if self.handoff is not None:
+            used += ["device", "cloud"]
+        return tuple(dict.fromkeys(used))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -86,16 +86,14 @@ class _LedgerPolicy:
     def _guard(self, view: DispatchView, decision: DispatchDecision) -> DispatchDecision:
         """Leave the constrained endpoint out when the other one is available (so its work is
         optional) and this answer could push its share above the budget."""
-        used = set(decision.start)
-        if decision.fallback is not None:
-            used.add(decision.fallback[0])
-        if decision.handoff is not None:
-            used.update(("device", "cloud"))
+        used = decision.endpoints_used()
         constrained = view.budget.constrained
         other = _other(constrained)
         if constrained not in used or other not in _available(view):
             return decision
-        worst = view.prompt_tokens + view.max_tokens
+        # This answer's worst case, plus that of the answers in flight there (concurrent answers
+        # would otherwise each see the same ledger and together overshoot the budget).
+        worst = view.prompt_tokens + view.max_tokens + view.tokens_in_flight.get(constrained, 0)
         if self.ledger.allows(view.budget, worst, view.tokens_spent):
             return decision
         return DispatchDecision(

@@ -106,6 +106,8 @@ class Runtime:
         self._dispatch = dispatch
         self._migration = migration
         self._tokens_spent: collections.Counter[str] = collections.Counter()
+        # Worst-case tokens of the answers in flight, per endpoint they were dispatched to.
+        self._tokens_in_flight: collections.Counter[str] = collections.Counter()
         self._answer_lengths: collections.deque[int] = collections.deque(maxlen=ANSWER_HISTORY)
         self._health = Health(list(self._endpoints), config.health_backoff, seed=config.seed)
         self._statistics = StatisticsRecorder(config.budget)
@@ -207,11 +209,14 @@ class Runtime:
             tokens_spent=dict(self._tokens_spent),
             device_cached_tokens=prompt_tokens - self._device_prefill_tokens(request, prompt_tokens),
             device_answers_ahead=self._device_answers_ahead(),
+            tokens_in_flight=+self._tokens_in_flight,
         )
+        decision = self._dispatch.decide(view)
+        reserved = collections.Counter(dict.fromkeys(decision.endpoints_used(), prompt_tokens + max_tokens))
         coordinator = AnswerCoordinator(
             request,
             endpoints=self._endpoints,
-            decision=self._dispatch.decide(view),
+            decision=decision,
             migration=self._migration,
             settings=AnswerSettings(
                 slo=slo,
@@ -239,6 +244,7 @@ class Runtime:
             health=self._health,
         )
         answer = AnswerStream(coordinator)
+        self._tokens_in_flight.update(reserved)
         try:
             async with trio.open_nursery() as nursery:
                 with answer_context(answer_id):  # the answer's tasks inherit it; the block does not
@@ -253,6 +259,7 @@ class Runtime:
             coordinator.close()
             answer._seal()
             outcome = coordinator.outcome()
+            self._tokens_in_flight.subtract(reserved)
             self._tokens_spent.update(outcome.tokens_by_endpoint)
             self._answer_lengths.append(answer.report.tokens)
             self._dispatch.observe(outcome)
