@@ -8,7 +8,7 @@ import sys
 import time
 from collections.abc import Iterator
 
-from pydisco import Pacer, TokenRing
+from pydisco import Pacer, RuntimeConfig, TokenRing
 
 BUSY_LOOP = "import time\nend = time.monotonic() + 600\nwhile time.monotonic() < end: pass\n"
 
@@ -30,12 +30,14 @@ def busy_cores(n: int) -> Iterator[None]:
 def start_paced_answer(interval_ns: int, count: int, handoff_lead_ns: int | None = None) -> tuple[Pacer, int]:
     """A running pacer (SCHED_FIFO asked) with `count` tokens all committed at t0, slightly in
     the future so token 0 is paced too: token i's deadline is t0 + i*interval. The released
-    tokens are in ``pacer.output``. ``handoff_lead_ns``: the pacer's (None: its default)."""
+    tokens are in ``pacer.output``. ``handoff_lead_ns``: the announcement's lead (None: the runtime's default)."""
     committed, released = TokenRing(count * 2), TokenRing(count * 2)
-    if handoff_lead_ns is None:
-        pacer = Pacer(committed, released, interval_ns=interval_ns)
-    else:
-        pacer = Pacer(committed, released, interval_ns=interval_ns, handoff_lead_ns=handoff_lead_ns)
+    # The runtime's own settings: its pacer is awake pacer_spin_s before each release (so its
+    # announcement is on time even when its wake-up comes late), and announces reader_handoff_s
+    # ahead. The pacer class's bare default (spin 200 us) would time another configuration.
+    shipped = RuntimeConfig(device_model=None)
+    lead = round(shipped.reader_handoff_s * 1e9) if handoff_lead_ns is None else handoff_lead_ns
+    pacer = Pacer(committed, released, interval_ns=interval_ns, spin_ns=round(shipped.pacer_spin_s * 1e9), handoff_lead_ns=lead)
     pacer.start(realtime=True)
     t0 = time.monotonic_ns() + 2_000_000
     for i in range(count):
