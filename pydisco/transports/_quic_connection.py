@@ -38,7 +38,7 @@ import collections
 import logging
 import math
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from typing import Protocol
 
 import trio
@@ -276,6 +276,45 @@ class QuicFrameConnection:
         except (ValueError, RuntimeError) as exc:  # aioquic: ended by us, or reset on request
             raise trio.ClosedResourceError(f"cannot send on stream {stream_id}: {exc}") from exc
         self._output()
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def send_frames(self, frames: Sequence[tuple[int, bytes]], end: Collection[int] = ()) -> None:
+        """Queue several frames, then end the streams in ``end``, and packetise them together:
+        frames ready at once share packets (and datagrams) instead of one each. Waits and
+        raises like ``send_frame`` (the send buffer is checked once, before the batch)."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self._check_usable()
+        if not self._is_client and any(sid == 0 for sid, _ in frames):
+            await self._control_opened.wait()
+            self._check_usable()
+        while _unacked_bytes(self._quic) >= self._settings.send_buffer:
+            await self._progress.park()
+            self._check_usable()
+        try:
+            for stream_id, frame in frames:
+                _check_stream_id(stream_id)
+                quic_id = self._streams.quic_id(stream_id)
+                if quic_id is None:
+                    if not self._is_client:
+                        raise trio.ClosedResourceError(
+                            f"stream {stream_id} is not open: the client opens streams, and this one "
+                            "was never opened or has ended both ways"
+                        )
+                    quic_id = self._open_stream(stream_id)
+                try:
+                    self._quic.send_stream_data(quic_id, encode_frame(frame))
+                except (ValueError, RuntimeError) as exc:
+                    raise trio.ClosedResourceError(f"cannot send on stream {stream_id}: {exc}") from exc
+            for stream_id in end:
+                quic_id = self._streams.quic_id(stream_id)
+                if quic_id is not None:
+                    try:
+                        self._quic.send_stream_data(quic_id, b"", end_stream=True)
+                    except (ValueError, RuntimeError):
+                        pass  # already ended, or reset at the peer's request
+                    self._streams.sent_fin(quic_id)
+        finally:
+            self._output()  # whatever was queued leaves, in order, even if a later frame failed
         await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def receive_frame(self) -> tuple[int, bytes]:
