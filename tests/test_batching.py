@@ -13,7 +13,7 @@ from pydisco import transports
 from pydisco.cloud import protocol as P
 from pydisco._types import GenerationRequest, GenerationResult, TokenPiece, TokenSink
 
-from cloud_support import TOKEN, StubBackend, client_context, running_server, tokens_of, trio_test
+from cloud_support import TOKEN, StubBackend, client_context, running_server, server_tls, tokens_of, trio_test
 
 SCHEMES = ["memory", "ws", "wss", "quic"]
 
@@ -261,3 +261,41 @@ async def test_quic_packs_a_batch_of_frames_into_fewer_datagrams() -> None:
                 pongs += isinstance(P.decode(data), P.Pong)
         finally:
             await connection.aclose()
+
+
+@trio_test(timeout=30)
+async def test_a_quic_receiver_acknowledges_a_paced_stream_far_less_than_once_per_datagram() -> None:
+    from pydisco.transports.quic import QuicSettings
+
+    async def pacer(connection: transports.FrameConnection) -> None:
+        sid, _ = await connection.receive_frame()
+        for k in range(60):
+            await connection.send_frame(sid, b"tick %d" % k)
+            await trio.sleep(0.003)  # each frame its own datagram
+        await connection.receive_frame()
+
+    assert QuicSettings().ack_delay > 0.001  # not aioquic's own
+    with pytest.raises(Exception, match="ack_delay"):
+        QuicSettings(ack_delay=0.03)  # beyond the 25 ms announced to the peer
+    quic = transports.get_transport("quic")
+    async with trio.open_nursery() as nursery:
+        info = await nursery.start(lambda task_status: quic.serve(pacer, "127.0.0.1", 0, ssl_context=server_tls(),
+                                                                  task_status=task_status))  # fmt: skip
+        connection = await transports.connect(info.url, ssl_context=client_context("quic"))
+        endpoint = connection._socket  # type: ignore[attr-defined]
+        sent = 0
+        send_nowait = endpoint.send_nowait
+
+        def counting(data: bytes, addr: object) -> bool:
+            nonlocal sent
+            sent += 1
+            return bool(send_nowait(data, addr))
+
+        await connection.send_frame(1, b"go")
+        endpoint.send_nowait = counting
+        got = [await connection.receive_frame() for _ in range(60)]
+        assert got == [(1, b"tick %d" % k) for k in range(60)]
+        assert sent < 30, sent  # with a 1 ms delay nearly every datagram is acknowledged alone
+        await connection.send_frame(1, b"bye")
+        await connection.aclose()
+        nursery.cancel_scope.cancel()
