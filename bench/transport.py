@@ -106,6 +106,7 @@ async def child_server(scheme: str, cert_dir: str) -> None:
         parallel=100_000,
         max_queue=0,
         max_streams_per_connection=STREAMS_PER_CONNECTION,
+        freeze_gc=True,  # as a deployed server (one per process) runs
     )
     async with trio.open_nursery() as nursery:
         server: RunningServer = await nursery.start(serve, config)

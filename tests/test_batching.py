@@ -299,3 +299,18 @@ async def test_a_quic_receiver_acknowledges_a_paced_stream_far_less_than_once_pe
         await connection.send_frame(1, b"bye")
         await connection.aclose()
         nursery.cancel_scope.cancel()
+
+
+@trio_test(timeout=30)
+async def test_freeze_gc_moves_what_the_server_holds_to_the_permanent_generation() -> None:
+    import gc
+
+    try:
+        before = gc.get_freeze_count()
+        async with running_server(StubBackend(), ["memory"], freeze_gc=True):
+            assert gc.get_freeze_count() > before
+        gc.unfreeze()
+        async with running_server(StubBackend(), ["memory"]):
+            assert gc.get_freeze_count() == 0  # only when asked
+    finally:
+        gc.unfreeze()

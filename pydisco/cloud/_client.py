@@ -467,7 +467,8 @@ class CloudEndpoint:
                     # Produced this long before it reached us: the server's own queueing (both
                     # times on its clock) plus the trip here (half the round trip).
                     age_ns = max(0, out.sent_ns - out.generated_ns) + link.one_way_ns()
-                    answer.token(dataclasses.replace(out.piece, age_ns=age_ns))
+                    p = out.piece  # a new piece directly: dataclasses.replace costs ~3x more per token
+                    answer.token(TokenPiece(p.position, p.token_id, p.text, age_ns))
             elif isinstance(out, StreamPaused):
                 answer = link.answers.get(out.stream_id)
                 if answer is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import hmac
 import json
 import math
@@ -66,7 +67,10 @@ class ServerConfig:
     FCFS order, beyond that requests get ``overloaded``. ``scheduler`` names that gate in front
     of the backend (``SCHEDULERS``); a batched backend's step scheduler is its own.
     ``metrics_listen`` (``HOST:PORT``): serve ``/metrics`` (Prometheus) and ``/healthz`` over
-    plain HTTP there (docs/observability.md).
+    plain HTTP there (docs/observability.md). ``freeze_gc``: once every listener is up, collect
+    garbage and move every object left (modules, the model's, the backend's) to Python's
+    permanent generation (``gc.freeze``), so the collector's full passes, which stop every
+    stream while they run, no longer walk them; for a process that runs one server.
     """
 
     listen: Sequence[str]
@@ -86,6 +90,7 @@ class ServerConfig:
     cost_per_prompt_token: float = 0.0  # added to the backend's own cost in each done frame
     cost_per_generated_token: float = 0.0
     metrics_listen: str | None = None
+    freeze_gc: bool = False  # once listening: gc.collect() then gc.freeze() (see serve)
 
     def __post_init__(self) -> None:
         if isinstance(self.listen, str) or not self.listen:
@@ -267,6 +272,9 @@ async def serve(config: ServerConfig, *, task_status: trio.TaskStatus[RunningSer
                     raise ConfigurationError(f"cannot serve metrics on {config.metrics_listen}: {e.strerror or e}") from e
                 running = dataclasses.replace(running, metrics_listener=where)
                 log.info("metrics on %s/metrics", where.url)
+            if config.freeze_gc:
+                gc.collect()
+                gc.freeze()
             task_status.started(running)
     except BaseExceptionGroup as group:
         raise single_exception(group) from None
