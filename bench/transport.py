@@ -422,8 +422,10 @@ def print_table(figures: dict[str, Any]) -> None:
     schemes = [k[: -len("_p50_us")] for k in figures if k.endswith("_p50_us") and not k.startswith("baseline")]
     for s in schemes:
         p50, p99 = figures[f"{s}_p50_us"], figures[f"{s}_p99_us"]
+        if p50 is None and s not in figures["missing"]:
+            continue  # not asked for (--schemes)
         if p50 is None:
-            print(f"  {'pydisco ' + s:<24} missing: {figures['missing'].get(s, 'not measured')}")
+            print(f"  {'pydisco ' + s:<24} missing: {figures['missing'][s]}")
         else:
             ratio = figures.get(f"{s}_p50_vs_baseline")
             print(f"  {'pydisco ' + s:<24} p50 {p50:>8} us   p99 {p99:>8} us   max {figures[f'{s}_max_us']:>10} us"
@@ -442,6 +444,8 @@ def print_table(figures: dict[str, Any]) -> None:
         return
     for s in schemes:
         best = figures[f"max_streams_{s}"]
+        if best is None and s not in figures["stream_trials"]:
+            continue
         print(f"  {s:<8} max streams held: {'not measured' if best is None else best}"
               f"   (CPU share there: server {figures.get(f'cpu_share_server_{s}')}, "
               f"load generator {figures.get(f'cpu_share_client_{s}')})")  # fmt: skip

@@ -90,7 +90,7 @@ def test_tokens_frames_are_checked_like_token_frames() -> None:
     {"pos": 0, "ids": "12", "text": ["a", "b"], "tg": [0, 0]},
 ])  # fmt: skip
 def test_malformed_tokens_frames_are_bad_frames(fields: dict[str, object]) -> None:
-    import msgpack
+    import msgpack  # type: ignore[import-untyped]
 
     with pytest.raises(P.ProtocolError) as caught:
         P.decode(msgpack.packb({"t": "tokens", **fields}))
@@ -217,7 +217,7 @@ async def test_websocket_sends_a_batch_of_frames_in_one_write() -> None:
             pings = [proto.ping()[1] for _ in range(3)]
             await transports.send_frames(connection, [(0, f) for f in [*proto.handshake(), *pings]])
             assert writes == 1
-            got = []
+            got: list[str] = []
             while len(got) < 5:
                 sid, data = await connection.receive_frame()
                 got.append(type(P.decode(data)).__name__)
