@@ -11,7 +11,7 @@ import pytest
 
 BENCH = pathlib.Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
-import transport as bench  # noqa: E402  (bench/ is a folder of scripts, not a package)
+import transport as bench  # type: ignore[import-not-found]  # noqa: E402  (bench/ holds scripts, not a package)
 
 
 def test_without_soak_py_the_soak_keys_are_null_with_a_reason(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> None:
