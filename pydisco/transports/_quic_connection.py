@@ -7,10 +7,13 @@ than the hand-over to the task calling ``receive_frame``:
 
 * The endpoint's reader drains the socket in bursts. It queues each datagram on its connection
   (``datagram_received``), then has each connection take its burst in (``datagrams_arrived``):
-  feed QUIC, hand the decoded frames to the receiving channel, and send what QUIC wants to send,
-  asking it once per burst.
+  feed QUIC, hand the decoded frames to the receiving channel, and, when that input may call
+  for sending at once (``_output_due``: the handshake, a full congestion window, a stream
+  waiting to be freed), send what QUIC wants to send; otherwise QUIC's acknowledgement timer
+  (``QuicSettings.ack_delay``) does.
 * Application tasks calling the ``FrameConnection`` methods hand data to QUIC, packetise it at
-  once (so frames leave in call order) and send the datagrams themselves.
+  once (so frames leave in call order) and send the datagrams themselves; ``send_frames``
+  hands several frames over before packetising, so they share packets.
 * The driver task, ``run()``, does what nobody else will: QUIC's timers (delayed
   acknowledgements, loss recovery, the idle timeout), intake that waited for room in the
   channel, and sending once the socket would block. Whoever changes QUIC's state moves the
