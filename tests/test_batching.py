@@ -67,6 +67,28 @@ def test_batched_frames_decode_to_the_same_tokens_in_order(start: int, tokens: l
     assert client.receive(sid, one) == [P.TokenReceived(sid, nxt, 1, 43)]
 
 
+@st.composite
+def tokens_frames(draw: st.DrawFn) -> P.Tokens:
+    start = draw(st.integers(0, 2**31 - 5000))
+    items = draw(st.lists(st.tuples(st.integers(-1, 2**31 - 1), st.text(max_size=8), st.integers(0, 2**63 - 1)),
+                          min_size=1, max_size=40))  # fmt: skip
+    pieces = tuple(TokenPiece(start + i, tid, text) for i, (tid, text, _) in enumerate(items))
+    return P.Tokens(pieces, tuple(t for _, _, t in items), draw(st.integers(0, 2**63 - 1)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(tokens_frames(), st.data())
+def test_a_tokens_frame_survives_a_round_trip_and_its_truncations_never_crash(frame: P.Tokens,
+                                                                              data: st.DataObject) -> None:  # fmt: skip
+    wire = P.encode(frame)
+    assert P.decode(wire) == frame
+    cut = data.draw(st.integers(0, len(wire) - 1))
+    try:
+        P.decode(wire[:cut])
+    except P.ProtocolError:
+        pass
+
+
 def test_tokens_frames_are_checked_like_token_frames() -> None:
     client = ready_client(3)
     sid, _ = client.open_stream(GenerationRequest(prompt="hi", max_tokens=8))
