@@ -15,10 +15,23 @@ ones); a registered scheme that does not load here is reported as missing (null)
    is the same pacing over bare trio-websocket: one small msgpack message per token, like with
    like — the plain schemes (``ws``, ``zenoh``) against bare WebSocket, the TLS ones (``wss``, ``quic``) against bare
    WebSocket over TLS.
-2. Sustained concurrent streams. The stub emits ``--rate`` tokens/s per stream on absolute
-   deadlines; K streams (16 per connection) run at once for ``--stream-tokens`` tokens. Delivery
-   "falls behind" when the p99 lag (receive - scheduled emit) exceeds one token period or a token
-   is missing; K doubles until it does (or ``--max-cap``), then bisects.
+2. Sustained concurrent streams at a reading pace. The stub emits ``--rate`` (20) tokens/s per
+   stream on absolute deadlines, each stream starting at a random phase within one period (as
+   independent clients do; ``--aligned`` puts every stream on one shared step clock instead, as
+   a batched engine's decode steps do). Each stream's reader is paced like the runtime's, at a
+   rate drawn from ``--read-rate`` (5-15 tokens/s): the client announces it in ``generate`` and
+   sends ``reader_report`` frames when its reader drifts, as a real device does. K streams (16
+   per connection) run for ``--stream-tokens`` tokens; every token's lag (receive - scheduled
+   emit, one clock on one host) is measured. K is held when the p99 lag is at most
+   ``--max-lag-ms`` (100) and no token is missing; K doubles from 16 until it is not (or
+   ``--max-cap``), then bisects. Each trial reports the CPU share (CPU seconds per wall second;
+   1.0 is one core) of the server process and of this one, the load generator.
+3. ``--soak``: runs ``bench/soak.py``'s ``main(["--json", ...])`` when that file exists (it
+   prints one JSON object, or returns a dict) and copies ``soak_rss_slope_mb_per_min`` and
+   ``soak_lost_answers`` from it; without it those keys are null and ``soak_missing`` says why.
+
+``--quick`` (a smoke run, under two minutes): 300 overhead tokens, 30-token streams, a stream
+cap of 256, and only ws, wss and quic unless ``--schemes`` says otherwise.
 """
 
 from __future__ import annotations
@@ -29,6 +42,8 @@ import json
 import math
 import os
 import pathlib
+import random
+import resource
 import subprocess
 import sys
 import time
@@ -43,13 +58,14 @@ from pydisco import transports
 from pydisco.cloud import open_cloud_endpoint
 from pydisco.cloud import RunningServer, ServerConfig, serve
 from pydisco.cloud import Credentials, client_ssl_context, self_signed, server_ssl_context
-from pydisco._types import GenerationRequest, GenerationResult, TokenPiece, TokenSink
+from pydisco._types import GenerationRequest, GenerationResult, ReaderState, TokenPiece, TokenSink
 
 from _stats import percentile  # the script's own folder is on sys.path
 
 TOKEN = "bench"
 PLAIN = ("ws", "zenoh")  # schemes without TLS; every other network scheme gets the throwaway certificate
 STREAMS_PER_CONNECTION = 16
+BENCH_DIR = pathlib.Path(__file__).resolve().parent
 
 
 # -- the child process: a server with a stub token source ----------------------------------------
@@ -62,8 +78,11 @@ class PacedStub:
     model_id = "bench-stub"
 
     async def generate(self, request: GenerationRequest, sink: TokenSink) -> GenerationResult:
-        period = json.loads(request.prompt or "{}").get("period", 0.001)
-        start = trio.current_time()
+        plan = json.loads(request.prompt or "{}")
+        period = plan.get("period", 0.001)
+        start = trio.current_time() + plan.get("phase", 0.0) * period
+        if plan.get("aligned"):  # one step clock for every stream, as a batched engine's steps
+            start = math.ceil(start / period) * period
         for k in range(request.max_tokens):
             deadline = start + k * period
             await trio.sleep_until(deadline)
@@ -87,6 +106,7 @@ async def child_server(scheme: str, cert_dir: str) -> None:
         parallel=100_000,
         max_queue=0,
         max_streams_per_connection=STREAMS_PER_CONNECTION,
+        freeze_gc=True,  # as a deployed server (one per process) runs
     )
     async with trio.open_nursery() as nursery:
         server: RunningServer = await nursery.start(serve, config)
@@ -170,8 +190,8 @@ def baseline_for(scheme: str) -> str:
     return "ws" if scheme in PLAIN else "wss"
 
 
-def _request(tokens: int, period: float) -> GenerationRequest:
-    return GenerationRequest(prompt=json.dumps({"period": period}), max_tokens=tokens)
+def _request(tokens: int, period: float, phase: float = 0.0, aligned: bool = False) -> GenerationRequest:
+    return GenerationRequest(prompt=json.dumps({"period": period, "phase": phase, "aligned": aligned}), max_tokens=tokens)
 
 
 async def stack_round(cloud: Any, count: int, period: float, delays: list[float]) -> None:
@@ -182,27 +202,66 @@ async def stack_round(cloud: Any, count: int, period: float, delays: list[float]
     await cloud.generate(_request(count, period), sink)
 
 
-async def streams_keep_up(child: Child, k: int, rate: float, tokens: int) -> tuple[bool, float, int, list[str]]:
-    """Run k concurrent streams; (kept up, p99 lag in s, tokens missing, errors seen)."""
+class PacedReader:
+    """A stream's sink as the runtime's paced reader looks to the client: it reads ``rate``
+    tokens/s from when the first token arrived (``reader_state``, so the client announces the
+    rate and reports drift), and records each token's lag behind its scheduled emit."""
+
+    def __init__(self, rate: float, lags: list[float]) -> None:
+        self.rate = rate
+        self.lags = lags
+        self.received = 0
+        self.first = 0.0
+
+    def __call__(self, piece: TokenPiece) -> None:
+        now = time.monotonic_ns()
+        if self.received == 0:
+            self.first = now / 1e9
+        self.received += 1
+        self.lags.append((now - int(piece.text.split()[1])) / 1e9)
+
+    def reader_state(self) -> ReaderState:
+        read = int(self.rate * (time.monotonic() - self.first)) if self.received else 0
+        return ReaderState(max(0, self.received - read), self.rate)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux /proc), or NaN."""
+    try:
+        fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return math.nan
+
+
+def _own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def streams_keep_up(child: Child, k: int, rate: float, tokens: int, *, max_lag: float,
+                          read_rates: tuple[float, float] = (5.0, 15.0), aligned: bool = False,
+                          seed: int = 0) -> dict[str, Any]:  # fmt: skip
+    """Run k concurrent streams; kept up (p99 lag <= max_lag, nothing missing), p99 lag in s,
+    tokens missing, errors seen, and the CPU shares of server and load generator."""
     period = 1.0 / rate
+    rng = random.Random(seed * 1_000_003 + k)
     lags: list[float] = []
     missing = 0
     errors: list[str] = []
 
-    def sink(piece: TokenPiece) -> None:
-        lags.append((time.monotonic_ns() - int(piece.text.split()[1])) / 1e9)
-
-    async def one(cloud: Any) -> None:
+    async def one(cloud: Any, phase: float) -> None:
         nonlocal missing
-        got_before = len(lags)
+        reader = PacedReader(rng.uniform(*read_rates), lags)
         try:
-            await cloud.generate(_request(tokens, period), sink)
+            await cloud.generate(_request(tokens, period, phase, aligned), reader)
         except Exception as e:  # a refused or broken stream counts as falling behind
-            missing += tokens - (len(lags) - got_before)
+            missing += tokens - reader.received
             errors.append(f"{type(e).__name__}: {str(e)[:120]}")
 
     connections = math.ceil(k / STREAMS_PER_CONNECTION)
-    budget = tokens * period + 10.0
+    budget = tokens * period + 20.0
+    cpu: dict[str, float] = {}
     with trio.move_on_after(budget):
         async with trio.open_nursery() as nursery:
             clouds = []
@@ -210,13 +269,23 @@ async def streams_keep_up(child: Child, k: int, rate: float, tokens: int) -> tup
                 cloud = await nursery.start(_hold_endpoint, child)
                 await cloud.generate(_request(1, period), lambda p: None)  # connected before timing
                 clouds.append(cloud)
+            server0, own0, wall0 = _cpu_seconds(child.process.pid), _own_cpu_seconds(), time.monotonic()
             async with trio.open_nursery() as streams:
                 for i in range(k):
-                    streams.start_soon(one, clouds[i // STREAMS_PER_CONNECTION])
+                    streams.start_soon(one, clouds[i // STREAMS_PER_CONNECTION], rng.random())
+            wall = time.monotonic() - wall0
+            cpu = {"server": (_cpu_seconds(child.process.pid) - server0) / wall, "client": (_own_cpu_seconds() - own0) / wall}
             nursery.cancel_scope.cancel()
     missing += max(0, k * tokens - len(lags) - missing)
     p99 = percentile(lags, 99) if lags else math.inf
-    return (missing == 0 and p99 <= period), p99, missing, sorted(set(errors))
+    return {"streams": k, "kept_up": missing == 0 and p99 <= max_lag, "p99_lag_ms": round(p99 * 1e3, 2),
+            "p50_lag_ms": round(percentile(lags, 50) * 1e3, 2) if lags else None, "missing": missing,
+            "errors": sorted(set(errors)), "cpu_share_server": _round(cpu.get("server")),
+            "cpu_share_client": _round(cpu.get("client"))}  # fmt: skip
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None or math.isnan(x) else round(x, 3)
 
 
 async def _hold_endpoint(child: Child, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
@@ -225,18 +294,19 @@ async def _hold_endpoint(child: Child, task_status: trio.TaskStatus[Any] = trio.
         await trio.sleep_forever()
 
 
-async def max_streams(child: Child, rate: float, tokens: int, cap: int) -> tuple[int, list[dict[str, Any]]]:
+async def max_streams(child: Child, args: argparse.Namespace) -> tuple[int, list[dict[str, Any]]]:
+    """The most streams held (see streams_keep_up), and every trial."""
     trials: list[dict[str, Any]] = []
 
     async def trial(k: int) -> bool:
-        ok, p99, missing, errors = await streams_keep_up(child, k, rate, tokens)
-        trials.append({"streams": k, "kept_up": ok, "p99_lag_ms": round(p99 * 1e3, 2), "missing": missing,
-                       "errors": errors})  # fmt: skip
-        return ok
+        result = await streams_keep_up(child, k, args.rate, args.stream_tokens, max_lag=args.max_lag_ms / 1e3,
+                                       read_rates=(args.read_rate[0], args.read_rate[1]), aligned=args.aligned)  # fmt: skip
+        trials.append(result)
+        return bool(result["kept_up"])
 
     good, bad = 0, None
-    k = 8
-    while k <= cap:
+    k = min(16, args.max_cap)
+    while k <= args.max_cap:
         if await trial(k):
             good, k = k, k * 2
         else:
@@ -278,13 +348,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "stream_rate_tok_s": args.rate,
         "stream_tokens": args.stream_tokens,
         "max_streams_cap": args.max_cap,
+        "max_lag_ms": args.max_lag_ms,
+        "read_rate_tok_s": list(args.read_rate),
+        "aligned_steps": args.aligned,
         "cpus": len(os.sched_getaffinity(0)),
         "load_avg_1min_before": round(os.getloadavg()[0], 2),
     }
     schemes, missing = network_schemes(args.schemes)
     figures["missing"] = missing
-    for scheme in ("ws", "quic", *schemes):
+    for scheme in ("ws", "wss", "quic", *schemes):
         figures[f"{scheme}_p50_us"] = figures[f"{scheme}_p99_us"] = figures[f"max_streams_{scheme}"] = None
+        figures[f"{scheme}_p50_vs_baseline"] = None
+        figures[f"cpu_share_server_{scheme}"] = figures[f"cpu_share_client_{scheme}"] = None
     children = {scheme: Child("--child-server", scheme) for scheme in schemes}
     baselines = {name: Child("--child-baseline", str(period), *(["--tls"] if name == "wss" else [])) for name in ("ws", "wss")}
     try:
@@ -323,9 +398,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         figures["stream_trials"] = {}
         if not args.no_streams:
             for scheme, child in children.items():
-                best, trials = await max_streams(child, args.rate, args.stream_tokens, args.max_cap)
+                best, trials = await max_streams(child, args)
                 figures[f"max_streams_{scheme}"] = best
                 figures["stream_trials"][scheme] = trials
+                held = [t for t in trials if t["streams"] == best]
+                if held:  # the CPU it took to hold them
+                    figures[f"cpu_share_server_{scheme}"] = held[-1]["cpu_share_server"]
+                    figures[f"cpu_share_client_{scheme}"] = held[-1]["cpu_share_client"]
     finally:
         for child in (*baselines.values(), *children.values()):
             child.stop()
@@ -343,35 +422,102 @@ def print_table(figures: dict[str, Any]) -> None:
     schemes = [k[: -len("_p50_us")] for k in figures if k.endswith("_p50_us") and not k.startswith("baseline")]
     for s in schemes:
         p50, p99 = figures[f"{s}_p50_us"], figures[f"{s}_p99_us"]
+        if p50 is None and s not in figures["missing"]:
+            continue  # not asked for (--schemes)
         if p50 is None:
-            print(f"  {'pydisco ' + s:<24} missing: {figures['missing'].get(s, 'not measured')}")
+            print(f"  {'pydisco ' + s:<24} missing: {figures['missing'][s]}")
         else:
             ratio = figures.get(f"{s}_p50_vs_baseline")
             print(f"  {'pydisco ' + s:<24} p50 {p50:>8} us   p99 {p99:>8} us   max {figures[f'{s}_max_us']:>10} us"
                   f"   (p50 {ratio}x {figures.get(f'{s}_baseline')})")  # fmt: skip
-    print(f"sustained streams at {figures['stream_rate_tok_s']} tok/s each, {figures['stream_tokens']} tokens, "
-          f"p99 lag <= one period (cap {figures['max_streams_cap']})")  # fmt: skip
+    print(f"sustained streams at {figures['stream_rate_tok_s']} tok/s each (readers at {figures['read_rate_tok_s']} "
+          f"tok/s{', aligned steps' if figures['aligned_steps'] else ''}), {figures['stream_tokens']} tokens, "
+          f"held while p99 lag <= {figures['max_lag_ms']} ms (cap {figures['max_streams_cap']}); "
+          f"CPU share: 1.0 = one core")  # fmt: skip
+    if figures.get("soak_missing"):
+        print(f"soak: {figures['soak_missing']}")
+    else:
+        print(f"soak: RSS slope {figures.get('soak_rss_slope_mb_per_min')} MB/min, "
+              f"answers lost {figures.get('soak_lost_answers')}")  # fmt: skip
     if not figures["stream_trials"]:
-        print("  skipped")
+        print("  (sustained streams skipped)")
         return
     for s in schemes:
         best = figures[f"max_streams_{s}"]
-        print(f"  {s:<8} max streams kept up: {'not measured' if best is None else best}")
+        if best is None and s not in figures["stream_trials"]:
+            continue
+        print(f"  {s:<8} max streams held: {'not measured' if best is None else best}"
+              f"   (CPU share there: server {figures.get(f'cpu_share_server_{s}')}, "
+              f"load generator {figures.get(f'cpu_share_client_{s}')})")  # fmt: skip
         for t in figures["stream_trials"].get(s, []):
-            print(f"           {t['streams']:>5} streams: p99 lag {t['p99_lag_ms']:>8} ms, missing {t['missing']}"
+            print(f"           {t['streams']:>5} streams: p99 lag {t['p99_lag_ms']:>8} ms, missing {t['missing']}, "
+                  f"CPU server {t['cpu_share_server']} client {t['cpu_share_client']}"
                   f"{'' if t['kept_up'] else '  <- behind'}{'  ' + '; '.join(t['errors']) if t['errors'] else ''}")  # fmt: skip
+
+
+SOAK_KEYS = ("soak_rss_slope_mb_per_min", "soak_lost_answers")
+
+
+def soak_figures(quick: bool) -> dict[str, Any]:
+    """bench/soak.py's figures (its ``main(["--json", ...])`` prints one JSON object or returns
+    a dict), or null ones saying why there are none."""
+    figures: dict[str, Any] = dict.fromkeys(SOAK_KEYS)
+    if not (BENCH_DIR / "soak.py").exists():
+        figures["soak_missing"] = "bench/soak.py does not exist in this checkout"
+        return figures
+    import importlib
+    import io
+
+    captured = io.StringIO()
+    try:
+        soak = importlib.import_module("soak")
+        with contextlib.redirect_stdout(captured):
+            returned = soak.main(["--json", *(["--quick"] if quick else [])])
+    except (Exception, SystemExit) as e:  # its failure is reported, not ours
+        figures["soak_missing"] = f"bench/soak.py failed: {type(e).__name__}: {e}"
+        return figures
+    result = returned if isinstance(returned, dict) else _last_json_object(captured.getvalue())
+    if result is None:
+        figures["soak_missing"] = "bench/soak.py printed no JSON object"
+        return figures
+    figures.update({key: result.get(key) for key in SOAK_KEYS})
+    figures["soak"] = result
+    absent = [key for key in SOAK_KEYS if result.get(key) is None]
+    if absent:
+        figures["soak_missing"] = f"bench/soak.py did not report {', '.join(absent)}"
+    return figures
+
+
+def _last_json_object(text: str) -> dict[str, Any] | None:
+    """The last JSON object printed in ``text`` (progress lines may come before it)."""
+    decoder, found, start = json.JSONDecoder(), None, text.find("{")
+    while start != -1:
+        try:
+            value, end = decoder.raw_decode(text, start)
+        except json.JSONDecodeError:
+            start = text.find("{", start + 1)
+            continue
+        if isinstance(value, dict):
+            found = value
+        start = text.find("{", end)
+    return found
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
-    parser.add_argument("--quick", action="store_true", help="a smoke run: fewer tokens, stream cap 64")
+    parser.add_argument("--quick", action="store_true", help="a smoke run (under two minutes): fewer tokens, stream cap 256, ws/wss/quic")
     parser.add_argument("--tokens", type=int, default=2000, help="tokens per scheme for the overhead measurement")
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds the tokens are split into")
     parser.add_argument("--period-ms", type=float, default=1.0, help="token period for the overhead measurement")
-    parser.add_argument("--rate", type=float, default=50.0, help="tokens/s per stream in the concurrency test")
-    parser.add_argument("--stream-tokens", type=int, default=50, help="tokens per stream in the concurrency test")
-    parser.add_argument("--max-cap", type=int, default=1024, help="stop doubling streams here")
+    parser.add_argument("--rate", type=float, default=20.0, help="tokens/s per stream in the concurrency test")
+    parser.add_argument("--read-rate", type=float, nargs=2, default=[5.0, 15.0], metavar=("LOW", "HIGH"),
+                        help="each stream's reader reads at a rate drawn from [LOW, HIGH] tokens/s")
+    parser.add_argument("--max-lag-ms", type=float, default=100.0, help="p99 token lag at which streams count as held")
+    parser.add_argument("--aligned", action="store_true", help="every stream on one step clock (a batched engine)")
+    parser.add_argument("--stream-tokens", type=int, default=60, help="tokens per stream in the concurrency test")
+    parser.add_argument("--max-cap", type=int, default=2048, help="stop doubling streams here")
+    parser.add_argument("--soak", action="store_true", help="also run bench/soak.py (when it exists)")
     parser.add_argument("--schemes", nargs="*", help="only these schemes (default: every loadable one)")
     parser.add_argument("--no-streams", action="store_true", help="skip the concurrency test")
     parser.add_argument("--child-server", help=argparse.SUPPRESS)
@@ -385,9 +531,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.child_baseline:
         trio.run(child_baseline, float(args.child_baseline), args.tls, args.cert_dir)
         return 0
+    for name in ("tokens", "rounds", "stream_tokens", "max_cap"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if not (args.rate > 0 and args.max_lag_ms > 0 and 0 < args.read_rate[0] <= args.read_rate[1]):
+        parser.error("--rate and --max-lag-ms must be > 0, and --read-rate LOW HIGH with 0 < LOW <= HIGH")
     if args.quick:
-        args.tokens, args.stream_tokens, args.max_cap = min(args.tokens, 300), min(args.stream_tokens, 25), min(args.max_cap, 64)
+        args.tokens, args.stream_tokens, args.max_cap = min(args.tokens, 300), min(args.stream_tokens, 30), min(args.max_cap, 256)
+        if args.schemes is None:
+            args.schemes = ["ws", "wss", "quic"]
     figures = trio.run(run, args)
+    figures.update(soak_figures(args.quick) if args.soak else {"soak_rss_slope_mb_per_min": None, "soak_lost_answers": None,
+                                                              "soak_missing": "not run (no --soak)"})  # fmt: skip
     if args.json:
         print(json.dumps(figures, indent=2))
     else:

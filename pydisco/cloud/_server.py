@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import hmac
 import json
 import math
@@ -52,6 +53,7 @@ log = get_logger("pydisco.server")
 PLAIN_SCHEMES = frozenset({"ws", "memory", "zenoh"})  # every other scheme gets the TLS context
 _FLUSH_TIMEOUT = 2.0  # how long a closing session tries to deliver its last frames
 _SHUTDOWN_NOTICE = 0.2  # how long a stopping server spends telling a client why
+_WRITE_BATCH = 1024  # most queued items the writer takes into one write
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +67,10 @@ class ServerConfig:
     FCFS order, beyond that requests get ``overloaded``. ``scheduler`` names that gate in front
     of the backend (``SCHEDULERS``); a batched backend's step scheduler is its own.
     ``metrics_listen`` (``HOST:PORT``): serve ``/metrics`` (Prometheus) and ``/healthz`` over
-    plain HTTP there (docs/observability.md).
+    plain HTTP there (docs/observability.md). ``freeze_gc``: once every listener is up, collect
+    garbage and move every object left (modules, the model's, the backend's) to Python's
+    permanent generation (``gc.freeze``), so the collector's full passes, which stop every
+    stream while they run, no longer walk them; for a process that runs one server.
     """
 
     listen: Sequence[str]
@@ -85,6 +90,7 @@ class ServerConfig:
     cost_per_prompt_token: float = 0.0  # added to the backend's own cost in each done frame
     cost_per_generated_token: float = 0.0
     metrics_listen: str | None = None
+    freeze_gc: bool = False  # once listening: gc.collect() then gc.freeze() (see serve)
 
     def __post_init__(self) -> None:
         if isinstance(self.listen, str) or not self.listen:
@@ -266,6 +272,9 @@ async def serve(config: ServerConfig, *, task_status: trio.TaskStatus[RunningSer
                     raise ConfigurationError(f"cannot serve metrics on {config.metrics_listen}: {e.strerror or e}") from e
                 running = dataclasses.replace(running, metrics_listener=where)
                 log.info("metrics on %s/metrics", where.url)
+            if config.freeze_gc:
+                gc.collect()
+                gc.freeze()
             task_status.started(running)
     except BaseExceptionGroup as group:
         raise single_exception(group) from None
@@ -465,35 +474,82 @@ class _Session:
     # Writing -----------------------------------------------------------------------------
 
     async def _writer(self) -> None:
-        proto = self._proto
+        """Sends what the session queued. Natural batching: after waiting for the first item it
+        takes everything else already queued (no timer: alone, an item leaves at once), merges
+        each stream's consecutive tokens into ``tokens`` frames (version 3) and hands the whole
+        batch to the transport as one write."""
+        receive = self._out_receive
         try:
-            async for item in self._out_receive:
-                if isinstance(item, _Flush):
+            while True:
+                try:
+                    items = [await receive.receive()]
+                except trio.EndOfChannel:
                     break
-                now = time.monotonic_ns()
-                if isinstance(item, _TokenOut):
-                    data = proto.token(item.stream_id, item.piece, item.generated_ns, now)
-                elif isinstance(item, _PausedOut):
-                    data = proto.paused(item.stream_id)
-                elif isinstance(item, _DoneOut):
-                    data = proto.done(item.stream_id, item.result, now)
-                elif isinstance(item, _ErrorOut):
-                    data = proto.stream_error(item.stream_id, item.code, item.message)
-                else:
-                    data = item.data
-                if data is None:
-                    continue  # the stream was cancelled or closed meanwhile
-                await self._conn.send_frame(item.stream_id, data)
-                # Anything but a token or a pause on an answer's stream is its last frame (done, or
-                # an error; the protocol only emits refusals as plain frames there).
-                if not isinstance(item, (_TokenOut, _PausedOut)) and item.stream_id != CONNECTION_STREAM:
-                    await self._conn.end_stream(item.stream_id)
+                while len(items) < _WRITE_BATCH:
+                    try:
+                        items.append(receive.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                frames, ends, stop = self._encode(items)
+                if frames or ends:
+                    await _transports.send_frames(self._conn, frames, ends)
+                if stop:
+                    break
         except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
             # The client is gone: stop every answer now rather than at the next read.
             self._gone("sending", e)
             self._cancel_all.cancel()
         finally:
             self._flushed.set()
+
+    def _encode(self, items: list[_Out]) -> tuple[list[tuple[int, bytes]], list[int], bool]:
+        """The frames for ``items`` in order (each stream's tokens merged where its first one
+        was), the streams to end after them, and whether a ``_Flush`` came (nothing after it
+        is sent)."""
+        proto = self._proto
+        now = time.monotonic_ns()
+        slots: list[list[tuple[int, bytes]]] = []  # a run of tokens fills its slot when it closes
+        runs: dict[int, tuple[list[tuple[int, bytes]], list[TokenPiece], list[int]]] = {}
+        ends: list[int] = []
+        stop = False
+
+        def close_run(sid: int) -> None:
+            slot, pieces, times = runs.pop(sid)
+            slot.extend((sid, data) for data in proto.tokens(sid, pieces, times, now))
+
+        for item in items:
+            if isinstance(item, _Flush):
+                stop = True
+                break
+            sid = item.stream_id
+            if isinstance(item, _TokenOut):
+                run = runs.get(sid)
+                if run is None:
+                    run = runs[sid] = ([], [], [])
+                    slots.append(run[0])
+                run[1].append(item.piece)
+                run[2].append(item.generated_ns)
+                continue
+            if sid in runs:
+                close_run(sid)  # its tokens before this frame, which may end the stream
+            if isinstance(item, _PausedOut):
+                data = proto.paused(sid)
+            elif isinstance(item, _DoneOut):
+                data = proto.done(sid, item.result, now)
+            elif isinstance(item, _ErrorOut):
+                data = proto.stream_error(sid, item.code, item.message)
+            else:
+                data = item.data
+            if data is None:
+                continue  # the stream was cancelled or closed meanwhile
+            slots.append([(sid, data)])
+            # Anything but a token or a pause on an answer's stream is its last frame (done, or
+            # an error; the protocol only emits refusals as plain frames there).
+            if not isinstance(item, _PausedOut) and sid != CONNECTION_STREAM:
+                ends.append(sid)
+        for sid in list(runs):
+            close_run(sid)
+        return [frame for slot in slots for frame in slot], ends, stop
 
     def _gone(self, doing: str, error: BaseException) -> None:
         # A client that leaves, however it leaves, is ordinary: no warning, nothing more sent.

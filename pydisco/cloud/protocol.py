@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final, Union
 
 import msgpack  # type: ignore[import-untyped]  # ships no type information
@@ -22,13 +22,20 @@ import msgpack  # type: ignore[import-untyped]  # ships no type information
 from .._errors import PydiscoError
 from .._types import GenerationRequest, GenerationResult, Message, Sampling, TokenPiece
 
-PROTOCOL_VERSIONS: Final = (1, 2)
+PROTOCOL_VERSIONS: Final = (1, 2, 3)
 """Versions this implementation speaks, oldest first; the server picks the highest in common.
-Version 2 adds the client's ``reader_report`` and the server's ``paused`` frames
-(docs/protocol.md, Versioning)."""
+Version 2 adds the client's ``reader_report`` and the server's ``paused`` frames; version 3 the
+server's ``tokens`` frame, several consecutive tokens of one answer (docs/protocol.md,
+Versioning)."""
 
 READER_REPORT_VERSION: Final = 2
 """The first version with ``reader_report`` (client) and ``paused`` (server)."""
+
+TOKENS_VERSION: Final = 3
+"""The first version with the server's ``tokens`` frame (natural batching)."""
+
+MAX_BATCH_TOKENS: Final = 256
+"""Most tokens one ``tokens`` frame carries (a sender's choice; a receiver takes up to 4096)."""
 
 CONNECTION_STREAM: Final = 0
 """Stream 0 carries hello, auth, heartbeats and connection errors."""
@@ -141,6 +148,24 @@ class Token:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class Tokens:
+    """Server (version 3): consecutive tokens of one answer, ready at once, in one frame.
+    ``pieces`` have consecutive positions; ``generated_ns[i]`` is when the backend produced
+    ``pieces[i]``; ``sent_ns`` when the frame was handed to the transport."""
+
+    pieces: tuple[TokenPiece, ...]
+    generated_ns: tuple[int, ...]
+    sent_ns: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.pieces or len(self.pieces) != len(self.generated_ns):
+            raise ValueError("a tokens frame needs one or more pieces and one generated_ns per piece")
+        first = self.pieces[0].position
+        if any(p.position != first + i for i, p in enumerate(self.pieces)):
+            raise ValueError("a tokens frame's pieces must have consecutive positions")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Done:
     """Server: the answer on this stream ended; ``result`` carries the usage."""
 
@@ -190,7 +215,7 @@ class Pong:
     nonce: int
 
 
-Frame = Union[Hello, Welcome, Auth, AuthOk, Generate, Token, Done, Cancel, ReaderReport, Paused, Error, Ping, Pong]
+Frame = Union[Hello, Welcome, Auth, AuthOk, Generate, Token, Tokens, Done, Cancel, ReaderReport, Paused, Error, Ping, Pong]
 
 
 # -- encoding -----------------------------------------------------------------------------
@@ -207,6 +232,9 @@ def _to_wire(frame: Frame) -> dict[str, Any]:
         p = frame.piece
         return {"t": "token", "pos": p.position, "id": p.token_id, "text": p.text,
                 "tg": frame.generated_ns, "ts": frame.sent_ns}  # fmt: skip
+    if isinstance(frame, Tokens):
+        return {"t": "tokens", "pos": frame.pieces[0].position, "ids": [p.token_id for p in frame.pieces],
+                "text": [p.text for p in frame.pieces], "tg": list(frame.generated_ns), "ts": frame.sent_ns}  # fmt: skip
     if isinstance(frame, Done):
         r = frame.result
         return {"t": "done", "finish": r.finish_reason, "prompt_tokens": r.prompt_tokens,
@@ -410,6 +438,23 @@ def _parse_token(o: dict[str, Any]) -> Token:
     return Token(piece, _int(o, "tg", default=0), _int(o, "ts", default=0))
 
 
+def _parse_tokens(o: dict[str, Any]) -> Tokens:
+    ids, texts, tg = _list(o, "ids"), _list(o, "text"), _list(o, "tg")
+    n = len(ids)
+    if n == 0 or len(texts) != n or len(tg) != n:
+        raise ProtocolError(f"tokens frame: ids, text and tg must be lists of one equal, non-zero length, "
+                            f"got {n}, {len(texts)} and {len(tg)}")  # fmt: skip
+    pos = _int(o, "pos", 0, _MAX_U31 - n + 1)
+    if not all(type(x) is int and -1 <= x <= _MAX_U31 for x in ids):
+        raise _field(o, "ids", "a list of token ids (-1 for none)")
+    if not all(isinstance(x, str) for x in texts):
+        raise _field(o, "text", "a list of strings")
+    if not all(type(x) is int and 0 <= x <= _MAX_INT for x in tg):
+        raise _field(o, "tg", "a list of clock readings (ns)")
+    pieces = tuple(TokenPiece(pos + i, ids[i], texts[i]) for i in range(n))
+    return Tokens(pieces, tuple(tg), _int(o, "ts", default=0))
+
+
 def _parse_done(o: dict[str, Any]) -> Done:
     finish = _str(o, "finish")
     if not finish:
@@ -438,6 +483,7 @@ _PARSERS: Final[dict[str, Callable[[dict[str, Any]], Frame]]] = {
     "auth_ok": lambda o: AuthOk(),
     "generate": _parse_generate,
     "token": _parse_token,
+    "tokens": _parse_tokens,
     "done": _parse_done,
     "cancel": lambda o: Cancel(),
     "reader_report": _parse_reader_report,
@@ -705,6 +751,31 @@ class ServerProtocol:
             return None
         return encode(Token(piece, generated_ns, sent_ns))
 
+    def tokens(self, sid: int, pieces: Sequence[TokenPiece], generated_ns: Sequence[int], sent_ns: int) -> list[bytes]:
+        """The frames for ``pieces``, consecutive tokens of ``sid`` ready at once: on a version 3
+        connection ``tokens`` frames of up to :data:`MAX_BATCH_TOKENS` tokens and an eighth of
+        the frame limit in text (a lone token stays a ``token`` frame), before that one
+        ``token`` frame each; none if the stream is closed or being cancelled."""
+        if sid not in self.open_streams or sid in self._cancelling or not pieces:
+            return []
+        if self.version < TOKENS_VERSION:
+            return [encode(Token(p, g, sent_ns)) for p, g in zip(pieces, generated_ns, strict=True)]
+        out = []
+        budget = max(1, self.max_frame_size // 8)  # text characters per frame: UTF-8 and framing fit
+        start, n = 0, len(pieces)
+        while start < n:
+            end, chars = start + 1, len(pieces[start].text)
+            while (end < n and end - start < MAX_BATCH_TOKENS and chars + len(pieces[end].text) <= budget
+                   and pieces[end].position == pieces[end - 1].position + 1):  # fmt: skip
+                chars += len(pieces[end].text)
+                end += 1
+            if end - start == 1:
+                out.append(encode(Token(pieces[start], generated_ns[start], sent_ns)))
+            else:
+                out.append(encode(Tokens(tuple(pieces[start:end]), tuple(generated_ns[start:end]), sent_ns)))
+            start = end
+        return out
+
     def done(self, sid: int, result: GenerationResult, sent_ns: int) -> bytes | None:
         """The done frame that ends ``sid`` (for a cancelled stream, its acknowledgement), or
         None if it is closed already."""
@@ -850,6 +921,11 @@ class ClientProtocol:
         """The server understands ``reader_report`` (the connection speaks version 2 or later)."""
         return self.welcome is not None and self.welcome.version >= READER_REPORT_VERSION
 
+    @property
+    def batches_tokens(self) -> bool:
+        """The server may send ``tokens`` frames (the connection speaks version 3 or later)."""
+        return self.welcome is not None and self.welcome.version >= TOKENS_VERSION
+
     def reader_report(self, sid: int, buffered_tokens: int, reading_rate_tps: float) -> bytes | None:
         """The ``reader_report`` frame for ``sid`` (``received`` is where its tokens have got to),
         or None when the stream is no longer followed or the server predates the frame."""
@@ -908,7 +984,7 @@ class ClientProtocol:
             raise ProtocolError(f"stream frame on {sid} before the handshake finished")
         stream = self._streams.get(sid)
         if stream is None:
-            if sid % 2 == 1 and sid < self._next_stream_id and isinstance(frame, (Token, Paused, Done, Error)):
+            if sid % 2 == 1 and sid < self._next_stream_id and isinstance(frame, (Token, Tokens, Paused, Done, Error)):
                 return []  # late frames of a stream we stopped following
             raise ProtocolError(f"frame on stream {sid}, which this client never opened")
         if isinstance(frame, Token):
@@ -918,6 +994,12 @@ class ClientProtocol:
                 )
             stream.next_position += 1
             return [TokenReceived(sid, frame.piece, frame.generated_ns, frame.sent_ns)]
+        if isinstance(frame, Tokens) and self.batches_tokens:
+            first = frame.pieces[0].position
+            if first != stream.next_position:
+                raise ProtocolError(f"stream {sid}: tokens from position {first}, expected {stream.next_position}")
+            stream.next_position += len(frame.pieces)
+            return [TokenReceived(sid, p, g, frame.sent_ns) for p, g in zip(frame.pieces, frame.generated_ns)]
         if isinstance(frame, Paused) and self.reports_readers:
             return [StreamPaused(sid)]
         if isinstance(frame, Done):

@@ -17,11 +17,13 @@ import trio
 
 from ._base import (
     DEFAULT_MAX_FRAME_SIZE,
+    BatchingConnection,
     ConnectionHandler,
     FrameConnection,
     FrameTooLarge,
     ListenerInfo,
     Transport,
+    send_frames,
 )
 
 ENTRY_POINT_GROUP = "pydisco.transports"
@@ -116,6 +118,7 @@ async def serve(
 
 __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",
+    "BatchingConnection",
     "ENTRY_POINT_GROUP",
     "ConnectionHandler",
     "FrameConnection",
@@ -127,6 +130,7 @@ __all__ = [
     "connect",
     "get_transport",
     "known_schemes",
+    "send_frames",
     "serve",
     "split_url",
 ]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import ssl
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Protocol
 
 import trio
@@ -70,6 +70,29 @@ class FrameConnection(Protocol):
     async def aclose(self) -> None:
         """Close the connection; idempotent."""
         ...
+
+
+class BatchingConnection(Protocol):
+    """A connection that can send several frames in one write (optional for a transport)."""
+
+    async def send_frames(self, frames: Sequence[tuple[int, bytes]], end: Collection[int] = ()) -> None:
+        """Send ``frames`` in order, then end the streams in ``end``, in as few writes (system
+        calls, datagrams) as the transport can. Same errors and cancellation as ``send_frame``:
+        cancellation may leave frames unsent, never half-sent."""
+        ...
+
+
+async def send_frames(connection: FrameConnection, frames: Sequence[tuple[int, bytes]], end: Collection[int] = ()) -> None:
+    """Send ``frames`` in order on ``connection``, then end the streams in ``end``: in one write
+    where the transport can batch (``BatchingConnection``), else frame by frame."""
+    batched = getattr(connection, "send_frames", None)  # cheaper than a runtime Protocol check
+    if batched is not None:
+        await batched(frames, end)
+        return
+    for stream_id, frame in frames:
+        await connection.send_frame(stream_id, frame)
+    for stream_id in end:
+        await connection.end_stream(stream_id)
 
 
 ConnectionHandler = Callable[[FrameConnection], Awaitable[None]]

@@ -7,10 +7,13 @@ than the hand-over to the task calling ``receive_frame``:
 
 * The endpoint's reader drains the socket in bursts. It queues each datagram on its connection
   (``datagram_received``), then has each connection take its burst in (``datagrams_arrived``):
-  feed QUIC, hand the decoded frames to the receiving channel, and send what QUIC wants to send,
-  asking it once per burst.
+  feed QUIC, hand the decoded frames to the receiving channel, and, when that input may call
+  for sending at once (``_output_due``: the handshake, a full congestion window, a stream
+  waiting to be freed), send what QUIC wants to send; otherwise QUIC's acknowledgement timer
+  (``QuicSettings.ack_delay``) does.
 * Application tasks calling the ``FrameConnection`` methods hand data to QUIC, packetise it at
-  once (so frames leave in call order) and send the datagrams themselves.
+  once (so frames leave in call order) and send the datagrams themselves; ``send_frames``
+  hands several frames over before packetising, so they share packets.
 * The driver task, ``run()``, does what nobody else will: QUIC's timers (delayed
   acknowledgements, loss recovery, the idle timeout), intake that waited for room in the
   channel, and sending once the socket would block. Whoever changes QUIC's state moves the
@@ -38,7 +41,7 @@ import collections
 import logging
 import math
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from typing import Protocol
 
 import trio
@@ -92,10 +95,20 @@ _CERTIFICATE_ALERTS = frozenset({42, 43, 44, 45, 46, 48})
 
 def _unacked_bytes(quic: QuicConnection) -> int:
     # aioquic reports no acknowledgements; each stream sender keeps its bytes from the first
-    # unacknowledged one (_buffer_start) to the end of what was written (_buffer_stop). The one
-    # use of aioquic internals (checked against 1.7); the backpressure and close tests catch a
-    # change.
+    # unacknowledged one (_buffer_start) to the end of what was written (_buffer_stop). aioquic
+    # internals (checked against 1.7), like the ack delay, the congestion window and the stream
+    # credit below; the backpressure, close and credit tests catch a change.
     return sum(s.sender._buffer_stop - s.sender._buffer_start for s in quic._streams.values())
+
+
+def _stream_credit_pending(quic: QuicConnection) -> bool:
+    # aioquic frees a stream ended both ways while packetising, after it has written that
+    # round's MAX_STREAMS: the new credit waits for the next packetising, which input used to
+    # trigger and now need not (``_output_due``). Its own rule for when a grant is worth
+    # sending is kept (aioquic internals again, checked against 1.7; the credit test catches
+    # a change).
+    limit = quic._local_max_streams_bidi
+    return limit.value != limit.sent and limit.sent - limit.used < limit.value - limit.sent
 
 
 def _tls_alert(event: events.ConnectionTerminated) -> int | None:
@@ -171,6 +184,9 @@ class QuicFrameConnection:
         self._ended: events.ConnectionTerminated | None = None
         self._failure: str | None = None  # the socket failed (e.g. ICMP port unreachable)
         self._closing = False  # aclose() was called
+        self._cwnd_full = False  # the congestion window held data back at the last packetising
+        self._datagram_size = settings.max_datagram_size
+        quic._ack_delay = settings.ack_delay  # aioquic's own is 1 ms (see QuicSettings.ack_delay)
 
     # ----- endpoint side -------------------------------------------------------------------
 
@@ -278,6 +294,45 @@ class QuicFrameConnection:
         self._output()
         await trio.lowlevel.cancel_shielded_checkpoint()
 
+    async def send_frames(self, frames: Sequence[tuple[int, bytes]], end: Collection[int] = ()) -> None:
+        """Queue several frames, then end the streams in ``end``, and packetise them together:
+        frames ready at once share packets (and datagrams) instead of one each. Waits and
+        raises like ``send_frame`` (the send buffer is checked once, before the batch)."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self._check_usable()
+        if not self._is_client and any(sid == 0 for sid, _ in frames):
+            await self._control_opened.wait()
+            self._check_usable()
+        while _unacked_bytes(self._quic) >= self._settings.send_buffer:
+            await self._progress.park()
+            self._check_usable()
+        try:
+            for stream_id, frame in frames:
+                _check_stream_id(stream_id)
+                quic_id = self._streams.quic_id(stream_id)
+                if quic_id is None:
+                    if not self._is_client:
+                        raise trio.ClosedResourceError(
+                            f"stream {stream_id} is not open: the client opens streams, and this one "
+                            "was never opened or has ended both ways"
+                        )
+                    quic_id = self._open_stream(stream_id)
+                try:
+                    self._quic.send_stream_data(quic_id, encode_frame(frame))
+                except (ValueError, RuntimeError) as exc:
+                    raise trio.ClosedResourceError(f"cannot send on stream {stream_id}: {exc}") from exc
+            for stream_id in end:
+                quic_id = self._streams.quic_id(stream_id)
+                if quic_id is not None:
+                    try:
+                        self._quic.send_stream_data(quic_id, b"", end_stream=True)
+                    except (ValueError, RuntimeError):
+                        pass  # already ended, or reset at the peer's request
+                    self._streams.sent_fin(quic_id)
+        finally:
+            self._output()  # whatever was queued leaves, in order, even if a later frame failed
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
     async def receive_frame(self) -> tuple[int, bytes]:
         """The next frame from the peer, as ``(stream_id, frame)``, in order per stream.
 
@@ -377,16 +432,34 @@ class QuicFrameConnection:
         fed = self._take_in(now)
         # Every other change of QUIC's state is followed by _retime(), which keeps the deadline.
         timer = self._quic.get_timer() if fed else self._deadline
-        if timer is not None and now >= timer:
+        fired = timer is not None and now >= timer
+        if fired:
             self._quic.handle_timer(now)
             self._handle_events()
-            fed = True
         self._deliver_ready()
-        if fed:  # input may call for output (acks, retransmits); senders packetised theirs
+        if fired or (fed and self._output_due()):
             self._collect(now)
         self._send_outbox()
         self._progress.unpark_all()
         self._retime()
+
+    def _output_due(self) -> bool:
+        """Whether datagrams just taken in may call for sending before QUIC's next timer.
+
+        Asking QUIC what to send walks every open stream, so it is not asked after each burst
+        of input once the handshake is done: what input calls for — an acknowledgement, flow
+        control credit, a stream's reset — waits for the acknowledgement timer, which every
+        ack-eliciting packet sets (within ``QuicSettings.ack_delay``), and QUIC's pacing sets
+        a timer of its own. Only data held back by a full congestion window is sent as soon
+        as an acknowledgement makes room (``_cwnd_full``), and streams are freed as soon as
+        the acknowledgement of their end arrives. The first change of aioquic
+        internals this relies on shows in the transport tests (backpressure, flow, close)."""
+        if not self._handshake_ok or self._cwnd_full or self._gone() or self._closing:
+            return True
+        # A stream this side has ended both ways but aioquic still holds waits for the
+        # acknowledgement of our FIN; aioquic frees it (and grants the peer a new one) only
+        # while packetising, so an acknowledgement is worth a packetising then.
+        return len(self._quic._streams) > len(self._streams)
 
     def _take_in(self, now: float) -> bool:
         """Feed QUIC every queued datagram, handing the frames they carry to the channel as
@@ -508,6 +581,11 @@ class QuicFrameConnection:
         # A server connection has no path to send on before its first datagram is taken in.
         if self._quic.get_peer_address() is not None:
             self._outbox.extend(self._quic.datagrams_to_send(now=now))
+            if _stream_credit_pending(self._quic):  # streams freed just now: grant them at once
+                self._outbox.extend(self._quic.datagrams_to_send(now=now))
+            # Full (or nearly): what is still unsent waits for an acknowledgement to make room.
+            loss = self._quic._loss
+            self._cwnd_full = loss.bytes_in_flight + self._datagram_size > loss.congestion_window
 
     def _send_outbox(self) -> None:
         while self._outbox and not self._send_blocked:
