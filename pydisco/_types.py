@@ -131,7 +131,8 @@ wait. And a ``prefilled(tokens)`` method: an endpoint that may fail after its pr
 how many tokens it computed (:func:`notify_prefilled`), so usage and cost count them even
 when no :class:`GenerationResult` comes back. And ``reader_state() -> ReaderState``: a remote
 endpoint whose server schedules by it (the cloud client, protocol version 2) reports it to the
-server."""
+server. And ``slo``: the answer's :class:`~pydisco.Slo`, which a batched device endpoint's step
+scheduler serves it by."""
 
 
 def notify_admitted(sink: TokenSink) -> None:

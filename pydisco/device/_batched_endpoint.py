@@ -99,7 +99,8 @@ class BatchedDeviceEndpoint:
 
     async def generate(self, request: GenerationRequest, sink: TokenSink, slo: Slo | None = None) -> GenerationResult:
         """Generate ``request`` beside the other answers, calling ``sink`` in this task for each
-        token, in order; ``slo`` is what the scheduler serves it by (default ``Slo()``).
+        token, in order; ``slo`` is what the scheduler serves it by (default: the sink's ``slo``,
+        as the runtime's sinks carry the answer's, else ``Slo()``).
 
         Bad input raises ConfigurationError/PromptTooLongError before any work; a refusal by
         the scheduler raises ``AdmissionRefused``. If ``sink`` raises, the answer stops and the
@@ -109,6 +110,8 @@ class BatchedDeviceEndpoint:
         token per sequence and at most one prefill chunk), its cost is recorded, nothing more
         reaches ``sink``, and ``trio.Cancelled`` is raised with the other answers unaffected.
         """
+        if slo is None:  # the runtime's sinks carry the answer's (_types.TokenSink)
+            slo = getattr(sink, "slo", None)
         costs: list[float] = []
 
         def account(result: GenerationResult) -> None:
@@ -179,6 +182,9 @@ def measure_step_profile(engine: BatchedEngine, *, decode_steps: int = 8) -> Ste
     return rough_profile(statistics.median(decode), statistics.median(prefill), engine.max_batch)
 
 
+DEFAULT_CONTEXT = 4096  # KV cells
+
+
 @contextlib.asynccontextmanager
 async def open_batched_device_endpoint(
     model_path: str | os.PathLike[str] | None = None,
@@ -187,7 +193,7 @@ async def open_batched_device_endpoint(
     max_batch: int = 8,
     max_sequences: int | None = None,
     n_threads: int | None = None,
-    n_ctx: int = 4096,
+    n_ctx: int = DEFAULT_CONTEXT,
     prefill_chunk: int = 64,
     name: str = "device",
     rates: CostRates | None = None,

@@ -259,12 +259,15 @@ class DeviceEndpoint:
         return await trio.to_thread.run_sync(fn, abandon_on_cancel=False, limiter=self._limiter)
 
 
+DEFAULT_CONTEXT = 2048  # KV cells
+
+
 @contextlib.asynccontextmanager
 async def open_device_endpoint(
     model_path: str | os.PathLike[str] | None = None,
     *,
     n_threads: int | None = None,
-    n_ctx: int = 2048,
+    n_ctx: int = DEFAULT_CONTEXT,
     name: str = "device",
     rates: CostRates | None = None,
     profile: bool = False,

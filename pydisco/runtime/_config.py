@@ -33,6 +33,13 @@ class RuntimeConfig:
 
     device_model: str | None = "default"
     device_threads: int | None = None
+    # Answers the device model decodes at once: 1, one answer at a time (the single-sequence
+    # engine, exact greedy resume at any position); more, the batched engine with this many
+    # answers per step, scheduled by ``device_scheduler`` (a registered step scheduler:
+    # fcfs, fastserve, slice, andes), sharing ``device_context`` KV cells.
+    device_max_batch: int = 1
+    device_scheduler: str = "fcfs"
+    device_context: int | None = None  # KV cells (default: 2048 solo, 4096 batched)
     cloud_url: str | None = None
     cloud_token: str = ""
     cloud_ssl: ssl.SSLContext | None = None
@@ -89,5 +96,14 @@ class RuntimeConfig:
         for name, rates in (("cost_per_token", self.cost_per_token), ("prefill_cost_per_token", self.prefill_cost_per_token)):
             if any(not (v >= 0 and math.isfinite(v)) for v in rates.values()):
                 raise ConfigurationError(f"{name} values must be finite numbers >= 0, got {dict(rates)!r}")
+        if self.device_max_batch < 1:
+            raise ConfigurationError(f"device_max_batch must be >= 1, got {self.device_max_batch!r}")
+        if self.device_context is not None and self.device_context < 16:
+            raise ConfigurationError(f"device_context must be >= 16 KV cells, got {self.device_context!r}")
+        from ..policies import step_scheduler_names  # the registry, not a concrete scheduler
+
+        if self.device_scheduler not in step_scheduler_names():
+            known = ", ".join(step_scheduler_names())
+            raise ConfigurationError(f"unknown device_scheduler {self.device_scheduler!r}; known: {known}")
         if self.device_threads is not None and self.device_threads < 1:
             raise ConfigurationError(f"device_threads must be >= 1, got {self.device_threads!r}")

@@ -132,6 +132,7 @@ class AnswerCoordinator:
         runs = Runs(
             answer, endpoints, settings.deadlines, self._usage, self._facts.prompt_tokens, by_token_ids,
             nursery, on_failure=self._endpoint_failed, on_commit=self._committed, health=self._health,
+            slo=settings.slo,
         )  # fmt: skip
         handover = Handover(answer, endpoints, runs, self._usage, by_token_ids, nursery, self._health)
         device = endpoints.get("device")

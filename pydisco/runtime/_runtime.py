@@ -278,6 +278,29 @@ def _log_end(answer_id: str, report: AnswerReport) -> None:
 
 
 @contextlib.asynccontextmanager
+async def _open_device(config: RuntimeConfig) -> AsyncIterator[Endpoint]:
+    """The device endpoint the config names: one answer at a time, or batched."""
+    from ..device._batched_endpoint import DEFAULT_CONTEXT as BATCHED_CONTEXT
+    from ..device._endpoint import DEFAULT_CONTEXT as SOLO_CONTEXT
+    from ..device import open_batched_device_endpoint, open_device_endpoint
+
+    path = None if config.device_model == "default" else config.device_model
+    if config.device_max_batch > 1:
+        async with open_batched_device_endpoint(
+            path, scheduler=config.device_scheduler, max_batch=config.device_max_batch,
+            n_threads=config.device_threads, profile=True, n_ctx=config.device_context or BATCHED_CONTEXT,
+        ) as batched:  # fmt: skip
+            yield batched
+        return
+    async with open_device_endpoint(path, n_threads=config.device_threads, n_ctx=config.device_context or SOLO_CONTEXT) as device:
+        # A profile helps the policies; an unreadable cache or a failed measurement is not
+        # fatal (they then assume UNPROFILED_DEVICE).
+        with contextlib.suppress(OSError, ValueError, PydiscoError):
+            await device.load_profile()
+        yield device
+
+
+@contextlib.asynccontextmanager
 async def open_runtime(
     config: RuntimeConfig = RuntimeConfig(), *, endpoints: Mapping[str, Endpoint] | None = None
 ) -> AsyncIterator[Runtime]:
@@ -302,15 +325,7 @@ async def open_runtime(
     async with contextlib.AsyncExitStack() as stack:
         built: dict[str, Endpoint] = dict(endpoints) if endpoints is not None else {}
         if endpoints is None and config.device_model is not None:
-            from ..device import open_device_endpoint
-
-            path = None if config.device_model == "default" else config.device_model
-            device = await stack.enter_async_context(open_device_endpoint(path, n_threads=config.device_threads))
-            # A profile helps the policies; an unreadable cache or a failed measurement is not
-            # fatal (they then assume UNPROFILED_DEVICE).
-            with contextlib.suppress(OSError, ValueError, PydiscoError):
-                await device.load_profile()
-            built["device"] = device
+            built["device"] = await stack.enter_async_context(_open_device(config))
         if endpoints is None and config.cloud_url is not None:
             from ..cloud import open_cloud_endpoint
 

@@ -23,6 +23,7 @@ import trio
 from .._errors import EndpointError, PydiscoError
 from .._types import Endpoint, GenerationResult, ReaderState, TokenPiece
 from ..observability._logging import get_logger
+from ..policies._base import Slo
 from ._answer import Answer
 from ._health import Health
 
@@ -54,12 +55,13 @@ class _RunSink:
     prefill computed and that its server paused the answer, and the reader's state for an
     endpoint that tells its server (``_types.TokenSink``)."""
 
-    __slots__ = ("_offer", "_answer", "admitted", "prefilled", "paused")
+    __slots__ = ("_offer", "_answer", "admitted", "prefilled", "paused", "slo")
 
     def __init__(self, offer: Callable[[TokenPiece], None], admitted: Callable[[], None], prefilled: Callable[[int], None],
-                 paused: Callable[[], None], answer: Answer) -> None:  # fmt: skip
+                 paused: Callable[[], None], answer: Answer, slo: Slo | None) -> None:  # fmt: skip
         self._offer = offer
         self._answer = answer
+        self.slo = slo  # the answer's, for an endpoint that schedules by it (a step loop)
         self.admitted = admitted
         self.prefilled = prefilled
         self.paused = paused
@@ -101,8 +103,10 @@ class Runs:
         on_failure: FailureHandler,
         on_commit: Callable[[], None],
         health: Health,
+        slo: Slo | None = None,
     ) -> None:
         self._answer = answer
+        self._slo = slo
         self._endpoints = endpoints
         self._deadlines = deadlines
         self._usage = usage
@@ -184,7 +188,7 @@ class Runs:
             log.debug("%s paused the answer; %.2f s of reading left", run.name, slack)
             watch.deadline = max(watch.deadline, trio.current_time() + slack + deadlines.silence_s)
 
-        sink = _RunSink(offer, admitted, prefilled, paused, answer)
+        sink = _RunSink(offer, admitted, prefilled, paused, answer, self._slo)
         if getattr(endpoint, "queues_requests", False):
             watch.deadline = math.inf  # until it says the request started
 
