@@ -431,3 +431,35 @@ async def test_an_unknown_scheduler_is_refused_before_loading() -> None:
     with pytest.raises(ConfigurationError, match="unknown step scheduler 'nope'"):
         async with open_batched_device_endpoint(scheduler="nope", model_path="/nonexistent.gguf"):
             pass
+
+
+SHARED_PREFIX = "Count on: " + ", ".join(str(i) for i in range(1, 50)) + ","  # ~100 prompt tokens
+
+
+@trio_test(300)
+async def test_answers_reusing_a_released_prefix_reserve_its_cells() -> None:
+    """A released answer's prompt stays in its slot; three newcomers share it. The scheduler
+    reserves their computed rows and tokens (which fit 512 cells together) but not the shared
+    prefix they pin: before, the step then found no room and every answer failed with kv_full.
+    Now the pinned cells come off the capacity, one newcomer waits, and all three complete."""
+    async with open_batched_device_endpoint(n_threads=THREADS, max_batch=4, n_ctx=512) as device:
+        engine = device.engine
+        assert engine.n_ctx == 512
+        first = await device.generate(GenerationRequest(prompt=SHARED_PREFIX + " 50", max_tokens=2), Sink())
+        assert first.finish_reason == "length"
+        prefix = len(engine.vocabulary.prompt(GenerationRequest(prompt=SHARED_PREFIX + " 50", max_tokens=2)))
+        max_tokens = 150
+        newcomers = [f"{SHARED_PREFIX} {n}" for n in (60, 70, 80)]
+        computed = [len(engine.vocabulary.prompt(GenerationRequest(prompt=p, max_tokens=1))) - prefix + 8 for p in newcomers]
+        # Their reservations fit the cache; with the prefix they pin, they do not.
+        assert sum(c + max_tokens for c in computed) <= 512 < prefix - 8 + sum(c + max_tokens for c in computed)
+        results = {}
+
+        async def one(prompt: str) -> None:
+            results[prompt] = await device.generate(GenerationRequest(prompt=prompt, max_tokens=max_tokens), Sink())
+
+        async with trio.open_nursery() as nursery:
+            for prompt in newcomers:
+                nursery.start_soon(one, prompt)
+        assert all(r.generated_tokens > 0 for r in results.values()) and len(results) == 3
+        assert engine.pinned_cells() == 0  # nothing live

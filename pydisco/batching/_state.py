@@ -161,9 +161,20 @@ class StepState:
                         self.profile.current(), executor.max_batch, executor.prefill_chunk)  # fmt: skip
         plan = self.scheduler.schedule(view)
         self._carry_out(plan)
-        if plan.prefill is not None and plan.prefill[0] not in self.answers:  # its admission failed
+
+        def running(seq_id: int) -> bool:  # not ended, and admitted (its admission may have failed)
+            answer = self.answers.get(seq_id)
+            return answer is not None and answer.phase != Phase.WAITING
+
+        if plan.prefill is not None and not running(plan.prefill[0]):
             plan = dataclasses.replace(plan, prefill=None)
+        if not all(running(s) for s in plan.decode):
+            plan = dataclasses.replace(plan, decode=tuple(s for s in plan.decode if running(s)))
         return plan
+
+    def _reserved(self) -> int:
+        """KV the admitted answers may need by their ends (prefill, generated, still allowed)."""
+        return sum(a.prefill_tokens + a.generated + a.max_new_tokens for a in self.answers.values() if a.phase != Phase.WAITING)
 
     def _carry_out(self, plan: StepPlan) -> None:
         for seq_id, why in plan.reject:
@@ -188,6 +199,17 @@ class StepState:
             if took is not None:  # the cache changed while it waited: what it really needs
                 answer.prefill_tokens, answer.max_new_tokens = took.prefill_tokens, took.max_new_tokens
             answer.phase = Phase.PREFILLING if answer.prefill_tokens else Phase.DECODING
+            if self._reserved() > self.executor.kv_capacity:
+                # The scheduler reserved from a view taken before this step's admissions; taken
+                # in, this one pins cached cells nobody's reservation covers (a prefix it shares
+                # with an answer that has ended), so it no longer fits. It waits, rather than
+                # the cache filling over every answer later.
+                self.executor.release(seq_id)
+                answer.phase = Phase.WAITING
+                if answer.deferred_why is None:
+                    log.info("answer %s waits for admission: the KV cache's free cells are reserved", answer.request.request_id or seq_id)
+                answer.deferred_why = "the KV cache's free cells are reserved"
+                continue
             answer.call(answer.on_admitted)
         for seq_id in plan.preempt:
             answer = self.answers[seq_id]

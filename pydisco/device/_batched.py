@@ -44,13 +44,15 @@ _MAX_SEQUENCES = 256  # LLAMA_MAX_SEQ
 
 
 class _Slot:
-    """One llama.cpp sequence: the rows its cells hold (``cached[i]`` at position i, and whether
-    it was computed in a batch of one row) and the answer using it, if any."""
+    """One llama.cpp sequence: the rows its cells hold (``cached[i]`` at position i, whether it
+    was computed in a batch of one row, and which cell holds it: rows shared by ``seq_cp`` have
+    the same cell id in both slots) and the answer using it, if any."""
 
     def __init__(self, index: int) -> None:
         self.index = index
         self.cached: list[int] = []
         self.alone: list[bool] = []
+        self.cells: list[int] = []
         self.owner: int | None = None
         self.last_used = 0  # when it last had an owner (least recently used first to go)
 
@@ -77,6 +79,7 @@ class _Sequence:
     stream: PieceStream
     position: int  # of the next token it produces
     pending: int | None = None  # sampled, not yet in the cache (the next decode feeds it)
+    reused: int = 0  # leading rows it took from the cache at admission (not in its reservation)
 
     @property
     def prefilling(self) -> bool:
@@ -141,6 +144,7 @@ class BatchedEngine:
         self._slots = [_Slot(i) for i in range(sequences)]
         self._live: dict[int, _Sequence] = {}
         self._clock = itertools.count(1)
+        self._cell_ids = itertools.count()
         init_backend(verbose)
         model = self._model = load_model(self.path, extra_buffers)
         try:
@@ -173,7 +177,22 @@ class BatchedEngine:
 
     @property
     def kv_capacity(self) -> int:
-        return self.n_ctx
+        """The cells the scheduler may reserve: ``n_ctx`` less the cells live answers share from
+        prefixes no live answer computed (a released answer's system prompt that others still
+        use). The scheduler reserves for each answer the rows it computes plus what it may
+        generate, not the rows it reused, so those cells must come off the top, or the
+        reservations could fill the cache over them and a step find no room (``kv_full``)."""
+        return self.n_ctx - self.pinned_cells()
+
+    def pinned_cells(self) -> int:
+        """Cells that live answers reuse but no live answer's reservation covers."""
+        reused: set[int] = set()
+        computed: set[int] = set()
+        for sequence in self._live.values():
+            cells = sequence.slot.cells
+            reused.update(cells[: sequence.reused])
+            computed.update(cells[sequence.reused :])
+        return len(reused - computed)
 
     @property
     def max_batch(self) -> int:
@@ -237,14 +256,14 @@ class BatchedEngine:
             keep = min(source.reusable(plan), len(target) - 1)
             self._forget(slot, 0)
             C.llama_memory_seq_cp(self._mem, source.index, slot.index, 0, keep)
-            slot.cached, slot.alone = source.cached[:keep], source.alone[:keep]
+            slot.cached, slot.alone, slot.cells = source.cached[:keep], source.alone[:keep], source.cells[:keep]
         else:
             keep = min(slot.reusable(plan), len(target) - 1)
             self._forget(slot, keep)
         slot.owner = seq_id
         slot.last_used = next(self._clock)
         sampler = make_sampler(request.sampling, self.seed)
-        self._live[seq_id] = _Sequence(slot, plan, sampler, PieceStream(request.stop, plan.primer, plan.primer_text), plan.start)
+        self._live[seq_id] = _Sequence(slot, plan, sampler, PieceStream(request.stop, plan.primer, plan.primer_text), plan.start, reused=keep)
         return self._admission(plan, keep)
 
     def release(self, seq_id: int) -> None:
@@ -263,7 +282,7 @@ class BatchedEngine:
         self._check_open()
         C.llama_memory_clear(self._mem, True)
         for slot in self._slots:
-            slot.cached, slot.alone = [], []
+            slot.cached, slot.alone, slot.cells = [], [], []
 
     # -- one step --------------------------------------------------------------------------
 
@@ -336,9 +355,9 @@ class BatchedEngine:
             if rc != DECODE_NO_SLOT or not self._give_up_kept_cells():
                 break
         if rc == DECODE_NO_SLOT:
-            # Prefix rows a sequence reused are not in the scheduler's reservations (see
-            # docs/device.md, "Prefix sharing"): with every idle slot's cells given up, the
-            # live sequences alone fill the cache.
+            # With every idle slot's cells given up, the live sequences alone fill the cache,
+            # although the reservations (kv_capacity, the step loop's admission check) fit:
+            # llama.cpp found no room for this batch (docs/device.md, "Prefix sharing").
             raise EndpointError(
                 f"the KV cache ({self.n_ctx} cells) is full with the {len(self._live)} answers admitted "
                 "and the prefixes they share", code="kv_full",
@@ -348,6 +367,7 @@ class BatchedEngine:
         for row in rows:
             row.sequence.slot.cached.append(row.token)
             row.sequence.slot.alone.append(len(rows) == 1)
+            row.sequence.slot.cells.append(next(self._cell_ids))
 
     def _give_up_kept_cells(self) -> bool:
         """Free the cells of the idle slot least recently used (the cache is full); False when
@@ -409,6 +429,7 @@ class BatchedEngine:
             start = 0
         del slot.cached[start:]
         del slot.alone[start:]
+        del slot.cells[start:]
 
     def _check_open(self) -> None:
         if self._ctx is None:
