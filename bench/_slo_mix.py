@@ -105,7 +105,7 @@ def slo_attainment(loads: Sequence[float], seconds: float, threads: int, seed: i
             }  # fmt: skip
         table[f"{load:g}"] = row
     heaviest = table[f"{loads[-1]:g}"]
-    admitted_rt = [row["slice"]["realtime_attainment_admitted"] for row in table.values()]
+    slice_rt = [row["slice"]["realtime_attainment_admitted"] for row in table.values()]
     return {
         "slo_by_load": table,
         "slo_loads": list(loads),
@@ -114,5 +114,5 @@ def slo_attainment(loads: Sequence[float], seconds: float, threads: int, seed: i
         "fcfs_slo_attainment": heaviest["fcfs"]["attainment"],
         "fastserve_slo_attainment": heaviest["fastserve"]["attainment"],
         # The worst, over the loads, of slice's attainment for the real-time tasks it admitted.
-        "slice_realtime_attainment": min((a for a in admitted_rt if a is not None), default=None),
+        "slice_realtime_attainment": min((a for a in slice_rt if a is not None), default=None),
     }
