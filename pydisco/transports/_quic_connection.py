@@ -279,6 +279,12 @@ class QuicFrameConnection:
         while _unacked_bytes(self._quic) >= self._settings.send_buffer:
             await self._progress.park()
             self._check_usable()
+        self._queue_frame(stream_id, frame)
+        self._output()
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def _queue_frame(self, stream_id: int, frame: bytes) -> None:
+        """Hand one frame to aioquic on its stream (a client opens it on first use)."""
         quic_id = self._streams.quic_id(stream_id)
         if quic_id is None:
             if not self._is_client:
@@ -291,8 +297,6 @@ class QuicFrameConnection:
             self._quic.send_stream_data(quic_id, encode_frame(frame))
         except (ValueError, RuntimeError) as exc:  # aioquic: ended by us, or reset on request
             raise trio.ClosedResourceError(f"cannot send on stream {stream_id}: {exc}") from exc
-        self._output()
-        await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def send_frames(self, frames: Sequence[tuple[int, bytes]], end: Collection[int] = ()) -> None:
         """Queue several frames, then end the streams in ``end``, and packetise them together:
@@ -309,18 +313,7 @@ class QuicFrameConnection:
         try:
             for stream_id, frame in frames:
                 _check_stream_id(stream_id)
-                quic_id = self._streams.quic_id(stream_id)
-                if quic_id is None:
-                    if not self._is_client:
-                        raise trio.ClosedResourceError(
-                            f"stream {stream_id} is not open: the client opens streams, and this one "
-                            "was never opened or has ended both ways"
-                        )
-                    quic_id = self._open_stream(stream_id)
-                try:
-                    self._quic.send_stream_data(quic_id, encode_frame(frame))
-                except (ValueError, RuntimeError) as exc:
-                    raise trio.ClosedResourceError(f"cannot send on stream {stream_id}: {exc}") from exc
+                self._queue_frame(stream_id, frame)
             for stream_id in end:
                 quic_id = self._streams.quic_id(stream_id)
                 if quic_id is not None:
