@@ -47,7 +47,7 @@ from .. import transports as _transports
 
 _CANCEL_SEND_TIMEOUT = 0.5  # a cancelled generate waits at most this long to tell the server
 _RTT_GAIN = 1 / 8  # weight of a new round-trip sample in the smoothed estimate (RFC 6298's alpha)
-_LINK_LOST_CODES = frozenset({Code.SHUTTING_DOWN, Code.TIMEOUT})
+_LINK_LOST_CODES = frozenset({Code.SHUTTING_DOWN, Code.TIMEOUT, Code.TOO_MANY_CONNECTIONS})
 _REPORT_CHECK_S = 0.1  # how often an answer looks whether its reader is worth a report
 
 log = get_logger("pydisco.cloud.client")
@@ -292,7 +292,9 @@ class CloudEndpoint:
                 self._counts["completed"] += 1
                 return end.result
             if isinstance(end, StreamFailed):
-                raise EndpointError(f"server error on {self._url}: {end.message}", code=end.code)
+                # shutting_down on a stream: a draining server refused a new answer; like a lost link.
+                kind = EndpointUnavailable if end.code in _LINK_LOST_CODES else EndpointError
+                raise kind(f"server error on {self._url}: {end.message}", code=end.code)
             if isinstance(end, _SinkFailed):
                 raise end.error
             error = end.error
