@@ -375,7 +375,8 @@ class CloudEndpoint:
                 f"{where}: no connection within {self._connect_timeout:g} s", code=Code.TIMEOUT
             ) from None
         except (OSError, trio.BrokenResourceError, trio.EndOfChannel, trio.ClosedResourceError) as e:
-            raise EndpointUnavailable(f"{where}: cannot connect: {e or type(e).__name__}", code="unavailable") from e
+            code = e.code if isinstance(e, EndpointError) else "unavailable"  # the server's refusal keeps its code
+            raise EndpointUnavailable(f"{where}: cannot connect: {e or type(e).__name__}", code=code) from e
 
     async def _handshake(self, connection: _transports.FrameConnection) -> _Link:
         proto = ClientProtocol(token=self._token, agent="pydisco-client")

@@ -424,7 +424,15 @@ class _Flush:
     """Writer: everything before this is sent; stop."""
 
 
-_Out = Union[_Frame, _TokenOut, _PausedOut, _DoneOut, _ErrorOut, _Flush]
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Goodbye:
+    """Writer: everything before this is sent; close the connection with ``code``, stop."""
+
+    code: str
+    message: str
+
+
+_Out = Union[_Frame, _TokenOut, _PausedOut, _DoneOut, _ErrorOut, _Flush, _Goodbye]
 
 
 async def _serve_connection(
@@ -486,7 +494,7 @@ class _FrameBucket:
     def take(self, now: float) -> bool:
         level = min(self._rate, self._level + (now - self._at) * self._rate)
         self._at = now
-        if level < 1.0:
+        if level < 1.0 - 1e-9:  # the tolerance absorbs float rounding of "exactly 1/rate later"
             self._level = level
             return False
         self._level = level - 1.0
@@ -554,11 +562,19 @@ class _Session:
         """The server drains: a connection with no answer in flight closes now; the others
         when their last answer ends (new generate frames are refused meanwhile)."""
         if not self._answers:
-            self.close_soon(Code.SHUTTING_DOWN, "the server is shutting down")
+            self._goodbye()
+
+    def _goodbye(self) -> None:
+        """Close gracefully: once the writer has sent everything queued before (an answer's
+        last tokens and its done frame), ``shutting_down`` on stream 0."""
+        if not self._ending:
+            self._ending = True
+            self._out_send.send_nowait(_Goodbye(Code.SHUTTING_DOWN, "the server is shutting down"))
 
     def close_soon(self, code: str, message: str) -> None:
-        """Close the connection with ``code`` on stream 0 (answers in flight are cancelled)."""
-        if self._nursery is not None and not self._ending:
+        """Close the connection with ``code`` on stream 0 now (answers in flight are
+        cancelled; what is still queued for them is not sent)."""
+        if self._nursery is not None and (not self._ending or code == Code.SHUTTING_DOWN):
             self._ending = True
             self._nursery.start_soon(self._end, code, message)
 
@@ -614,7 +630,7 @@ class _Session:
                         if refusal is not None:
                             self._out_send.send_nowait(_Frame(out.stream_id, refusal))
                         if not self._answers:
-                            self.close_soon(Code.SHUTTING_DOWN, "the server is shutting down")
+                            self._goodbye()
                         continue
                     scope = trio.CancelScope()
                     self._answers[out.stream_id] = scope
@@ -665,6 +681,9 @@ class _Session:
             async for item in self._out_receive:
                 if isinstance(item, _Flush):
                     break
+                if isinstance(item, _Goodbye):
+                    await self._say_goodbye(item)
+                    break
                 now = time.monotonic_ns()
                 if isinstance(item, _TokenOut):
                     data = proto.token(item.stream_id, item.piece, item.generated_ns, now)
@@ -689,6 +708,13 @@ class _Session:
             self._cancel_all.cancel()
         finally:
             self._flushed.set()
+
+    async def _say_goodbye(self, goodbye: _Goodbye) -> None:
+        for out in self._proto.fail(goodbye.code, goodbye.message):
+            if isinstance(out, Send):
+                await self._conn.send_frame(out.stream_id, out.data)
+        log.debug("closed a connection: %s", goodbye.message)
+        self._cancel_all.cancel()  # the reader is still waiting for a frame
 
     def _gone(self, doing: str, error: BaseException) -> None:
         # A client that leaves, however it leaves, is ordinary: no warning, nothing more sent.
@@ -771,7 +797,7 @@ class _Session:
             self._reports.pop(sid, None)
         self._out_send.send_nowait(out)
         if self._life is not None and self._life.draining and not self._answers:
-            self.close_soon(Code.SHUTTING_DOWN, "the server is shutting down")
+            self._goodbye()
 
     def _priced(self, result: GenerationResult) -> GenerationResult:
         c = self._config
