@@ -255,6 +255,11 @@ class RunningServer:
         assert self._life is not None
         await self._life.drain(timeout)
 
+    async def wait_drained(self) -> None:
+        """Wait until a drain (begun by anyone) has closed every connection."""
+        assert self._life is not None
+        await self._life.drained.wait()
+
     def health(self) -> tuple[int, str, bytes]:
         """``/healthz``: 200 and a few figures while the server serves, 503 while it drains
         (a load balancer stops sending it clients)."""
