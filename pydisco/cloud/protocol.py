@@ -57,8 +57,8 @@ class Code:
     SHUTTING_DOWN: Final = "shutting_down"
     INTERNAL: Final = "internal"
     REJECTED: Final = "rejected"
-    TOO_MANY_CONNECTIONS: Final = "too_many_connections"  # added in 2.1: a per-address limit
-    RATE_LIMITED: Final = "rate_limited"  # added in 2.1: frames per second over the limit
+    TOO_MANY_CONNECTIONS: Final = "too_many_connections"  # added within version 2: a per-address limit
+    RATE_LIMITED: Final = "rate_limited"  # added within version 2: frames per second over the limit
 
 
 ERROR_CODES: Final = frozenset(
