@@ -203,6 +203,7 @@ async def test_drain_with_nothing_in_flight_returns_at_once_and_serve_returns() 
             assert not cloud.statistics().connected
     status, _, body = server.health()
     assert status == 503 and b"draining" in body
+    assert b"pydisco_server_draining 1.0" in server.metrics.exposition()
 
 
 # -- limits --------------------------------------------------------------------------------
@@ -228,6 +229,7 @@ async def test_connections_per_address_are_limited(scheme: str) -> None:
                 await again.generate(ask(2), lambda p: None)  # a freed place is usable again
         stats = server.statistics()
     assert stats.connections_limited == 1 and stats.streams_completed == 4
+    assert b"pydisco_server_connections_limited_total 1.0" in server.metrics.exposition()
 
 
 def test_the_frame_bucket_allows_its_rate_and_a_one_second_burst() -> None:

@@ -254,3 +254,38 @@ def test_a_second_sigterm_stops_at_once(upstream: str) -> None:
         assert failure and len(got) < 2000
     finally:
         stop(process)
+
+
+@pytest.mark.model
+def test_two_workers_with_the_real_model_each_load_it_and_answer_alike() -> None:
+    port, metrics = free_port(), free_port(2)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pydisco.cli", "serve", "--workers", "2", "--listen", f"ws://127.0.0.1:{port}",
+         "--metrics-listen", f"127.0.0.1:{metrics}", "--token", "t", "--threads", "1"],  # fmt: skip
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        read_until(process, r"^listening on ", 2, timeout=120)
+        texts: list[str] = []
+
+        @trio_test(120)
+        async def clients() -> None:
+            async def one() -> None:
+                got: list[TokenPiece] = []
+                request = GenerationRequest(messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+                async with open_cloud_endpoint(f"ws://127.0.0.1:{port}", token="t") as cloud:
+                    await cloud.generate(request, got.append)
+                texts.append(words(got))
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(16):
+                    nursery.start_soon(one)
+
+        clients()
+        started = [int(str(health(m)["streams_started"])) for m in (metrics, metrics + 1)]
+        assert len(set(texts)) == 1 and texts[0] and len(texts) == 16  # one model, greedy: one answer
+        assert sum(started) == 16 and min(started) > 0
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0
+    finally:
+        stop(process)
