@@ -3,7 +3,8 @@
 ``serve(config)`` listens on every URL of the config; each connection runs one session (a
 reader, a writer and one task per answer) around the sans-IO :class:`ServerProtocol`. A session
 that fails (bad frames, wrong token, a vanished client) ends alone; the server keeps serving
-everyone else.
+everyone else. ``RunningServer.drain()`` stops it gracefully (docs/deployment.md); the limits
+of a connection (per address, frames per second, handshake deadline) are checked here too.
 """
 
 from __future__ import annotations
