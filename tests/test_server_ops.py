@@ -277,8 +277,8 @@ async def test_a_connection_that_never_authenticates_is_closed_at_the_handshake_
     async with running_server(StubBackend(), [scheme], handshake_timeout=deadline) as server:
         url = server.urls[0]
         async with open_cloud_endpoint(url, token=TOKEN, ssl_context=client_context(scheme)) as good:
+            started = trio.current_time()  # before the server can start its clock
             raw = await raw_connect(url, scheme)
-            started = trio.current_time()
             await raw.send_frame(0, P.encode(P.Hello((1, 2))))  # and no auth, ever
             frames = [P.decode(d) for _, d in await drain(raw)]
             waited = trio.current_time() - started
@@ -317,3 +317,17 @@ def test_limits_are_checked_in_the_config() -> None:
         with pytest.raises(ConfigurationError, match=next(iter(bad))):
             server_config(StubBackend(), ["ws"], **bad)
 
+
+
+@trio_test(20)
+async def test_a_stopped_websocket_server_frees_its_port_at_once() -> None:
+    async with trio.open_nursery() as nursery:
+        first, life = await start_server(nursery, StubBackend(), ["ws"])
+        async with open_cloud_endpoint(first.urls[0], token=TOKEN) as cloud:
+            await cloud.generate(ask(2), lambda p: None)
+            life.cancel()  # stopped (not drained), a client still connected
+            await life.stopped.wait()
+        second, second_life = await start_server(nursery, StubBackend(), ["ws"], url=first.urls[0])
+        async with open_cloud_endpoint(second.urls[0], token=TOKEN) as cloud:
+            await cloud.generate(ask(2), lambda p: None)
+        second_life.cancel()

@@ -381,13 +381,24 @@ class CloudEndpoint:
     async def _handshake(self, connection: _transports.FrameConnection) -> _Link:
         proto = ClientProtocol(token=self._token, agent="pydisco-client")
         sent_at = trio.current_time()
+        send_failed: trio.BrokenResourceError | None = None
         for data in proto.handshake():
-            await connection.send_frame(CONNECTION_STREAM, data)
+            try:
+                await connection.send_frame(CONNECTION_STREAM, data)
+            except trio.BrokenResourceError as e:
+                # A server refusing the connection (a limit, a drain) may have closed it before our
+                # hello arrived: what it said is still to be read, and is the better error.
+                send_failed = e
+                break
         first_reply: float | None = None  # the welcome: the server answers hello at once
         while True:
             try:
                 sid, data = await connection.receive_frame()
-            except trio.EndOfChannel:
+            except (trio.EndOfChannel, trio.BrokenResourceError) as e:
+                if send_failed is not None:
+                    raise send_failed from None
+                if isinstance(e, trio.BrokenResourceError):
+                    raise
                 raise trio.BrokenResourceError("the server closed the connection during the handshake") from None
             if first_reply is None:
                 first_reply = trio.current_time()

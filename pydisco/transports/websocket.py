@@ -228,15 +228,22 @@ class WebSocketTransport:
                 await trio.aclose_forcefully(stream)
 
         accepting = trio.CancelScope()
-        async with trio.open_nursery() as connections:
-            with accepting:
-                async with trio.open_nursery() as acceptors:
-                    for listener in listeners:
-                        acceptors.start_soon(_accept_loop, listener, on_stream, connections)
-                    scheme = "wss" if ssl_context is not None else "ws"
-                    task_status.started(ListenerInfo(scheme, host, sockets[0].getsockname()[1], accepting.cancel))
-            for listener in listeners:
-                await trio.aclose_forcefully(listener)
+        try:
+            async with trio.open_nursery() as connections:
+                with accepting:
+                    async with trio.open_nursery() as acceptors:
+                        for listener in listeners:
+                            acceptors.start_soon(_accept_loop, listener, on_stream, connections)
+                        scheme = "wss" if ssl_context is not None else "ws"
+                        task_status.started(ListenerInfo(scheme, host, sockets[0].getsockname()[1], accepting.cancel))
+                _close_listening(sockets)  # no longer accepting: free the port now, the connections go on
+        finally:
+            _close_listening(sockets)  # stopped (or cancelled): a restart may bind the port at once
+
+
+def _close_listening(sockets: list[trio.socket.SocketType]) -> None:
+    for sock in sockets:
+        sock.close()  # idempotent; wakes a task waiting on it with ClosedResourceError
 
 
 _UPGRADE_TIMEOUT = 10.0  # a client gets this long for TLS and the HTTP upgrade, then the server's own handshake deadline runs
