@@ -47,7 +47,7 @@ from .. import transports as _transports
 
 _CANCEL_SEND_TIMEOUT = 0.5  # a cancelled generate waits at most this long to tell the server
 _RTT_GAIN = 1 / 8  # weight of a new round-trip sample in the smoothed estimate (RFC 6298's alpha)
-_LINK_LOST_CODES = frozenset({Code.SHUTTING_DOWN, Code.TIMEOUT})
+_LINK_LOST_CODES = frozenset({Code.SHUTTING_DOWN, Code.TIMEOUT, Code.TOO_MANY_CONNECTIONS})
 _REPORT_CHECK_S = 0.1  # how often an answer looks whether its reader is worth a report
 
 log = get_logger("pydisco.cloud.client")
@@ -299,7 +299,9 @@ class CloudEndpoint:
                 self._counts["completed"] += 1
                 return end.result
             if isinstance(end, StreamFailed):
-                raise EndpointError(f"server error on {self._url}: {end.message}", code=end.code)
+                # shutting_down on a stream: a draining server refused a new answer; like a lost link.
+                kind = EndpointUnavailable if end.code in _LINK_LOST_CODES else EndpointError
+                raise kind(f"server error on {self._url}: {end.message}", code=end.code)
             if isinstance(end, _SinkFailed):
                 raise end.error
             error = end.error
@@ -392,18 +394,30 @@ class CloudEndpoint:
                 f"{where}: no connection within {self._connect_timeout:g} s", code=Code.TIMEOUT
             ) from None
         except (OSError, trio.BrokenResourceError, trio.EndOfChannel, trio.ClosedResourceError) as e:
-            raise EndpointUnavailable(f"{where}: cannot connect: {e or type(e).__name__}", code="unavailable") from e
+            code = e.code if isinstance(e, EndpointError) else "unavailable"  # the server's refusal keeps its code
+            raise EndpointUnavailable(f"{where}: cannot connect: {e or type(e).__name__}", code=code) from e
 
     async def _handshake(self, connection: _transports.FrameConnection) -> _Link:
         proto = ClientProtocol(token=self._token, agent="pydisco-client")
         sent_at = trio.current_time()
+        send_failed: trio.BrokenResourceError | None = None
         for data in proto.handshake():
-            await connection.send_frame(CONNECTION_STREAM, data)
+            try:
+                await connection.send_frame(CONNECTION_STREAM, data)
+            except trio.BrokenResourceError as e:
+                # A server refusing the connection (a limit, a drain) may have closed it before our
+                # hello arrived: what it said is still to be read, and is the better error.
+                send_failed = e
+                break
         first_reply: float | None = None  # the welcome: the server answers hello at once
         while True:
             try:
                 sid, data = await connection.receive_frame()
-            except trio.EndOfChannel:
+            except (trio.EndOfChannel, trio.BrokenResourceError) as e:
+                if send_failed is not None:
+                    raise send_failed from None
+                if isinstance(e, trio.BrokenResourceError):
+                    raise
                 raise trio.BrokenResourceError("the server closed the connection during the handshake") from None
             if first_reply is None:
                 first_reply = trio.current_time()

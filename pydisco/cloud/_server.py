@@ -3,17 +3,20 @@
 ``serve(config)`` listens on every URL of the config; each connection runs one session (a
 reader, a writer and one task per answer) around the sans-IO :class:`ServerProtocol`. A session
 that fails (bad frames, wrong token, a vanished client) ends alone; the server keeps serving
-everyone else.
+everyone else. ``RunningServer.drain()`` stops it gracefully (docs/deployment.md); the limits
+of a connection (per address, frames per second, handshake deadline) are checked here too.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import gc
 import hmac
 import json
 import math
+import os
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
@@ -31,12 +34,14 @@ from .protocol import (
     CancelStream,
     CloseConnection,
     Code,
+    Error,
     ReaderReported,
     Send,
     ServerOutput,
     ServerProtocol,
     ServerState,
     StartStream,
+    encode,
 )
 from ._tls import Credentials, server_ssl_context
 from .._types import GenerationRequest, GenerationResult, TokenPiece
@@ -71,6 +76,15 @@ class ServerConfig:
     garbage and move every object left (modules, the model's, the backend's) to Python's
     permanent generation (``gc.freeze``), so the collector's full passes, which stop every
     stream while they run, no longer walk them; for a process that runs one server.
+
+    Limits that protect the server (docs/protocol.md, Limits): ``max_connections_per_address``
+    open connections from one client IP (None: no limit; behind a proxy every client has the
+    proxy's address), beyond that ``too_many_connections``; ``max_frames_per_second`` frames
+    a connection may send per second on average (a token bucket holding one second's worth;
+    None: no limit), beyond that ``rate_limited``; ``handshake_timeout`` for hello + auth.
+    ``drain_timeout``: how long :meth:`RunningServer.drain` lets answers in flight finish.
+    ``reuse_port``: listen with SO_REUSEPORT, so several processes share the ports
+    (``ws``, ``wss``, ``quic``; docs/deployment.md).
     """
 
     listen: Sequence[str]
@@ -91,6 +105,10 @@ class ServerConfig:
     cost_per_generated_token: float = 0.0
     metrics_listen: str | None = None
     freeze_gc: bool = False  # once listening: gc.collect() then gc.freeze() (see serve)
+    max_connections_per_address: int | None = None
+    max_frames_per_second: float | None = 1000.0
+    drain_timeout: float = 30.0
+    reuse_port: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.listen, str) or not self.listen:
@@ -106,6 +124,18 @@ class ServerConfig:
             raise ConfigurationError(f"max_queue must be >= 0, got {self.max_queue!r}")
         if self.max_frame_size < 1024:
             raise ConfigurationError(f"max_frame_size must be >= 1024, got {self.max_frame_size!r}")
+        if self.max_connections_per_address is not None and self.max_connections_per_address < 1:
+            raise ConfigurationError(f"max_connections_per_address must be >= 1 or None, got {self.max_connections_per_address!r}")
+        if self.max_frames_per_second is not None and not (1 <= self.max_frames_per_second < math.inf):
+            raise ConfigurationError(f"max_frames_per_second must be >= 1 and finite, or None, got {self.max_frames_per_second!r}")
+        if not 0 <= self.drain_timeout < math.inf:
+            raise ConfigurationError(f"drain_timeout must be >= 0 and finite, got {self.drain_timeout!r}")
+        if self.reuse_port:
+            for url in self.listen:
+                scheme = url.split(":", 1)[0].lower()
+                if scheme not in _transports.REUSE_PORT_SCHEMES:
+                    raise ConfigurationError(f"reuse_port: {url!r} cannot share its port with other processes "
+                                             f"(only {', '.join(sorted(_transports.REUSE_PORT_SCHEMES))})")  # fmt: skip
         for name in ("heartbeat_interval", "idle_timeout", "handshake_timeout"):
             if not getattr(self, name) > 0:
                 raise ConfigurationError(f"{name} must be > 0, got {getattr(self, name)!r}")
@@ -134,6 +164,8 @@ class ServerStatistics:
     tokens_generated: int  # tokens the backend produced, delivered or not
     queued: int  # answers waiting for the backend now
     running: int  # answers in the backend now
+    connections_limited: int = 0  # connections refused or closed by a limit (per address, frame rate)
+    draining: bool = False  # drain() has begun: no new connections or answers
 
 
 @dataclasses.dataclass
@@ -147,6 +179,7 @@ class _Counters:
     streams_cancelled: int = 0
     streams_failed: int = 0
     tokens_generated: int = 0
+    connections_limited: int = 0
 
 
 class Scheduler(Protocol):
@@ -210,20 +243,38 @@ class RunningServer:
     _scheduler: Scheduler = dataclasses.field(repr=False)
     metrics: ServerMetrics = dataclasses.field(repr=False)
     metrics_listener: HttpListener | None = None  # where /metrics and /healthz are served
+    _life: _Life | None = dataclasses.field(default=None, repr=False)
 
     @property
     def urls(self) -> tuple[str, ...]:
         return tuple(info.url for info in self.listeners)
 
     def statistics(self) -> ServerStatistics:
-        return _snapshot(self._counters, self._scheduler)
+        return _snapshot(self._counters, self._scheduler, self._life)
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Stop gracefully: accept no new connections and no new answers, let the answers in
+        flight finish for up to ``timeout`` seconds (None: the config's ``drain_timeout``),
+        then close every connection left with ``shutting_down`` (a pydisco client fails over,
+        keeping the tokens it has). Returns once every connection is closed; ``serve`` then
+        returns. Calling it again while a drain runs waits for that drain (a shorter
+        ``timeout`` ends it sooner). Cancel ``serve`` to stop at once instead."""
+        assert self._life is not None
+        await self._life.drain(timeout)
+
+    async def wait_drained(self) -> None:
+        """Wait until a drain (begun by anyone) has closed every connection."""
+        assert self._life is not None
+        await self._life.drained.wait()
 
     def health(self) -> tuple[int, str, bytes]:
-        """``/healthz``: 200 and a few figures while the server serves."""
+        """``/healthz``: 200 and a few figures while the server serves, 503 while it drains
+        (a load balancer stops sending it clients)."""
         s = self.statistics()
-        body = {"status": "serving", "listeners": list(self.urls), "connections_open": s.connections_open,
-                "queued": s.queued, "running": s.running}  # fmt: skip
-        return 200, "application/json", (json.dumps(body) + "\n").encode()
+        body = {"status": "draining" if s.draining else "serving", "listeners": list(self.urls),
+                "connections_open": s.connections_open, "queued": s.queued, "running": s.running,
+                "streams_started": s.streams_started, "pid": os.getpid()}  # fmt: skip
+        return (503 if s.draining else 200), "application/json", (json.dumps(body) + "\n").encode()
 
     def _metrics_page(self) -> tuple[int, str, bytes]:
         from prometheus_client import CONTENT_TYPE_LATEST
@@ -231,22 +282,71 @@ class RunningServer:
         return 200, CONTENT_TYPE_LATEST, self.metrics.exposition()
 
 
-def _snapshot(counters: _Counters, scheduler: Scheduler) -> ServerStatistics:
-    return ServerStatistics(**dataclasses.asdict(counters), queued=scheduler.queued, running=scheduler.running)
+def _snapshot(counters: _Counters, scheduler: Scheduler, life: _Life | None = None) -> ServerStatistics:
+    return ServerStatistics(**dataclasses.asdict(counters), queued=scheduler.queued, running=scheduler.running,
+                            draining=life is not None and life.draining)  # fmt: skip
+
+
+class _Life:
+    """What every session of one server shares: the open sessions, connections per address,
+    and the drain."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.draining = False
+        self.sessions: set[_Session] = set()
+        self.per_address: collections.Counter[str] = collections.Counter()
+        self.stop_accepting: list[Callable[[], None]] = []
+        self.drained = trio.Event()  # every connection closed after a drain: serve returns
+        self._changed = trio.Event()
+        self._deadline = math.inf
+
+    def left(self, session: _Session) -> None:
+        self.sessions.discard(session)
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def begin_drain(self) -> None:
+        if self.draining:
+            return
+        self.draining = True
+        log.info("draining: %d connections open", len(self.sessions))
+        for stop in self.stop_accepting:
+            stop()
+        for session in list(self.sessions):
+            session.drain_begun()
+
+    async def drain(self, timeout: float | None) -> None:
+        self.begin_drain()
+        limit = self.config.drain_timeout if timeout is None else timeout
+        self._deadline = min(self._deadline, trio.current_time() + limit)
+        while self.sessions and trio.current_time() < self._deadline:
+            with trio.move_on_at(self._deadline):
+                await self._changed.wait()
+        if self.sessions:
+            log.info("drain deadline: closing %d connections", len(self.sessions))
+            for session in list(self.sessions):
+                session.close_soon(Code.SHUTTING_DOWN, "the server is shutting down (drain deadline)")
+            with trio.move_on_after(_FLUSH_TIMEOUT + 2 * _SHUTDOWN_NOTICE):
+                while self.sessions:
+                    await self._changed.wait()
+        self.drained.set()
 
 
 async def serve(config: ServerConfig, *, task_status: trio.TaskStatus[RunningServer] = trio.TASK_STATUS_IGNORED) -> None:
-    """Listen on every URL of ``config`` and serve until cancelled.
+    """Listen on every URL of ``config`` and serve until cancelled or drained.
 
     Reports a :class:`RunningServer` once every listener is up. Raises ConfigurationError for
     a bad config, OSError if a listener cannot bind. On cancellation each connected client is
-    told ``shutting_down`` (best effort, briefly) and dropped.
+    told ``shutting_down`` (best effort, briefly) and dropped; after
+    :meth:`RunningServer.drain` it returns.
     """
     plans = [_listener_plan(url, config) for url in config.listen]
     counters = _Counters()
     scheduler = SCHEDULERS[config.scheduler](config.parallel, config.max_queue)
-    metrics = ServerMetrics(functools.partial(_snapshot, counters, scheduler), trio.current_time)
-    handler = functools.partial(_serve_connection, config, scheduler, counters, metrics)
+    life = _Life(config)
+    metrics = ServerMetrics(functools.partial(_snapshot, counters, scheduler, life), trio.current_time)
+    handler = functools.partial(_serve_connection, config, scheduler, counters, metrics, life)
     try:
         async with trio.open_nursery() as nursery:
             listeners = []
@@ -258,11 +358,14 @@ async def serve(config: ServerConfig, *, task_status: trio.TaskStatus[RunningSer
                         url,
                         ssl_context=context,
                         max_frame_size=config.max_frame_size,
+                        reuse_port=config.reuse_port,
                     )
                 )
                 listeners.append(info)
+                if info.stop_accepting is not None:
+                    life.stop_accepting.append(info.stop_accepting)
                 log.info("listening on %s", info.url)
-            running = RunningServer(tuple(listeners), counters, scheduler, metrics)
+            running = RunningServer(tuple(listeners), counters, scheduler, metrics, _life=life)
             if config.metrics_listen is not None:
                 host, port = parse_host_port(config.metrics_listen)
                 routes = {"/metrics": running._metrics_page, "/healthz": running.health}
@@ -276,6 +379,8 @@ async def serve(config: ServerConfig, *, task_status: trio.TaskStatus[RunningSer
                 gc.collect()
                 gc.freeze()
             task_status.started(running)
+            await life.drained.wait()
+            nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         raise single_exception(group) from None
 
@@ -334,23 +439,81 @@ class _Flush:
     """Writer: everything before this is sent; stop."""
 
 
-_Out = Union[_Frame, _TokenOut, _PausedOut, _DoneOut, _ErrorOut, _Flush]
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Goodbye:
+    """Writer: everything before this is sent; close the connection with ``code``, stop."""
+
+    code: str
+    message: str
+
+
+_Out = Union[_Frame, _TokenOut, _PausedOut, _DoneOut, _ErrorOut, _Flush, _Goodbye]
 
 
 async def _serve_connection(
-    config: ServerConfig, scheduler: Scheduler, counters: _Counters, metrics: ServerMetrics,
+    config: ServerConfig, scheduler: Scheduler, counters: _Counters, metrics: ServerMetrics, life: _Life,
     connection: _transports.FrameConnection,
 ) -> None:  # fmt: skip
+    host = _transports.remote_host(connection)
+    limit = config.max_connections_per_address
+    if life.draining:
+        await _refuse(connection, Code.SHUTTING_DOWN, "the server is shutting down")
+        return
+    if limit is not None and host is not None and life.per_address[host] >= limit:
+        counters.connections_limited += 1
+        log.warning("refused a connection from %s: it has %d open already", host, life.per_address[host])
+        await _refuse(connection, Code.TOO_MANY_CONNECTIONS, f"at most {limit} connections from one address")
+        return
     counters.connections_accepted += 1
     counters.connections_open += 1
+    if host is not None:
+        life.per_address[host] += 1
+    session = _Session(config, scheduler, counters, connection, metrics, life)
+    life.sessions.add(session)
     try:
-        await _Session(config, scheduler, counters, connection, metrics).run()
+        await session.run()
     except Exception:  # a bug in one session must not stop the server
         log.exception("connection session failed")
     finally:
         counters.connections_open -= 1
+        if host is not None:
+            life.per_address[host] -= 1
+            if not life.per_address[host]:
+                del life.per_address[host]
         with trio.CancelScope(shield=True), trio.move_on_after(_SHUTDOWN_NOTICE):
             await connection.aclose()
+        life.left(session)
+
+
+async def _refuse(connection: _transports.FrameConnection, code: str, message: str) -> None:
+    """Turn a connection away before its handshake: an error on stream 0 (briefly), then close."""
+    with trio.CancelScope(shield=True), trio.move_on_after(_SHUTDOWN_NOTICE):
+        try:
+            await connection.send_frame(CONNECTION_STREAM, encode(Error(code, message)))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        await connection.aclose()
+
+
+class _FrameBucket:
+    """A token bucket over received frames: ``rate`` per second on average, bursts of one
+    second's worth."""
+
+    __slots__ = ("_rate", "_level", "_at")
+
+    def __init__(self, rate: float, now: float) -> None:
+        self._rate = rate
+        self._level = rate
+        self._at = now
+
+    def take(self, now: float) -> bool:
+        level = min(self._rate, self._level + (now - self._at) * self._rate)
+        self._at = now
+        if level < 1.0 - 1e-9:  # the tolerance absorbs float rounding of "exactly 1/rate later"
+            self._level = level
+            return False
+        self._level = level - 1.0
+        return True
 
 
 class _Session:
@@ -358,9 +521,14 @@ class _Session:
 
     def __init__(
         self, config: ServerConfig, scheduler: Scheduler, counters: _Counters, connection: _transports.FrameConnection,
-        metrics: ServerMetrics,
+        metrics: ServerMetrics, life: _Life | None = None,
     ) -> None:  # fmt: skip
         self._config = config
+        self._life = life
+        rate = config.max_frames_per_second
+        self._bucket = _FrameBucket(rate, trio.current_time()) if rate is not None else None
+        self._nursery: trio.Nursery | None = None
+        self._ending = False
         self._metrics = metrics
         self._scheduler = scheduler
         self._counters = counters
@@ -390,6 +558,9 @@ class _Session:
             try:
                 async with trio.open_nursery() as nursery:
                     self._cancel_all = nursery.cancel_scope
+                    self._nursery = nursery
+                    if self._life is not None and self._life.draining:
+                        self.drain_begun()  # the drain began while this connection was being accepted
                     nursery.start_soon(self._writer)
                     nursery.start_soon(self._watchdog)
                     await self._reader(nursery)
@@ -401,6 +572,34 @@ class _Session:
             # peer gone, a protocol error, a timeout) cancel its nursery, which absorbs that.
             await self._tell_shutdown()
             raise
+
+    def drain_begun(self) -> None:
+        """The server drains: a connection with no answer in flight closes now; the others
+        when their last answer ends (new generate frames are refused meanwhile)."""
+        if not self._answers:
+            self._goodbye()
+
+    def _goodbye(self) -> None:
+        """Close gracefully: once the writer has sent everything queued before (an answer's
+        last tokens and its done frame), ``shutting_down`` on stream 0."""
+        if not self._ending:
+            self._ending = True
+            self._out_send.send_nowait(_Goodbye(Code.SHUTTING_DOWN, "the server is shutting down"))
+
+    def close_soon(self, code: str, message: str) -> None:
+        """Close the connection with ``code`` on stream 0 now (answers in flight are
+        cancelled; what is still queued for them is not sent)."""
+        if self._nursery is not None and (not self._ending or code == Code.SHUTTING_DOWN):
+            self._ending = True
+            self._nursery.start_soon(self._end, code, message)
+
+    async def _end(self, code: str, message: str) -> None:
+        for out in self._proto.fail(code, message):
+            if isinstance(out, Send):
+                self._out_send.send_nowait(_Frame(out.stream_id, out.data))
+            elif isinstance(out, CloseConnection):
+                await self._close(out)
+        self._cancel_all.cancel()  # the reader is still waiting for a frame
 
     async def _tell_shutdown(self) -> None:
         """The server is stopping: say so on stream 0, briefly, unless the peer is gone or
@@ -429,12 +628,25 @@ class _Session:
                 self._gone("reading", e)
                 return
             else:
-                self._last_received = trio.current_time()
-                outputs.extend(self._proto.receive(stream_id, data))
+                now = self._last_received = trio.current_time()
+                if self._bucket is not None and not self._bucket.take(now):
+                    rate = self._config.max_frames_per_second
+                    outputs.extend(self._proto.fail(Code.RATE_LIMITED, f"more than {rate:g} frames per second"))
+                else:
+                    outputs.extend(self._proto.receive(stream_id, data))
             for out in outputs:
                 if isinstance(out, Send):
                     self._out_send.send_nowait(_Frame(out.stream_id, out.data))
                 elif isinstance(out, StartStream):
+                    if self._life is not None and self._life.draining:
+                        # Refused like any stream error: a pydisco client fails over.
+                        refusal = self._proto.stream_error(out.stream_id, Code.SHUTTING_DOWN,
+                                                           "the server is shutting down: no new answers")  # fmt: skip
+                        if refusal is not None:
+                            self._out_send.send_nowait(_Frame(out.stream_id, refusal))
+                        if not self._answers:
+                            self._goodbye()
+                        continue
                     scope = trio.CancelScope()
                     self._answers[out.stream_id] = scope
                     self._reports[out.stream_id] = ReportBox()
@@ -462,6 +674,11 @@ class _Session:
         if reason.code == Code.UNAUTHORIZED:
             self._counters.auth_failures += 1
             log.warning("refused a client: %s", reason.message)
+        elif reason.code == Code.SHUTTING_DOWN:
+            log.debug("closing a connection: %s", reason.message)
+        elif reason.code == Code.RATE_LIMITED:
+            self._counters.connections_limited += 1
+            log.warning("closing a connection: %s", reason.message)
         else:
             self._counters.protocol_errors += 1
             log.info("closing a connection (%s): %s", reason.code, reason.message)
@@ -493,7 +710,9 @@ class _Session:
                 frames, ends, stop = self._encode(items)
                 if frames or ends:
                     await _transports.send_frames(self._conn, frames, ends)
-                if stop:
+                if isinstance(stop, _Goodbye):
+                    await self._say_goodbye(stop)
+                if stop is not None:
                     break
         except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
             # The client is gone: stop every answer now rather than at the next read.
@@ -502,24 +721,24 @@ class _Session:
         finally:
             self._flushed.set()
 
-    def _encode(self, items: list[_Out]) -> tuple[list[tuple[int, bytes]], list[int], bool]:
+    def _encode(self, items: list[_Out]) -> tuple[list[tuple[int, bytes]], list[int], _Flush | _Goodbye | None]:
         """The frames for ``items`` in order (each stream's tokens merged where its first one
-        was), the streams to end after them, and whether a ``_Flush`` came (nothing after it
-        is sent)."""
+        was), the streams to end after them, and the ``_Flush`` or ``_Goodbye`` that came, if
+        one did (nothing after it is sent; a goodbye goes out after the frames before it)."""
         proto = self._proto
         now = time.monotonic_ns()
         slots: list[list[tuple[int, bytes]]] = []  # a run of tokens fills its slot when it closes
         runs: dict[int, tuple[list[tuple[int, bytes]], list[TokenPiece], list[int]]] = {}
         ends: list[int] = []
-        stop = False
+        stop: _Flush | _Goodbye | None = None
 
         def close_run(sid: int) -> None:
             slot, pieces, times = runs.pop(sid)
             slot.extend((sid, data) for data in proto.tokens(sid, pieces, times, now))
 
         for item in items:
-            if isinstance(item, _Flush):
-                stop = True
+            if isinstance(item, (_Flush, _Goodbye)):
+                stop = item
                 break
             sid = item.stream_id
             if isinstance(item, _TokenOut):
@@ -551,6 +770,13 @@ class _Session:
             close_run(sid)
         return [frame for slot in slots for frame in slot], ends, stop
 
+    async def _say_goodbye(self, goodbye: _Goodbye) -> None:
+        for out in self._proto.fail(goodbye.code, goodbye.message):
+            if isinstance(out, Send):
+                await self._conn.send_frame(out.stream_id, out.data)
+        log.debug("closed a connection: %s", goodbye.message)
+        self._cancel_all.cancel()  # the reader is still waiting for a frame
+
     def _gone(self, doing: str, error: BaseException) -> None:
         # A client that leaves, however it leaves, is ordinary: no warning, nothing more sent.
         if not self._peer_gone:
@@ -571,12 +797,8 @@ class _Session:
             if now >= deadline:
                 what = "send anything (not even a pong)" if ready else "finish the handshake"
                 limit = config.idle_timeout if ready else config.handshake_timeout
-                for out in self._proto.fail(Code.TIMEOUT, f"the client did not {what} within {limit:g} s"):
-                    if isinstance(out, Send):
-                        self._out_send.send_nowait(_Frame(out.stream_id, out.data))
-                    elif isinstance(out, CloseConnection):
-                        await self._close(out)
-                self._cancel_all.cancel()  # the reader is still waiting for a frame
+                self._ending = True
+                await self._end(Code.TIMEOUT, f"the client did not {what} within {limit:g} s")
                 return
             if now >= next_ping:
                 self._out_send.send_nowait(_Frame(CONNECTION_STREAM, self._proto.ping()))
@@ -635,6 +857,8 @@ class _Session:
             self._answers.pop(sid, None)
             self._reports.pop(sid, None)
         self._out_send.send_nowait(out)
+        if self._life is not None and self._life.draining and not self._answers:
+            self._goodbye()
 
     def _priced(self, result: GenerationResult) -> GenerationResult:
         c = self._config

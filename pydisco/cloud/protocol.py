@@ -64,6 +64,8 @@ class Code:
     SHUTTING_DOWN: Final = "shutting_down"
     INTERNAL: Final = "internal"
     REJECTED: Final = "rejected"
+    TOO_MANY_CONNECTIONS: Final = "too_many_connections"  # added within version 2: a per-address limit
+    RATE_LIMITED: Final = "rate_limited"  # added within version 2: frames per second over the limit
 
 
 ERROR_CODES: Final = frozenset(

@@ -13,6 +13,8 @@ pydisco_server_connections_accepted_total         connections accepted
 pydisco_server_connections_open                   connections open now
 pydisco_server_auth_failures_total                connections refused for their token
 pydisco_server_protocol_errors_total              connections closed for bad frames, timeouts
+pydisco_server_connections_limited_total         connections refused or closed by a limit
+pydisco_server_draining                           1 while the server drains
 pydisco_server_answers_started_total              answers that reached the backend
 pydisco_server_answers_total{outcome}             answers ended: completed, cancelled, failed
 pydisco_server_queue_depth                        answers waiting for the backend now
@@ -138,6 +140,10 @@ class _ServerCollector(Collector):
         yield CounterMetricFamily(p + "auth_failures", "Connections refused for a wrong or missing token", value=s.auth_failures)
         yield CounterMetricFamily(p + "protocol_errors", "Connections closed for bad frames, bad streams or timeouts",
                                   value=s.protocol_errors)  # fmt: skip
+        yield CounterMetricFamily(p + "connections_limited", "Connections refused or closed by a limit (per address, frame rate)",
+                                  value=s.connections_limited)  # fmt: skip
+        yield GaugeMetricFamily(p + "draining", "1 while the server drains (no new connections or answers)",
+                                value=1 if s.draining else 0)  # fmt: skip
         yield CounterMetricFamily(p + "answers_started", "Answers that reached the backend", value=s.streams_started)
         answers = CounterMetricFamily(p + "answers", "Answers ended, by outcome", labels=["outcome"])
         answers.add_metric(["completed"], s.streams_completed)

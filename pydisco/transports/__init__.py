@@ -23,7 +23,9 @@ from ._base import (
     FrameTooLarge,
     ListenerInfo,
     Transport,
+    remote_host,
     send_frames,
+    set_remote_host,
 )
 
 ENTRY_POINT_GROUP = "pydisco.transports"
@@ -107,13 +109,27 @@ async def serve(
     *,
     ssl_context: ssl.SSLContext | None = None,
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+    reuse_port: bool = False,
     task_status: trio.TaskStatus[ListenerInfo] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Listen on ``url`` (port 0 picks a free port) until cancelled; reports a ListenerInfo."""
+    """Listen on ``url`` (port 0 picks a free port) until cancelled; reports a ListenerInfo.
+    ``reuse_port``: share the port with other processes (SO_REUSEPORT; ``ws``, ``wss`` and
+    ``quic``); a scheme whose transport cannot raises UnknownTransportError."""
     scheme, host, port = split_url(url)
-    await get_transport(scheme).serve(
+    transport = get_transport(scheme)
+    if reuse_port:
+        if scheme not in REUSE_PORT_SCHEMES:
+            raise UnknownTransportError(f"the {scheme!r} transport cannot share its port with other processes")
+        await transport.serve(handler, host, port, ssl_context=ssl_context, max_frame_size=max_frame_size,
+                              task_status=task_status, reuse_port=True)  # type: ignore[call-arg]  # fmt: skip
+        return
+    await transport.serve(
         handler, host, port, ssl_context=ssl_context, max_frame_size=max_frame_size, task_status=task_status
     )
+
+
+REUSE_PORT_SCHEMES = frozenset({"ws", "wss", "quic"})
+"""Built-in schemes whose listeners can share a port between processes (``reuse_port``)."""
 
 
 __all__ = [
@@ -124,13 +140,16 @@ __all__ = [
     "FrameConnection",
     "FrameTooLarge",
     "ListenerInfo",
+    "REUSE_PORT_SCHEMES",
     "Transport",
     "UnknownTransportError",
     "available_schemes",
     "connect",
     "get_transport",
     "known_schemes",
+    "remote_host",
     "send_frames",
     "serve",
+    "set_remote_host",
     "split_url",
 ]

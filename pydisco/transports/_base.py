@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import ssl
 import struct
+import weakref
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Protocol
 
@@ -100,15 +101,37 @@ ConnectionHandler = Callable[[FrameConnection], Awaitable[None]]
 
 @dataclasses.dataclass(frozen=True)
 class ListenerInfo:
-    """Where a started server listens (the port is the real one when 0 was asked for)."""
+    """Where a started server listens (the port is the real one when 0 was asked for).
+
+    ``stop_accepting``, when the transport can, closes the listening socket(s) while the
+    connections already accepted go on (a draining server; with ``reuse_port`` the kernel then
+    hands new connections to the other processes on the port). None: the transport cannot
+    stop accepting apart from stopping (QUIC: one UDP socket carries every connection), so
+    the server refuses new connections itself.
+    """
 
     scheme: str
     host: str
     port: int
+    stop_accepting: Callable[[], None] | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def url(self) -> str:
         return f"{self.scheme}://{self.host}:{self.port}"
+
+
+_REMOTE_HOSTS: weakref.WeakKeyDictionary[object, str] = weakref.WeakKeyDictionary()
+
+
+def set_remote_host(connection: object, host: str) -> None:
+    """A server transport records the client address of a connection it accepted."""
+    _REMOTE_HOSTS[connection] = host
+
+
+def remote_host(connection: object) -> str | None:
+    """The client address (IP, no port) a server transport recorded for ``connection``, or
+    None (a transport without addresses, such as ``memory``)."""
+    return _REMOTE_HOSTS.get(connection)
 
 
 class Transport(Protocol):
@@ -136,5 +159,7 @@ class Transport(Protocol):
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         task_status: trio.TaskStatus[ListenerInfo] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Accept connections until cancelled, running ``handler`` for each in its own task."""
+        """Accept connections until cancelled, running ``handler`` for each in its own task.
+        A transport that can share its port with other processes (SO_REUSEPORT) also takes
+        ``reuse_port: bool = False`` (the server passes it only when asked to)."""
         ...

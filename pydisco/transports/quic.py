@@ -54,7 +54,7 @@ from aioquic.quic.packet import (
 
 from pydisco._errors import ConfigurationError
 
-from ._base import DEFAULT_MAX_FRAME_SIZE, ConnectionHandler, ListenerInfo
+from ._base import DEFAULT_MAX_FRAME_SIZE, ConnectionHandler, ListenerInfo, set_remote_host
 from ._quic_config import QuicSettings as QuicSettings
 from ._quic_config import client_configuration, server_configuration
 from ._quic_connection import QuicFrameConnection as QuicFrameConnection
@@ -146,10 +146,16 @@ class QuicTransport:
         ssl_context: ssl.SSLContext | None = None,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         settings: QuicSettings | None = None,
+        reuse_port: bool = False,
         task_status: trio.TaskStatus[ListenerInfo] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Accept QUIC connections on ``host:port`` until cancelled, running ``handler`` for
         each in its own task; reports the bound port through ``task_status``.
+
+        ``reuse_port``: set SO_REUSEPORT so several processes share the port; the kernel
+        picks a socket by the datagram's address 4-tuple, so one client's connection stays
+        with one process as long as the set of processes does not change (docs/deployment.md).
+        There is no ``stop_accepting``: the one socket carries every connection.
 
         An exception escaping ``handler`` is logged and closes that connection only (the
         client sees ``BrokenResourceError``); when the handler returns, the connection is
@@ -160,6 +166,8 @@ class QuicTransport:
         config = server_configuration(settings, ssl_context)
         sock, addr = await _udp_socket(host, port, passive=True)
         try:
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind(addr)
             bound_port = sock.getsockname()[1]
             async with trio.open_nursery() as nursery:
@@ -327,6 +335,7 @@ class _ServerEndpoint:
         self._cids[conn] = set()
         self._add_cid(conn, header.destination_cid)
         self._add_cid(conn, quic.host_cid)
+        set_remote_host(conn, str(addr[0]))
         conn.datagram_received(data, addr)
         self._nursery.start_soon(self._serve_connection, conn)
         return conn

@@ -5,6 +5,11 @@ as 4 bytes big-endian, then the frame. A message that cannot be an envelope (tex
 than 4 bytes) is handed up as-is on stream 0, where the protocol layer rejects it as
 ``bad_frame`` like any other garbage.
 
+Listening: the transport binds its own sockets (SO_REUSEPORT on request, so several processes
+share a port) and runs its own accept loop, so a draining server can close the listening sockets
+while the accepted connections go on (``ListenerInfo.stop_accepting``). TLS and the HTTP upgrade
+must finish within 10 s of the TCP accept; the server's own handshake deadline follows.
+
 Size limit: trio-websocket refuses a message over its ``max_message_size`` while receiving
 fragments, closing with code 1009 (so memory stays bounded). It is set to twice the frame limit;
 frames between the two limits are received and refused here with ``FrameTooLarge`` while the
@@ -13,9 +18,10 @@ connection stays open, so the server can still send its ``frame_too_large`` erro
 
 from __future__ import annotations
 
+import errno
 import logging
 import ssl
-from collections.abc import Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from urllib.parse import urlsplit
 
 import trio
@@ -32,6 +38,7 @@ from ._base import (
     ListenerInfo,
     open_envelope,
     seal_envelope,
+    set_remote_host,
 )
 
 _CLEAN_CLOSE = (1000, 1001)  # normal closure, going away
@@ -214,37 +221,116 @@ class WebSocketTransport:
         *,
         ssl_context: ssl.SSLContext | None = None,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        reuse_port: bool = False,
         task_status: trio.TaskStatus[ListenerInfo] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Accept WebSocket connections (TLS when ``ssl_context`` is given) until cancelled."""
+        """Accept WebSocket connections (TLS when ``ssl_context`` is given) until cancelled.
 
-        async def on_request(request: tws.WebSocketRequest) -> None:
-            # An exception here would stop trio-websocket's whole server: keep it per connection.
+        ``reuse_port``: set SO_REUSEPORT, so several processes share the port (the kernel
+        spreads new connections over them). The reported ``ListenerInfo.stop_accepting``
+        closes the listening sockets; the connections already accepted go on, and this
+        returns once they have all ended.
+        """
+        sockets = await _listening_sockets(host, port, reuse_port)
+        listeners: list[trio.SocketListener | trio.SSLListener[trio.SocketStream]] = [trio.SocketListener(s) for s in sockets]
+        if ssl_context is not None:
+            listeners = [trio.SSLListener(l, ssl_context, https_compatible=True) for l in listeners]  # type: ignore[arg-type]
+        limit = _ws_limit(max_frame_size)
+
+        async def on_stream(stream: trio.abc.Stream) -> None:
+            # An exception here would stop the whole listener: keep it per connection.
             try:
-                ws = await request.accept()
-            except (tws.ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
-                return  # the client left during the handshake
-            connection = WebSocketConnection(ws, max_frame_size)
-            try:
-                await handler(connection)
+                async with trio.open_nursery() as nursery:  # trio-websocket's reader task
+                    ws: tws.WebSocketConnection | None = None
+                    with trio.move_on_after(_UPGRADE_TIMEOUT):
+                        try:
+                            request = await tws.wrap_server_stream(nursery, stream, max_message_size=limit)
+                            ws = await request.accept()
+                        except (tws.ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+                            ws = None  # the client left during the handshake
+                    if ws is None:
+                        nursery.cancel_scope.cancel()
+                        return
+                    connection = WebSocketConnection(ws, max_frame_size)
+                    remote = ws.remote
+                    if isinstance(remote, tws.Endpoint):
+                        set_remote_host(connection, str(remote.address))
+                    try:
+                        await handler(connection)
+                    except Exception:
+                        log.exception("connection handler failed; closing that connection only")
+                    finally:
+                        await connection.aclose()  # when the server is cancelled this drops the link at once
+                    nursery.cancel_scope.cancel()
             except Exception:
-                log.exception("connection handler failed; closing that connection only")
+                log.exception("a WebSocket connection failed outside its handler")
             finally:
-                await connection.aclose()  # when the server is cancelled this drops the link at once
+                await trio.aclose_forcefully(stream)
 
-        async with trio.open_nursery() as nursery:
-            server: tws.WebSocketServer = await nursery.start(
-                lambda task_status: tws.serve_websocket(
-                    on_request,
-                    host,
-                    port,
-                    ssl_context,
-                    max_message_size=_ws_limit(max_frame_size),
-                    task_status=task_status,
-                )
-            )
-            scheme = "wss" if ssl_context is not None else "ws"
-            task_status.started(ListenerInfo(scheme, host, server.port))
+        accepting = trio.CancelScope()
+        try:
+            async with trio.open_nursery() as connections:
+                with accepting:
+                    async with trio.open_nursery() as acceptors:
+                        for listener in listeners:
+                            acceptors.start_soon(_accept_loop, listener, on_stream, connections)
+                        scheme = "wss" if ssl_context is not None else "ws"
+                        task_status.started(ListenerInfo(scheme, host, sockets[0].getsockname()[1], accepting.cancel))
+                _close_listening(sockets)  # no longer accepting: free the port now, the connections go on
+        finally:
+            _close_listening(sockets)  # stopped (or cancelled): a restart may bind the port at once
+
+
+def _close_listening(sockets: list[trio.socket.SocketType]) -> None:
+    for sock in sockets:
+        sock.close()  # idempotent; wakes a task waiting on it with ClosedResourceError
+
+
+_UPGRADE_TIMEOUT = 10.0  # a client gets this long for TLS and the HTTP upgrade, then the server's own handshake deadline runs
+_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+_BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
+
+
+async def _listening_sockets(host: str, port: int, reuse_port: bool) -> list[trio.socket.SocketType]:
+    """Bound, listening TCP sockets for every address of ``host`` (port 0: one free port for all)."""
+    infos = await trio.socket.getaddrinfo(host, port, type=trio.socket.SOCK_STREAM, flags=trio.socket.AI_PASSIVE)
+    sockets: list[trio.socket.SocketType] = []
+    try:
+        for family, type_, proto, _, addr in infos:
+            if family not in (trio.socket.AF_INET, trio.socket.AF_INET6):
+                continue
+            sock = trio.socket.socket(family, type_, proto)
+            sockets.append(sock)
+            sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEPORT, 1)
+            if family == trio.socket.AF_INET6:
+                sock.setsockopt(trio.socket.IPPROTO_IPV6, trio.socket.IPV6_V6ONLY, 1)
+            if port == 0 and len(sockets) > 1:
+                addr = (addr[0], sockets[0].getsockname()[1], *addr[2:])
+            await sock.bind(addr)
+            sock.listen(_BACKLOG)
+        if not sockets:
+            raise OSError(f"no IPv4 or IPv6 address for {host!r}")
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+async def _accept_loop(listener: trio.abc.Listener[trio.abc.Stream], on_stream: Callable[[trio.abc.Stream], Awaitable[None]],
+                       nursery: trio.Nursery) -> None:  # fmt: skip
+    while True:
+        try:
+            stream = await listener.accept()
+        except OSError as e:
+            if e.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                raise
+            log.error("cannot accept a connection (%s); trying again in 0.1 s", e.strerror or e)
+            await trio.sleep(0.1)
+            continue
+        nursery.start_soon(on_stream, stream)
 
 
 class _ClientRunner:
