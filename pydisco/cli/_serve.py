@@ -215,6 +215,7 @@ def server_config(args: argparse.Namespace, tokens: list[str], backend: Backend,
         max_frames_per_second=args.max_frames_per_second,
         drain_timeout=args.drain_timeout,
         reuse_port=getattr(args, "reuse_port", False),
+        freeze_gc=True,  # this process runs one server: its start-up objects stay put
     )
     if args.scheduler is not None:
         # A batched backend takes its waiting answers in too (its scheduler orders them): a
