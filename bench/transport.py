@@ -16,7 +16,8 @@ ones); a registered scheme that does not load here is reported as missing (null)
    like — the plain schemes (``ws``, ``zenoh``) against bare WebSocket, the TLS ones (``wss``, ``quic``) against bare
    WebSocket over TLS.
 2. Sustained concurrent streams at a reading pace. The stub emits ``--rate`` (20) tokens/s per
-   stream on absolute deadlines, each stream starting at a random phase within one period (as
+   stream on absolute deadlines, from one clock task for every stream (as a batched engine's
+   step loop; at most 0.5 ms late, which the lag counts), each stream starting at a random phase within one period (as
    independent clients do; ``--aligned`` puts every stream on one shared step clock instead, as
    a batched engine's decode steps do). Each stream's reader is paced like the runtime's, at a
    rate drawn from ``--read-rate`` (5-15 tokens/s): the client announces it in ``generate`` and
@@ -38,6 +39,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import heapq
+import itertools
 import json
 import math
 import os
@@ -73,9 +77,21 @@ BENCH_DIR = pathlib.Path(__file__).resolve().parent
 
 class PacedStub:
     """Tokens on absolute deadlines; the request's prompt says the period. Each token's text is
-    ``"<emit monotonic ns> <scheduled monotonic ns>"``."""
+    ``"<emit monotonic ns> <scheduled monotonic ns>"``.
+
+    One clock task (``run``) emits every stream's tokens, as a batched engine's step loop calls
+    every answer's sink from one loop: a timer per stream would cost the token source more CPU
+    than the server it is measuring. It wakes at the earliest deadline, at most once per
+    ``MIN_TICK_S``, and emits every token then due, so a token leaves at most that much late
+    (it is stamped with both instants: the lag counts it)."""
 
     model_id = "bench-stub"
+    MIN_TICK_S = 0.0005
+
+    def __init__(self) -> None:
+        self._due: list[tuple[float, int, _StubStream]] = []  # a heap of (deadline, order, stream)
+        self._order = itertools.count()
+        self._added = trio.Event()
 
     async def generate(self, request: GenerationRequest, sink: TokenSink) -> GenerationResult:
         plan = json.loads(request.prompt or "{}")
@@ -83,13 +99,53 @@ class PacedStub:
         start = trio.current_time() + plan.get("phase", 0.0) * period
         if plan.get("aligned"):  # one step clock for every stream, as a batched engine's steps
             start = math.ceil(start / period) * period
-        for k in range(request.max_tokens):
-            deadline = start + k * period
-            await trio.sleep_until(deadline)
-            now_ns = time.monotonic_ns()
-            scheduled_ns = now_ns - int((trio.current_time() - deadline) * 1e9)
-            sink(TokenPiece(k, k, f"{now_ns} {scheduled_ns}"))
+        stream = _StubStream(sink, start, period, request.max_tokens)
+        if stream.total:
+            self._push(stream)
+            try:
+                await stream.finished.wait()
+            finally:
+                stream.cancelled = True  # the clock drops it at its next deadline
         return GenerationResult("length", 0, 0, request.max_tokens)
+
+    def _push(self, stream: _StubStream) -> None:
+        heapq.heappush(self._due, (stream.next_deadline(), next(self._order), stream))
+        self._added.set()
+
+    async def run(self) -> None:
+        last = -math.inf
+        while True:
+            if not self._due:
+                self._added = trio.Event()
+                await self._added.wait()
+            await trio.sleep_until(max(self._due[0][0], last + self.MIN_TICK_S))
+            now = last = trio.current_time()
+            now_ns = time.monotonic_ns()
+            while self._due and self._due[0][0] <= now:
+                deadline, _, stream = heapq.heappop(self._due)
+                if stream.cancelled:
+                    continue
+                scheduled_ns = now_ns - int((now - deadline) * 1e9)
+                stream.sink(TokenPiece(stream.sent, stream.sent, f"{now_ns} {scheduled_ns}"))
+                stream.sent += 1
+                if stream.sent < stream.total:
+                    heapq.heappush(self._due, (stream.next_deadline(), next(self._order), stream))
+                else:
+                    stream.finished.set()
+
+
+@dataclasses.dataclass(eq=False)
+class _StubStream:
+    sink: TokenSink
+    start: float
+    period: float
+    total: int
+    sent: int = 0
+    cancelled: bool = False
+    finished: trio.Event = dataclasses.field(default_factory=trio.Event)
+
+    def next_deadline(self) -> float:
+        return self.start + self.sent * self.period
 
 
 async def child_server(scheme: str, cert_dir: str) -> None:
@@ -98,10 +154,11 @@ async def child_server(scheme: str, cert_dir: str) -> None:
         credentials = self_signed()
         credentials.write(cert_dir)
         ssl_context = server_ssl_context(credentials)
+    stub = PacedStub()
     config = ServerConfig(
         listen=[f"{scheme}://127.0.0.1:0"],
         tokens=[TOKEN],
-        backend=PacedStub(),
+        backend=stub,
         ssl_context=ssl_context,
         parallel=100_000,
         max_queue=0,
@@ -109,6 +166,7 @@ async def child_server(scheme: str, cert_dir: str) -> None:
         freeze_gc=True,  # as a deployed server (one per process) runs
     )
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(stub.run)
         server: RunningServer = await nursery.start(serve, config)
         print(json.dumps({"url": server.urls[0]}), flush=True)
         await trio.to_thread.run_sync(sys.stdin.read, abandon_on_cancel=True)  # until the parent closes stdin

@@ -56,3 +56,43 @@ def test_bad_arguments_stop_with_an_error(capsys: pytest.CaptureFixture[str]) ->
     with pytest.raises(SystemExit):
         bench.main(["--read-rate", "15", "5"])
     assert "--read-rate" in capsys.readouterr().err
+
+
+def test_the_stub_clock_emits_every_stream_in_order_on_its_deadlines() -> None:
+    """One clock task serves every stream (bench/transport.py's PacedStub): each stream gets its
+    tokens in order, none before its deadline and none later than one tick after it, and a
+    cancelled stream gets nothing more."""
+    import json
+
+    import trio
+    import trio.testing
+
+    from pydisco._types import GenerationRequest
+
+    got: dict[str, list[tuple[int, float]]] = {"a": [], "b": [], "cut": []}
+
+    async def main() -> None:
+        stub = bench.PacedStub()
+
+        def request(period: float, phase: float, n: int) -> GenerationRequest:
+            return GenerationRequest(prompt=json.dumps({"period": period, "phase": phase}), max_tokens=n)
+
+        async def one(name: str, period: float, phase: float, n: int) -> None:
+            await stub.generate(request(period, phase, n), lambda piece: got[name].append((piece.position, trio.current_time())))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stub.run)
+            async with trio.open_nursery() as streams:
+                streams.start_soon(one, "a", 0.05, 0.0, 5)
+                streams.start_soon(one, "b", 0.03, 0.5, 7)
+                with trio.move_on_after(0.101):
+                    await one("cut", 0.05, 0.0, 100)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    for name, period, phase, n in (("a", 0.05, 0.0, 5), ("b", 0.03, 0.5, 7)):
+        assert [p for p, _ in got[name]] == list(range(n))
+        for position, at in got[name]:
+            deadline = (phase + position) * period
+            assert deadline - 1e-9 <= at <= deadline + bench.PacedStub.MIN_TICK_S + 1e-9
+    assert [p for p, _ in got["cut"]] == [0, 1, 2]  # due at 0, 0.05 and 0.1; cancelled at 0.101
