@@ -58,12 +58,13 @@ def test_slice_feasibility_by_hand() -> None:
 
 
 def test_slice_admits_by_utility_while_feasible_and_says_why_not() -> None:
-    slow = StepProfile(decode_s=(0.030, 0.045, 0.060, 0.075), prefill_s_per_token=0.001)
+    slow = StepProfile(decode_s=(0.030, 0.045, 0.060, 0.075), prefill_s_per_token=0.0001)  # prefill no constraint
     scheduler = create_step_scheduler("slice")
     # A chat task arrived first; two control tasks later. Real-time goes first:
     # two control tasks: f = 20·0.045 = 0.9 s ≤ 1; adding the chat task (⌈8.33⌉ = 9 steps):
     # 9·0.060 + 11·0.045 = 1.035 s > 1 → deferred, with the figure.
-    plan = scheduler.schedule(view(seq(0, CHAT), seq(1, CONTROL), seq(2, CONTROL), profile=slow))
+    plan = scheduler.schedule(view(seq(0, CHAT, arrived_s=9.8), seq(1, CONTROL, arrived_s=9.9), seq(2, CONTROL, arrived_s=9.95),
+                                   profile=slow))  # fmt: skip
     assert plan.admit == (1, 2)
     ((deferred, why),) = plan.defer
     assert deferred == 0 and "f(n) = 1.035 s" in why
@@ -71,6 +72,51 @@ def test_slice_admits_by_utility_while_feasible_and_says_why_not() -> None:
     greedy = Slo(ttft_target_s=1.0, reading_rate=40.0, realtime=True)  # 40·0.030 = 1.2 s
     plan = create_step_scheduler("slice").schedule(view(seq(3, greedy), profile=slow))
     assert plan.reject and plan.reject[0][0] == 3 and "1.200 s" in plan.reject[0][1]
+
+
+def test_slice_admits_only_where_the_prefill_ahead_leaves_time_for_the_first_token() -> None:
+    # 2 ms a prefill token. A control task decodes and a chat task of 300 tokens prefills
+    # (alone they take f = 9·0.015 + 11·0.010 = 0.245 s of each second: its prefill would end
+    # at 10 + 300·2/0.755 ms = 10.795 s ≤ 11.9).
+    profile = StepProfile(decode_s=(0.010, 0.015, 0.018, 0.020), prefill_s_per_token=0.002)
+    decoding = seq(1, CONTROL, Phase.DECODING, arrived_s=9.0)
+    chat = seq(2, CHAT, Phase.PREFILLING, arrived_s=9.9, prefill_tokens=300)
+    # A new control task (100 tokens, TTFT 0.5 s) prefills first (real-time): with it f =
+    # 9·0.018 + 11·0.015 = 0.327 s, 2/0.673 = 2.972 ms a token: its first token at 10.297 s ≤
+    # 10.5, the chat task's after 400 tokens at 11.189 s ≤ 11.9. Admitted; its chunk is the
+    # slack over the cycle's 20 steps: 0.673 / (20 · 2 ms) = 16 tokens.
+    control = seq(3, CONTROL, arrived_s=10.0, prefill_tokens=100)
+    plan = create_step_scheduler("slice").schedule(view(decoding, chat, control, profile=profile))
+    assert plan.admit == (3,) and plan.prefill == (3, 16)  # real-time prefills first
+    # 200 tokens instead: 10.594 s > 10.5, but alone it would end at 10.4: deferred, and says why.
+    control = seq(3, CONTROL, arrived_s=10.0, prefill_tokens=200)
+    plan = create_step_scheduler("slice").schedule(view(decoding, chat, control, profile=profile))
+    assert plan.admit == () and plan.defer[0][0] == 3 and "0.59 s after it arrived" in plan.defer[0][1]
+    # 300 tokens: even alone its prefill ends at 10.6 s > 10.5: rejected at once (the runtime may
+    # send it elsewhere), rather than deferred until too late.
+    control = seq(3, CONTROL, arrived_s=10.0, prefill_tokens=300)
+    plan = create_step_scheduler("slice").schedule(view(decoding, chat, control, profile=profile))
+    assert plan.reject[0][0] == 3 and "cannot come within its TTFT of 0.5 s" in plan.reject[0][1]
+
+
+def test_slice_serves_a_late_chat_task_best_effort_unless_it_delays_another() -> None:
+    profile = StepProfile(decode_s=(0.010, 0.015, 0.018, 0.020), prefill_s_per_token=0.002)
+    # A chat task that waited 1.9 s of its 2 s with 200 tokens to prefill (0.4 s alone) misses its
+    # TTFT whatever happens: admitted all the same (a chat answer late beats none).
+    late = seq(2, CHAT, arrived_s=8.1, prefill_tokens=200)
+    plan = create_step_scheduler("slice").schedule(view(late, profile=profile))
+    assert plan.admit == (2,)
+    # ...but not ahead of a prefilling control task it would push past that one's TTFT: the
+    # control task's 150 tokens alone: 0.2 s decode share → first token at 10.0 + 150·2.5 ms =
+    # 10.375 ≤ 10.4; with the chat task decoding beside it f = 9·0.015 + 11·0.010 = 0.245 s:
+    # 150·2/0.755 ms = 0.397 s → 10.397 s still ≤ 10.4: admitted. With 155 tokens: 10.388 →
+    # 10.411 > 10.4: deferred.
+    for tokens, admitted in ((150, True), (155, False)):
+        control = seq(1, CONTROL, Phase.PREFILLING, arrived_s=9.9, prefill_tokens=tokens)
+        plan = create_step_scheduler("slice").schedule(view(control, late, profile=profile))
+        assert (plan.admit == (2,)) is admitted, (tokens, plan)
+        if not admitted:
+            assert "delay task 1's first token" in plan.defer[0][1]
 
 
 def test_slice_mask_gives_each_task_its_rate_evenly_and_nested() -> None:

@@ -28,6 +28,7 @@ __all__ = [
 ]
 
 Why = tuple[int, str]
+_HOPELESS = "its first token cannot come within its TTFT of"
 
 
 def _impossible(view: StepView) -> list[Why]:
@@ -210,8 +211,10 @@ class SliceScheduler:
     Admission: waiting tasks in four queues — real-time short, real-time long, non-real-time
     short, non-real-time long (``short``: prefill + max_new_tokens ≤ ``short_tokens``) — each by
     utility, are admitted greedily while the admitted set stays feasible (``f(n) ≤ cycle_s``) and
-    its worst-case KV fits. A task that is infeasible even alone is rejected; one that does not fit
-    beside the admitted ones is deferred, with the figure that says why.
+    its worst-case KV fits and its first token can come within its TTFT (``first_tokens_at``:
+    prefill in the cycle's slack, in admission order). A task that is infeasible even alone is
+    rejected; one that does not fit beside the admitted ones is deferred, with the figure that
+    says why (docs/policies.md: the first-token test is pydisco's, not the paper's).
 
     Rate control: a decode mask over ``C = max ⌈r_i⌉`` columns; task i is set in ``⌈r_i⌉`` evenly
     spread columns, the columns of slower tasks a subset of the faster ones' (so the cycle takes
@@ -259,10 +262,49 @@ class SliceScheduler:
                 defer.append((s.id, f"beside the admitted tasks it needs f(n) = {together:.3f} s per {self.cycle_s:g} s"))
             elif reserved + s.worst_case_tokens > view.kv_capacity:
                 defer.append((s.id, "KV cache full"))
+            elif (late := self._first_token_misses(view, [*admitted, *admit], s)) is not None:
+                (reject if late.startswith(_HOPELESS) else defer).append((s.id, late))
             else:
                 admit.append(s)
                 reserved += s.worst_case_tokens
         return admit, defer, reject
+
+    def first_tokens_at(self, tasks: Sequence[SequenceView], profile: StepProfile, now_s: float) -> dict[int, float]:
+        """When each task still prefilling gets its first token, if prefill has the cycle's slack
+        (``1 − f(n)/cycle_s`` of the time, at ``c`` s a token) and runs in admission order."""
+        c = profile.prefill_s_per_token
+        share = 1.0 - self.cycle_time(tasks, profile) / self.cycle_s
+        seconds_per_token = c / share if share > 0 else math.inf
+        at: dict[int, float] = {}
+        backlog = 0
+        for t in sorted(tasks, key=self.queue):
+            left = t.prefill_tokens - t.prefilled
+            if t.phase in (Phase.WAITING, Phase.PREFILLING) and left > 0:
+                backlog += left
+                at[t.id] = now_s + (backlog * seconds_per_token if c > 0 else 0.0)
+        return at
+
+    def _first_token_misses(self, view: StepView, admitted: list[SequenceView], s: SequenceView) -> str | None:
+        """Why admitting ``s`` now would miss a TTFT, or None. Its own: a real-time task that
+        cannot make it even with the engine to itself is rejected (``_HOPELESS``), one that
+        could is deferred; a non-real-time task that cannot make it anyway is served best
+        effort, one that could is deferred. And an admitted task's that it would push past."""
+        now, profile = view.now_s, view.profile
+        before = self.first_tokens_at(admitted, profile, now)
+        after = self.first_tokens_at([*admitted, s], profile, now)
+        own_deadline = s.arrived_s + s.slo.ttft_target_s
+        if after.get(s.id, now) > own_deadline:
+            alone_ends = now + (s.prefill_tokens - s.prefilled) * profile.prefill_s_per_token
+            hopeless = alone_ends > own_deadline
+            if s.slo.realtime and hopeless:
+                return f"{_HOPELESS} {s.slo.ttft_target_s:g} s (its prefill alone ends {alone_ends - s.arrived_s:.2f} s after it arrived)"
+            if s.slo.realtime or not hopeless:
+                return (f"behind the prefill ahead of it, its first token would come {after[s.id] - s.arrived_s:.2f} s "
+                        f"after it arrived (TTFT {s.slo.ttft_target_s:g} s)")  # fmt: skip
+        for t in admitted:
+            if t.id in after and before[t.id] <= t.arrived_s + t.slo.ttft_target_s < after[t.id]:
+                return f"it would delay task {t.id}'s first token past its TTFT ({t.slo.ttft_target_s:g} s)"
+        return None
 
     def _rebuild_mask(self, decoding: list[SequenceView]) -> None:
         key = tuple(sorted((s.id, self.steps_needed(s)) for s in decoding))
@@ -294,7 +336,7 @@ class SliceScheduler:
             chunk = max(1, min(chunk, math.floor(slack / (len(self._mask) * c))))
         return StepPlan(
             decode=decode,
-            prefill=_first_prefill(admitted + admit, chunk),
+            prefill=_first_prefill(sorted(admitted + admit, key=self.queue), chunk),
             admit=tuple(s.id for s in admit),
             defer=tuple(defer),
             reject=tuple(reject),
