@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 from .. import _core
-from ._pacing import ReleasedTokens
+from ._pacing import ReleasedTokens, VirtualTimePacer
 from ._report import Piece
 
 
@@ -31,8 +31,9 @@ class AnswerReader:
         names: Mapping[int, str],
         started_ns: int,
         failure: Callable[[], BaseException | None],
+        driver: VirtualTimePacer | None = None,  # the pacer's virtual-time driver, if it has one
     ) -> None:
-        self._released = ReleasedTokens(pacer)
+        self._released = ReleasedTokens(pacer, driver)
         self._names = names
         self._started_ns = started_ns
         self._failure = failure
