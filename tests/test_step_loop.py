@@ -178,3 +178,21 @@ def test_the_same_state_runs_in_virtual_time_over_a_simulated_engine() -> None:
     # the four decode together at 16 ms a step: about 50 × 16 ms, not 4 × 50 × 10 ms one by one.
     assert max(finished.values()) < 1.2
     assert step_loop.statistics().tokens == 200
+
+
+def test_learned_profile_follows_steps_and_skips_rebuilding_an_unchanged_one() -> None:
+    """A step that took what the profile says leaves it as it is (the same object: nothing is
+    rebuilt); a different one moves it, and the table stays monotone in the batch size."""
+    from pydisco.batching._profile import LearnedStepProfile
+    from pydisco.policies._step import StepProfile
+
+    learned = LearnedStepProfile(StepProfile(decode_s=(0.02, 0.01, 0.03), prefill_s_per_token=0.001), max_batch=3)
+    learned.record(1, 0, 0.02)  # as said: the first record still builds the monotone table
+    first = learned.current()
+    assert [first.decode(b) for b in (1, 2, 3)] == [0.02, 0.02, 0.03]
+    learned.record(3, 0, 0.03)
+    assert learned.current() is first
+    learned.record(3, 0, 0.05)  # slower than said: learnt
+    assert learned.current().decode(3) == pytest.approx(0.03 + 0.1 * 0.02)
+    learned.record(1, 100, 0.02 + 100 * 0.002)  # prefill twice as dear
+    assert learned.current().prefill_s_per_token == pytest.approx(0.001 + 0.1 * 0.001)
