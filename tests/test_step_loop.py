@@ -4,6 +4,7 @@ admission is signalled. (The real llama.cpp batched engine: tests/test_batched_e
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 
@@ -178,3 +179,68 @@ def test_the_same_state_runs_in_virtual_time_over_a_simulated_engine() -> None:
     # the four decode together at 16 ms a step: about 50 × 16 ms, not 4 × 50 × 10 ms one by one.
     assert max(finished.values()) < 1.2
     assert step_loop.statistics().tokens == 200
+
+
+def test_learned_profile_follows_steps_and_skips_rebuilding_an_unchanged_one() -> None:
+    """A step that took what the profile says leaves it as it is (the same object: nothing is
+    rebuilt); a different one moves it, and the table stays monotone in the batch size."""
+    from pydisco.batching._profile import LearnedStepProfile
+    from pydisco.policies._step import StepProfile
+
+    learned = LearnedStepProfile(StepProfile(decode_s=(0.02, 0.01, 0.03), prefill_s_per_token=0.001), max_batch=3)
+    learned.record(1, 0, 0.02)  # as said: the first record still builds the monotone table
+    first = learned.current()
+    assert [first.decode(b) for b in (1, 2, 3)] == [0.02, 0.02, 0.03]
+    learned.record(3, 0, 0.03)
+    assert learned.current() is first
+    learned.record(3, 0, 0.05)  # slower than said: learnt
+    assert learned.current().decode(3) == pytest.approx(0.03 + 0.1 * 0.02)
+    learned.record(1, 100, 0.02 + 100 * 0.002)  # prefill twice as dear
+    assert learned.current().prefill_s_per_token == pytest.approx(0.001 + 0.1 * 0.001)
+
+
+def test_virtual_loop_hands_tokens_to_the_sink_in_the_answers_context_and_none_after_cancel() -> None:
+    """The virtual loop calls a waiting answer's sink itself (no wake-up of the answer's task):
+    in that task's context, never after the task was cancelled, and a sink's error still
+    comes out of generate."""
+    import contextvars
+
+    import trio.testing
+
+    from pydisco.batching import SimulatedExecutor, VirtualStepLoop
+    from pydisco.policies import StepProfile
+
+    whose: contextvars.ContextVar[str] = contextvars.ContextVar("whose", default="nobody")
+    executor = SimulatedExecutor(StepProfile(decode_s=(0.01, 0.01), prefill_s_per_token=0.0), kv_capacity=4096,
+                                 max_batch=2, prompt_tokens=lambda r: 1)  # fmt: skip
+    step_loop = VirtualStepLoop(executor, create_step_scheduler("fcfs"))
+    seen: list[tuple[str, int]] = []
+
+    def sink(piece: TokenPiece) -> None:
+        seen.append((whose.get(), piece.position))
+        if whose.get() == "failing" and piece.position == 2:
+            raise ValueError("the sink broke")
+
+    async def answer(name: str, cancel_after_s: float | None = None) -> None:
+        whose.set(name)
+        with trio.move_on_after(math.inf if cancel_after_s is None else cancel_after_s):
+            await step_loop.generate(GenerationRequest(prompt=name, max_tokens=20), sink)
+
+    async def failing() -> None:
+        whose.set("failing")
+        with pytest.raises(ValueError, match="the sink broke"):
+            await step_loop.generate(GenerationRequest(prompt="f", max_tokens=20), sink)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(step_loop.run)
+            async with trio.open_nursery() as answers:
+                answers.start_soon(answer, "cancelled", 0.055)
+                answers.start_soon(failing)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    cancelled = [p for who, p in seen if who == "cancelled"]
+    assert cancelled == list(range(len(cancelled))) and 3 <= len(cancelled) <= 6  # stopped at ~55 ms of 10 ms steps
+    assert [p for who, p in seen if who == "failing"] == [0, 1, 2]  # nothing after the error
+    assert {who for who, _ in seen} == {"cancelled", "failing"}  # never the loop's own context

@@ -19,6 +19,7 @@ class LearnedStepProfile:
         self._prefill = initial.prefill_s_per_token
         self._lock = threading.Lock()
         self._profile = initial
+        self._rebuilt = False  # _profile is the table's, not ``initial`` as given
 
     def record(self, batch: int, prefill_tokens: int, seconds: float) -> None:
         """One step of ``batch`` decodes and ``prefill_tokens`` prefill tokens took ``seconds``."""
@@ -27,11 +28,22 @@ class LearnedStepProfile:
         with self._lock:
             if prefill_tokens == 0:
                 if batch <= len(self._decode):
-                    self._decode[batch - 1] += _WEIGHT * (seconds - self._decode[batch - 1])
+                    old = self._decode[batch - 1]
+                    self._decode[batch - 1] += _WEIGHT * (seconds - old)
+                    changed = self._decode[batch - 1] != old
+                else:
+                    changed = False
             else:
                 decode = self._decode[min(batch, len(self._decode)) - 1] if batch else 0.0
                 per_token = max(0.0, seconds - decode) / prefill_tokens
-                self._prefill += _WEIGHT * (per_token - self._prefill)
+                old = self._prefill
+                self._prefill += _WEIGHT * (per_token - old)
+                changed = self._prefill != old
+            # A step that took what the profile says changes nothing (every decode step of a
+            # simulated engine): rebuilding the table, O(max_batch), would give the same profile.
+            if not changed and self._rebuilt:
+                return
+            self._rebuilt = True
             # Larger batches never step faster than smaller ones: keep the table monotone.
             table = list(self._decode)
             for b in range(1, len(table)):

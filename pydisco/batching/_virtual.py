@@ -105,7 +105,7 @@ class VirtualStepLoop:
             self._inbox.append(answer)
             self._poke()
 
-        return await run_answer(request, sink, make, submit, self._poke)
+        return await run_answer(request, sink, make, submit, self._poke, same_thread=True)
 
     def _poke(self) -> None:
         self._poked.set()

@@ -67,7 +67,7 @@ class Answer:
         )
         self.virtual_pacer = VirtualTimePacer(self.pacer) if virtual_time else None
         self.started_ns = self.clock.now_ns()
-        self._changes = trio.lowlevel.ParkingLot()
+        self._waiting: list[tuple[Callable[[], bool], trio.Event]] = []  # (condition, its waiter)
 
     # -- what the machine says (derived, never stored) -----------------------------------
 
@@ -118,10 +118,21 @@ class Answer:
         On cancellation: nothing changes; the condition is simply no longer awaited.
         """
         while not condition():
-            await self._changes.park()
+            waiter = (condition, trio.Event())
+            self._waiting.append(waiter)
+            try:
+                await waiter[1].wait()
+            finally:
+                if waiter in self._waiting:
+                    self._waiting.remove(waiter)
 
     def _changed(self) -> None:
-        self._changes.unpark_all()
+        # The conditions are checked here, by whoever changed the answer, so only a task whose
+        # condition now holds wakes (it checks again when it runs): a commit does not wake
+        # every waiter of the answer just to find its condition still false.
+        for waiter in [w for w in self._waiting if w[0]()]:
+            self._waiting.remove(waiter)
+            waiter[1].set()
 
     # -- the token path -----------------------------------------------------------------
 
@@ -135,7 +146,7 @@ class Answer:
         if verdict != _core.OfferResult.COMMITTED:
             return False
         if self.virtual_pacer is not None:
-            self.virtual_pacer.notify()
+            self.virtual_pacer.committed()
         self._changed()
         return True
 
@@ -192,7 +203,7 @@ class Answer:
     def _wake_pacer(self) -> None:
         """The end record is committed: a virtual-time pacer waiting on an empty ring looks."""
         if self.virtual_pacer is not None:
-            self.virtual_pacer.notify()
+            self.virtual_pacer.committed()
 
     # -- what an endpoint is asked for ---------------------------------------------------
 

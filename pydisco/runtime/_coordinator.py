@@ -102,7 +102,9 @@ class AnswerCoordinator:
         self._runs: Runs | None = None
         self._handover: Handover | None = None
         self._trigger: MigrationTrigger | None = None
-        self._reader = AnswerReader(self.answer.pacer, ENDPOINT_NAMES, self.answer.started_ns, lambda: self.error)
+        self._reader = AnswerReader(
+            self.answer.pacer, ENDPOINT_NAMES, self.answer.started_ns, lambda: self.error, driver=self.answer.virtual_pacer
+        )
 
     # -- the answer's life --------------------------------------------------------------
 
@@ -171,19 +173,18 @@ class AnswerCoordinator:
         """In virtual time the pacer is a task of this nursery: let it release everything
         (the end record last) before the nursery goes. A real-time pacer thread goes on until
         ``close()``."""
-        answer = self.answer
-        if answer.virtual_pacer is None:
-            return
-        while (deadline := answer.pacer.next_deadline()) is not None:
-            await trio.sleep_until(answer.clock.trio_time(deadline))
-            await trio.lowlevel.checkpoint()  # the pacer task releases it
+        if self.answer.virtual_pacer is not None:
+            await self.answer.virtual_pacer.wait_drained()
 
     def close(self) -> None:
         """Stop the pacer thread and hand whatever is still committed to the reader at once, so
         any reader (a blocking thread, a C++ consumer) sees the end record. Idempotent."""
-        pacer = self.answer.pacer
+        pacer, driver = self.answer.pacer, self.answer.virtual_pacer
         pacer.stop()
-        pacer.release_all(self.answer.clock.now_ns())
+        if driver is not None:
+            driver.release_all(self.answer.clock.now_ns())
+        else:
+            pacer.release_all(self.answer.clock.now_ns())
 
     # -- the reader's side --------------------------------------------------------------
 
