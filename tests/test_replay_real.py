@@ -6,6 +6,7 @@ from; the serial device queues as the real single-engine device does."""
 from __future__ import annotations
 
 import math
+import pathlib
 import statistics
 
 import pytest
@@ -46,7 +47,8 @@ def test_the_server_calibrated_from_samples_reproduces_their_medians() -> None:
     one_engine = ReplayConfig(dispatch="cloud-only", server=calibrate_server(steady, prompt_tokens=100, prefill_s_per_token=0.001),
                               device=None, pace=False)  # fmt: skip
     together = replay(light_load(2, prompt=100, answer=10, gap_s=0.0), one_engine)
-    assert together.ttft.maximum == pytest.approx(0.3 + 9 * 0.02 + (0.001 * 100 + 0.02), rel=0.05)  # after the first answer
+    assert together.ttft.minimum == pytest.approx(0.3)
+    assert together.ttft.maximum > 0.3 + 9 * 0.02  # it waited for the first answer (parallel: 0.3 too)
 
 
 def test_the_serial_device_makes_requests_take_turns() -> None:
@@ -84,7 +86,8 @@ def test_a_counting_prompt_has_about_the_tokens_asked() -> None:
         assert tokens - 8 <= n <= tokens
 
 
-def test_the_real_run_and_its_simulation_answer_the_same_slice() -> None:
+def test_the_real_run_and_its_simulation_answer_the_same_slice(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # the fresh device profile is cached there
     work = clip_slice(light_load(5, prompt=60, answer=8, gap_s=1.5))
     config = ReplayConfig(dispatch="disco-d", budget=0.5, device=DEVICE, server=ServerModel.assumed(), pace=False, seed=1)
     setup = RealSetup(calibration_requests=3, calibration_prompt_tokens=60, calibration_answer_tokens=8)

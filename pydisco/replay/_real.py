@@ -136,11 +136,19 @@ def calibrate_server(
     """The loopback server as a :class:`ServerModel`: one engine (``LlamaBackend`` with
     ``parallel=1``: one request at a time, FIFO), measured unloaded, so ``max_batch`` and the
     measured concurrency are 1; its prefill per token is the device profile's (the same model
-    with the same threads on the same machine); the rest of each TTFT is its overhead."""
-    return ServerModel.from_samples(
+    with the same threads on the same machine); the rest of each TTFT is its overhead.
+
+    Unloaded, the step loop's first token comes with the prefill's step, which decodes nothing
+    else (the prefill's last row samples it), so the model's own part of a TTFT is the prefill
+    alone: ``from_samples`` takes one decode step more, right for llmperf's concurrency 5
+    (others decode in that step), not for one request at a time."""
+    model = ServerModel.from_samples(
         samples, measured_input_tokens=prompt_tokens, measured_concurrency=1, batch_slope=0.0,
         prefill_s_per_token=prefill_s_per_token, max_batch=1, kv_capacity=kv_capacity,
     )  # fmt: skip
+    own = prefill_s_per_token * prompt_tokens
+    overhead = tuple(max(0.0, t - own) for t in samples.ttft_s)
+    return dataclasses.replace(model, overhead_samples_s=overhead, source="loopback server, measured now")
 
 
 def agreement(sim: ReplaySummary, real: ReplaySummary) -> dict[str, float]:
