@@ -109,3 +109,16 @@ def test_the_real_run_and_its_simulation_answer_the_same_slice(tmp_path: pathlib
     unloaded = replay(light_load(30, prompt=60, answer=8),
                       ReplayConfig(dispatch="cloud-only", server=cal.server, device=None, pace=False))  # fmt: skip
     assert unloaded.ttft.quantile(0.5) == pytest.approx(statistics.median(cal.server_samples.ttft_s), rel=0.2)
+
+
+def test_a_cloud_that_does_not_announce_admission_times_out_in_its_queue() -> None:
+    # The real cloud client hears nothing until the first token: a request queued at the
+    # one-engine server longer than the first-token deadline fails there (and fails over).
+    slow = ServerTtftSamples(ttft_s=(0.3,), inter_token_latency_s=(0.1,), skipped_errors=0, sources=())
+    server = calibrate_server(slow, prompt_tokens=50, prefill_s_per_token=0.001)
+    work = light_load(3, prompt=50, answer=30, gap_s=0.0)
+    common = dict(dispatch="cloud-only", server=server, device=None, pace=False, first_token_timeout_s=2.0)
+    announced = replay(work, ReplayConfig(**common))  # type: ignore[arg-type]
+    silent = replay(work, ReplayConfig(**common, cloud_announces_admission=False))  # type: ignore[arg-type]
+    assert announced.outcomes["completed"] == 3
+    assert silent.outcomes["completed"] == 1 and silent.requests == 3

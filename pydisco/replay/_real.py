@@ -166,13 +166,14 @@ def agreement(sim: ReplaySummary, real: ReplaySummary) -> dict[str, float]:
 def sim_vs_real(requests: Iterable[TraceRequest], config: ReplayConfig, *, setup: RealSetup = RealSetup()) -> SimVsReal:
     """Run ``requests`` for real (:func:`replay_real`, calibrating first), then replay them in
     virtual time on the calibrated models with the same policy settings (the device as one
-    serial engine, as the real one is), and compare."""
+    serial engine, the cloud without word of admission, as the real ones are), and compare."""
     work = list(requests)
     real = replay_real(work, config, setup=setup)
     cal = real.calibration
     sim_config = dataclasses.replace(
         config, device=cal.device if config.device is not None else None,
         server=cal.server if config.server is not None else None, link=cal.link, device_mode="serial",
+        cloud_announces_admission=False,
     )  # fmt: skip
     sim_rows: list[RequestRow] = []
     sim = replay(work, sim_config, on_row=sim_rows.append)

@@ -29,7 +29,7 @@ from ..runtime import AnswerFailed, RuntimeConfig, open_runtime
 from ..workloads import TraceRequest
 from ._endpoints import SharedDevice, SimulatedCloud, SimulatedDevice, TraceBook, TraceFacts
 from ._models import DeviceModel, LastHop, ServerModel
-from ._serial import SerialDevice
+from ._real_models import SerialDevice, UnannouncedQueueCloud
 from ._stats import Histogram
 
 __all__ = ["OUTCOMES", "ReplayConfig", "ReplaySummary", "RequestRow", "replay"]
@@ -50,7 +50,7 @@ class ReplayConfig:
     """What to replay against. ``device`` / ``server``: the endpoint models (None leaves that
     endpoint out). ``device_mode``: ``"fleet"`` (each request its own device, as a trace of
     many users), ``"serial"`` (one single-sequence device, calls in turn: the real endpoint's
-    shape, ``pydisco.replay._serial``) or ``"shared"`` (one device runs them all, batched, at most
+    shape, ``pydisco.replay._real_models``) or ``"shared"`` (one device runs them all, batched, at most
     ``device_max_batch`` at once under the step scheduler ``device_scheduler``). ``budget``: the share of
     tokens ``budget_on`` may process (default per dispatch policy: :func:`default_budget_endpoint`).
     ``slo``: for requests whose trace gives none. ``pace``: release at the reading rate
@@ -77,6 +77,10 @@ class ReplayConfig:
     cost_per_token: Mapping[str, float] = dataclasses.field(default_factory=lambda: {"device": 0.2, "cloud": 1.0})
     prefill_cost_per_token: Mapping[str, float] = dataclasses.field(default_factory=dict)  # RuntimeConfig's
     dispatch_options: Mapping[str, object] = dataclasses.field(default_factory=dict)
+    # False: the cloud does not tell the runtime when its server admits a request, as the real
+    # cloud client cannot (the protocol has no such frame): time in the server's queue then
+    # counts against the first-token deadline (pydisco.replay._real_models).
+    cloud_announces_admission: bool = True
 
     def __post_init__(self) -> None:
         if self.device is None and self.server is None:
@@ -304,7 +308,8 @@ async def _replay(
             device = SimulatedDevice(config.device, book)
         endpoints["device"] = device
     if config.server is not None:
-        cloud = SimulatedCloud(config.server, book, link=config.link, seed=config.seed)
+        cloud_class = SimulatedCloud if config.cloud_announces_admission else UnannouncedQueueCloud
+        cloud = cloud_class(config.server, book, link=config.link, seed=config.seed)
         endpoints["cloud"] = cloud
     runtime_config = config.runtime_config()
     async with trio.open_nursery() as servers:
