@@ -50,8 +50,8 @@ MIN_PROMPT_TOKENS = 8  # the counting prompt's own words and a few numbers
 @dataclasses.dataclass(frozen=True)
 class RealSetup:
     """How the real run is put together. Device and server each get ``*_threads`` of llama.cpp
-    (1 + 1 on a 2-core machine: neither steals the other's core, so the device's profile,
-    measured alone, still holds while both work). ``link``: the emulator's profile, both ways.
+    (1 + 1 on a 2-core machine: a core each, so that each one's speed measured alone comes
+    close to its speed while both work; measured, each is still slower then). ``link``: the emulator's profile, both ways.
     ``calibration_requests`` to the server (``calibration_prompt_tokens`` each, answers of
     ``calibration_answer_tokens``), over its direct address: the link is modelled apart."""
 
