@@ -5,9 +5,12 @@ from; the serial device queues as the real single-engine device does."""
 
 from __future__ import annotations
 
+import json
 import math
 import pathlib
 import statistics
+import subprocess
+import sys
 
 import pytest
 
@@ -122,3 +125,23 @@ def test_a_cloud_that_does_not_announce_admission_times_out_in_its_queue() -> No
     silent = replay(work, ReplayConfig(**common, cloud_announces_admission=False))  # type: ignore[arg-type]
     assert announced.outcomes["completed"] == 3
     assert silent.outcomes["completed"] == 1 and silent.requests == 3
+
+
+def _pydisco(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pydisco.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_cli_real_refuses_a_sweep_in_one_line() -> None:
+    done = _pydisco("replay", "--synthetic", "3", "--real", "--dispatch", "cloud-only,race-both")
+    assert done.returncode == 2
+    assert "not a sweep" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_cli_real_prints_both_summaries_and_the_agreement() -> None:
+    done = _pydisco("replay", "--synthetic", "3", "--real", "--no-pace", "--rate", "1", "--prompt-lengths", "constant:20",
+                    "--output-lengths", "constant:4", "--dispatch", "race-both", "--json")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["sim"]["requests"] == out["real"]["requests"] == 3
+    assert out["real"]["config"]["mode"] == "real"
+    assert set(out["agreement"]) == {"ttft_p50_err", "ttft_p99_err", "tbt_p50_err", "qoe_err"}
