@@ -5,6 +5,7 @@ from; the serial device queues as the real single-engine device does."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import pathlib
@@ -52,6 +53,12 @@ def test_the_server_calibrated_from_samples_reproduces_their_medians() -> None:
     together = replay(light_load(2, prompt=100, answer=10, gap_s=0.0), one_engine)
     assert together.ttft.minimum == pytest.approx(0.3)
     assert together.ttft.maximum > 0.3 + 9 * 0.02  # it waited for the first answer (parallel: 0.3 too)
+    # A device profile slower than the server's fastest TTFT allows is capped to it: the
+    # calibration's TTFTs still come back.
+    capped = calibrate_server(steady, prompt_tokens=100, prefill_s_per_token=0.01)
+    assert capped.step.prefill_s_per_token == pytest.approx(0.003)
+    alone = replay(light_load(3, prompt=100, answer=10), dataclasses.replace(one_engine, server=capped))
+    assert alone.ttft.quantile(0.5) == pytest.approx(0.3, rel=0.01)
 
 
 def test_the_serial_device_makes_requests_take_turns() -> None:

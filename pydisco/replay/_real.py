@@ -148,6 +148,11 @@ def calibrate_server(
     else (the prefill's last row samples it), so the model's own part of a TTFT is the prefill
     alone: ``from_samples`` takes one decode step more, right for llmperf's concurrency 5
     (others decode in that step), not for one request at a time."""
+    if not (prompt_tokens >= 1 and prefill_s_per_token >= 0):
+        raise ConfigurationError("calibrate_server needs prompt_tokens >= 1 and prefill_s_per_token >= 0")
+    # The server prefilled its calibration prompt within its fastest TTFT: a device profile
+    # measured at a busier moment can say slower, and then no TTFT would come back as measured.
+    prefill_s_per_token = min(prefill_s_per_token, min(samples.ttft_s, default=0.0) / prompt_tokens)
     model = ServerModel.from_samples(
         samples, measured_input_tokens=prompt_tokens, measured_concurrency=1, batch_slope=0.0,
         prefill_s_per_token=prefill_s_per_token, max_batch=1, kv_capacity=kv_capacity,
