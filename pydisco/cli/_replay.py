@@ -134,6 +134,10 @@ def add_parser(subparsers: Any) -> None:
                    "(a sweep adds -<dispatch>-b<budget>-s<seed> to the name).")
     o.add_argument("--json", action="store_true", help="Print the summary as one JSON object (a list for a sweep).")
     o.add_argument("--workers", type=positive_int, metavar="N", help="Sweep processes (default: one per core).")
+    r = parser.add_argument_group("simulated against real")
+    r.add_argument("--real", action="store_true", help="Also run the slice for real (the SmolLM2 device, a loopback server "
+                   "behind the link emulator, in real time; prompts <= 200 and answers <= 64 tokens; --limit, default 24) "
+                   "and print the simulation's relative error against it.")
     parser.set_defaults(func=run)
 
 
@@ -257,6 +261,8 @@ def _run(args: argparse.Namespace) -> int:
     workload = _workload(args)
     configs = _configs(args)
     is_sweep = len(configs) > 1
+    if args.real:
+        return _run_real(args, workload, configs)
     if args.out is not None:
         RowWriter(args.out)  # a Parquet file without pyarrow stops here, before any work
     if is_sweep:
@@ -280,6 +286,31 @@ def _run(args: argparse.Namespace) -> int:
     else:
         for s in summaries:
             print(_text(s))
+    return 0
+
+
+def _run_real(args: argparse.Namespace, workload: Any, configs: list[Any]) -> int:
+    """The slice for real and simulated on the models calibrated just before (docs/replay.md)."""
+    from ..replay._real import clip_slice, sim_vs_real
+
+    if len(configs) > 1:
+        raise ConfigurationError("--real runs one configuration, not a sweep")
+    if args.out is not None:
+        raise ConfigurationError("--real prints summaries only; --out is for a simulated replay")
+    work = clip_slice(itertools.islice(workload.open(), args.limit or 24))
+    try:
+        result = sim_vs_real(work, configs[0])
+    except ImportError as e:  # an install without the device extra has no llama.cpp
+        raise ConfigurationError(f"--real needs the real model (llama-cpp-python): {e}") from None
+    summaries = {"sim": result.sim.to_json(), "real": result.real.to_json()}
+    for s in summaries.values():
+        s["workload"] = workload.describe() + f", first {len(work)}, clipped (prompts <= 200, answers <= 64 tokens)"
+    if args.json:
+        print(json.dumps({**summaries, "agreement": {k: v if math.isfinite(v) else None for k, v in result.agreement.items()}}))
+    else:
+        for name, s in summaries.items():
+            print(f"{name}:\n{_text(s)}")
+        print("relative error of sim against real: " + ", ".join(f"{k} {v:.1%}" for k, v in result.agreement.items()))
     return 0
 
 

@@ -29,6 +29,7 @@ from ..runtime import AnswerFailed, RuntimeConfig, open_runtime
 from ..workloads import TraceRequest
 from ._endpoints import SharedDevice, SimulatedCloud, SimulatedDevice, TraceBook, TraceFacts
 from ._models import DeviceModel, LastHop, ServerModel
+from ._real_models import SerialDevice, UnannouncedQueueCloud
 from ._stats import Histogram
 
 __all__ = ["OUTCOMES", "ReplayConfig", "ReplaySummary", "RequestRow", "replay"]
@@ -48,7 +49,8 @@ def default_budget_endpoint(dispatch: str) -> EndpointName:
 class ReplayConfig:
     """What to replay against. ``device`` / ``server``: the endpoint models (None leaves that
     endpoint out). ``device_mode``: ``"fleet"`` (each request its own device, as a trace of
-    many users) or ``"shared"`` (one device runs them all, batched, at most
+    many users), ``"serial"`` (one single-sequence device, calls in turn: the real endpoint's
+    shape, ``pydisco.replay._real_models``) or ``"shared"`` (one device runs them all, batched, at most
     ``device_max_batch`` at once under the step scheduler ``device_scheduler``). ``budget``: the share of
     tokens ``budget_on`` may process (default per dispatch policy: :func:`default_budget_endpoint`).
     ``slo``: for requests whose trace gives none. ``pace``: release at the reading rate
@@ -61,7 +63,7 @@ class ReplayConfig:
     budget_on: EndpointName | None = None
     seed: int = 0
     device: DeviceModel | None = None
-    device_mode: Literal["fleet", "shared"] = "fleet"
+    device_mode: Literal["fleet", "shared", "serial"] = "fleet"
     device_max_batch: int = 4
     device_scheduler: str = "fcfs"
     server: ServerModel | None = None
@@ -75,14 +77,18 @@ class ReplayConfig:
     cost_per_token: Mapping[str, float] = dataclasses.field(default_factory=lambda: {"device": 0.2, "cloud": 1.0})
     prefill_cost_per_token: Mapping[str, float] = dataclasses.field(default_factory=dict)  # RuntimeConfig's
     dispatch_options: Mapping[str, object] = dataclasses.field(default_factory=dict)
+    # False: the cloud does not tell the runtime when its server admits a request, as the real
+    # cloud client cannot (the protocol has no such frame): time in the server's queue then
+    # counts against the first-token deadline (pydisco.replay._real_models).
+    cloud_announces_admission: bool = True
 
     def __post_init__(self) -> None:
         if self.device is None and self.server is None:
             raise ConfigurationError("a replay needs a device model, a server model, or both")
         if not 0.0 <= self.budget <= 1.0:
             raise ConfigurationError(f"the budget is a share in [0, 1], got {self.budget!r}")
-        if self.device_mode not in ("fleet", "shared"):
-            raise ConfigurationError(f"device_mode is 'fleet' or 'shared', not {self.device_mode!r}")
+        if self.device_mode not in ("fleet", "shared", "serial"):
+            raise ConfigurationError(f"device_mode is 'fleet', 'shared' or 'serial', not {self.device_mode!r}")
         if self.device_scheduler not in step_scheduler_names():
             known = ", ".join(step_scheduler_names())
             raise ConfigurationError(f"unknown step scheduler {self.device_scheduler!r}; known: {known}")
@@ -296,11 +302,14 @@ async def _replay(
     if config.device is not None:
         if config.device_mode == "shared":
             device = SharedDevice(config.device, book, max_batch=config.device_max_batch, scheduler=config.device_scheduler)
+        elif config.device_mode == "serial":
+            device = SerialDevice(config.device, book)
         else:
             device = SimulatedDevice(config.device, book)
         endpoints["device"] = device
     if config.server is not None:
-        cloud = SimulatedCloud(config.server, book, link=config.link, seed=config.seed)
+        cloud_class = SimulatedCloud if config.cloud_announces_admission else UnannouncedQueueCloud
+        cloud = cloud_class(config.server, book, link=config.link, seed=config.seed)
         endpoints["cloud"] = cloud
     runtime_config = config.runtime_config()
     async with trio.open_nursery() as servers:
