@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import itertools
 import math
-import statistics
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any
@@ -32,10 +31,10 @@ from .._errors import ConfigurationError, PydiscoError
 from .._groups import single_exception
 from .._types import GenerationRequest, TokenPiece
 from ..linkemu import REALISTIC_LAST_HOP, LinkProfile
-from ..runtime import AnswerFailed, open_runtime
+from ..runtime import open_runtime
 from ..workloads import ServerTtftSamples, TraceRequest
 from ._models import DeviceModel, LastHop, ServerModel
-from ._run import Outcome, ReplayConfig, ReplaySummary, RequestRow, _decoded, _one_line, _tokens, describe, replay
+from ._run import ReplayConfig, ReplaySummary, RequestRow, describe, read_answer, replay, request_row
 
 __all__ = [
     "Calibration", "RealRun", "RealSetup", "SimVsReal", "agreement", "calibrate_server", "clip_slice",
@@ -338,45 +337,11 @@ async def _run_slice(
 async def _answer(rt: Any, index: int, request: TraceRequest, prompt: str, config: ReplayConfig) -> tuple[RequestRow, tuple[float, ...]]:
     """One request as :func:`replay`'s rows have it, from the real answer's report."""
     slo = request.slo or config.slo
-    nan = math.nan
-    base: dict[str, Any] = dict(
-        index=index, arrival_s=request.arrival_s, prompt_tokens=request.prompt_tokens,
-        output_tokens=request.output_tokens, tokens=0, ttft_s=nan, tbt_p50_s=nan, tbt_mean_s=nan, tbt_max_s=nan,
-        qoe=nan, ttft_target_s=slo.ttft_target_s, tpot_target_s=slo.tpot_s, realtime=slo.realtime, endpoints="",
-        migrations=0, failovers=0, device_refused=False, cloud_tokens=0, cloud_decoded_tokens=0, device_tokens=0,
-        cost=0.0, device_energy_j=0.0, error="",
-    )  # fmt: skip
     if request.output_tokens == 0:
-        return RequestRow(**{**base, "outcome": "empty", "finish_reason": "none", "error": "the trace's answer has no tokens"}), ()
-    failure: BaseException | None = None
-    report = None
-    try:
-        async with rt.stream(prompt=prompt, max_tokens=request.output_tokens, slo=slo, request_id=f"real-{index}") as answer:
-            try:
-                async for _ in answer:
-                    pass
-            except AnswerFailed as e:
-                failure = e
-        report = answer.report
-    except (ConfigurationError, PydiscoError) as e:
-        failure = e
-    if report is None:
-        return RequestRow(**{**base, "outcome": "refused", "finish_reason": "refused", "error": _one_line(failure)}), ()
-    tbt = report.tbt_s
-    usage = report.usage
-    device_usage = usage.get("device")
+        return request_row(index, request, slo, None, None)
+    report, failure = await read_answer(rt, prompt=prompt, request=request, slo=slo, request_id=f"real-{index}")
     energy = 0.0
+    device_usage = report.usage.get("device") if report is not None else None
     if config.device is not None and device_usage is not None:
         energy = config.device.energy_j(device_usage.prefilled_tokens, device_usage.offered_tokens)
-    outcome: Outcome = "completed" if report.finish_reason in ("stop", "length") else "failed"
-    kinds = [m.kind for m in report.migrations]
-    return RequestRow(**{
-        **base, "outcome": outcome, "finish_reason": report.finish_reason,
-        "error": _one_line(failure) if failure is not None else "", "tokens": report.tokens,
-        "ttft_s": report.ttft_s if report.ttft_s is not None else nan,
-        "tbt_p50_s": statistics.median(tbt) if tbt else nan, "tbt_mean_s": statistics.fmean(tbt) if tbt else nan,
-        "tbt_max_s": max(tbt) if tbt else nan, "qoe": report.qoe, "endpoints": "+".join(report.endpoints_used),
-        "migrations": kinds.count("migration"), "failovers": kinds.count("failover"),
-        "cloud_tokens": _tokens(usage.get("cloud")), "cloud_decoded_tokens": _decoded(usage.get("cloud")),
-        "device_tokens": _tokens(device_usage), "cost": report.total_cost, "device_energy_j": energy,
-    }), tbt  # fmt: skip
+    return request_row(index, request, slo, report, failure, device_energy_j=energy)

@@ -344,27 +344,28 @@ async def _answer(
 ) -> tuple[RequestRow, tuple[float, ...]]:
     slo = request.slo or config.slo
     rid = str(index)
-    nan = math.nan
-
-    def row(outcome: Outcome, finish: str, error: str = "", **kw: Any) -> RequestRow:
-        fields: dict[str, Any] = dict(
-            index=index, arrival_s=request.arrival_s, prompt_tokens=request.prompt_tokens,
-            output_tokens=request.output_tokens, outcome=outcome, finish_reason=finish, tokens=0,
-            ttft_s=nan, tbt_p50_s=nan, tbt_mean_s=nan, tbt_max_s=nan, qoe=nan, ttft_target_s=slo.ttft_target_s,
-            tpot_target_s=slo.tpot_s, realtime=slo.realtime, endpoints="", migrations=0, failovers=0,
-            device_refused=False, cloud_tokens=0, cloud_decoded_tokens=0, device_tokens=0, cost=0.0,
-            device_energy_j=0.0, error=error,
-        )  # fmt: skip
-        fields.update(kw)
-        return RequestRow(**fields)
-
     if request.output_tokens == 0:
-        return row("empty", "none", "the trace's answer has no tokens"), ()
+        return request_row(index, request, slo, None, None)
     book.add(rid, TraceFacts(request.prompt_tokens, request.output_tokens, slo))
+    try:
+        report, failure = await read_answer(rt, prompt="", request=request, slo=slo, request_id=rid)
+    finally:
+        refused_by_device = device is not None and rid in device.refused
+        device_work = device.forget(rid) if device is not None else (0, 0)
+        if cloud is not None:
+            cloud.forget(rid)
+        book.remove(rid)
+    energy = config.device.energy_j(*device_work) if config.device is not None else 0.0
+    return request_row(index, request, slo, report, failure, device_energy_j=energy, device_refused=refused_by_device)
+
+
+async def read_answer(rt: Any, *, prompt: str, request: TraceRequest, slo: Slo, request_id: str) -> tuple[Any, BaseException | None]:
+    """Read one answer of ``rt`` to its end as an application would: its report (None when the
+    runtime refused the request) and what failed, if anything did."""
     failure: BaseException | None = None
     report = None
     try:
-        async with rt.stream(prompt="", max_tokens=request.output_tokens, slo=slo, request_id=rid) as answer:
+        async with rt.stream(prompt=prompt, max_tokens=request.output_tokens, slo=slo, request_id=request_id) as answer:
             try:
                 async for _ in answer:
                     pass
@@ -373,30 +374,44 @@ async def _answer(
         report = answer.report
     except (ConfigurationError, PydiscoError) as e:
         failure = e
-    finally:
-        refused_by_device = device is not None and rid in device.refused
-        device_work = device.forget(rid) if device is not None else (0, 0)
-        if cloud is not None:
-            cloud.forget(rid)
-        book.remove(rid)
-    energy = config.device.energy_j(*device_work) if config.device is not None else 0.0
+    return report, failure
+
+
+def request_row(
+    index: int, request: TraceRequest, slo: Slo, report: Any, failure: BaseException | None, *,
+    device_energy_j: float = 0.0, device_refused: bool = False,
+) -> tuple[RequestRow, tuple[float, ...]]:
+    """A request's row, and the gaps between its tokens, from its answer's report (None: the
+    request was refused, or is empty: nothing to answer)."""
+    nan = math.nan
+    fields: dict[str, Any] = dict(
+        index=index, arrival_s=request.arrival_s, prompt_tokens=request.prompt_tokens,
+        output_tokens=request.output_tokens, outcome="refused", finish_reason="refused", tokens=0,
+        ttft_s=nan, tbt_p50_s=nan, tbt_mean_s=nan, tbt_max_s=nan, qoe=nan, ttft_target_s=slo.ttft_target_s,
+        tpot_target_s=slo.tpot_s, realtime=slo.realtime, endpoints="", migrations=0, failovers=0,
+        device_refused=device_refused, cloud_tokens=0, cloud_decoded_tokens=0, device_tokens=0, cost=0.0,
+        device_energy_j=device_energy_j, error=_one_line(failure),
+    )  # fmt: skip
+    if request.output_tokens == 0:
+        fields.update(outcome="empty", finish_reason="none", error="the trace's answer has no tokens", device_energy_j=0.0)
+        return RequestRow(**fields), ()
     if report is None:
-        return row("refused", "refused", _one_line(failure), device_refused=refused_by_device), ()
+        return RequestRow(**fields), ()
     tbt = report.tbt_s
     usage = report.usage
-    outcome: Outcome = "completed" if report.finish_reason in ("stop", "length") else "failed"
     kinds = [m.kind for m in report.migrations]
-    return row(
-        outcome, report.finish_reason, _one_line(failure) if failure is not None else "",
-        tokens=report.tokens, ttft_s=report.ttft_s if report.ttft_s is not None else nan,
+    fields.update(
+        outcome="completed" if report.finish_reason in ("stop", "length") else "failed",
+        finish_reason=report.finish_reason, tokens=report.tokens,
+        ttft_s=report.ttft_s if report.ttft_s is not None else nan,
         tbt_p50_s=statistics.median(tbt) if tbt else nan, tbt_mean_s=statistics.fmean(tbt) if tbt else nan,
         tbt_max_s=max(tbt) if tbt else nan, qoe=report.qoe,
         endpoints="+".join(report.endpoints_used), migrations=kinds.count("migration"),
-        failovers=kinds.count("failover"), device_refused=refused_by_device,
+        failovers=kinds.count("failover"),
         cloud_tokens=_tokens(usage.get("cloud")), cloud_decoded_tokens=_decoded(usage.get("cloud")),
-        device_tokens=_tokens(usage.get("device")),
-        cost=report.total_cost, device_energy_j=energy,
-    ), tbt  # fmt: skip
+        device_tokens=_tokens(usage.get("device")), cost=report.total_cost,
+    )  # fmt: skip
+    return RequestRow(**fields), tbt
 
 
 def _tokens(usage: Any) -> int:
