@@ -13,10 +13,11 @@ scheduler sees every reader. QoE is computed from the client-side arrival time o
 (``pydisco.qoe``, Andes' definition, as the runtime's report does), from the moment the user
 asked, with the record's TTFT target.
 
-The load is sized from this machine: first eight answers at once measure the engine's aggregate
-decode rate (``decoding_rate``, as the throughput part); the sustainable arrival rate is that
-over the sampled answers' mean length (as many readers as the aggregate rate over their mean
-reading rate, each reading an answer for its length over that rate), prefill not counted. The
+The load is sized from this machine: first 16 of the sampled answers asked at once under fcfs
+measure the server's aggregate rate when full (tokens/s until fewer than 8 are left, prefills
+included, ``full_rate``); the sustainable arrival rate is that over the sampled answers' mean
+length (as many readers as the aggregate rate over their mean reading rate, each reading an
+answer for its length over that rate). The
 arrivals are the Andes table's (``pydisco.papers._andes``): a mean of the sustainable rate over
 its headroom, bursts of ``BURST_FACTOR`` times the mean (so 1.9x the sustainable rate) for 35 %
 of each cycle, two cycles over ``seconds``. Prompts are counting prompts as long as the record's
@@ -38,7 +39,7 @@ from typing import Any
 
 import trio
 
-from _stats import decoding_rate, percentile
+from _stats import percentile
 
 from pydisco._errors import EndpointError
 from pydisco._types import GenerationRequest, ReaderState, TokenPiece
@@ -56,7 +57,7 @@ SCHEDULERS = ("andes", "fcfs")
 MAX_BATCH = 8  # `pydisco serve --scheduler`'s default
 N_CTX = 16384  # KV cells for the answers admitted at once (preempted ones keep theirs)
 ANSWERS_PER_CONNECTION = 8  # below the server's limit of 16 streams on one connection
-CAPACITY_TOKENS = 64  # tokens per answer when measuring the aggregate decode rate
+CAPACITY_ANSWERS = 2 * MAX_BATCH  # asked at once to measure the server's rate when full
 GOOD_QOE = 0.95
 
 
@@ -190,12 +191,26 @@ async def serve_plan(engine: BatchedEngine, scheduler: str, answers: Sequence[Pl
     return {"outcomes": outcomes, "preemptions": loop.preemptions, "rejected": loop.rejected, "reader_reports": reports}
 
 
-async def aggregate_rate(engine: BatchedEngine, prompt_tokens: int) -> float:
-    """Tokens/s of ``MAX_BATCH`` answers decoding at once, through the server (fcfs)."""
-    rng = random.Random(0)
-    answers = [PlannedAnswer(0.0, counting_prompt(prompt_tokens, rng), CAPACITY_TOKENS, Slo()) for _ in range(MAX_BATCH)]
+def full_rate(outcomes: Sequence[Outcome]) -> float:
+    """Tokens/s delivered from the first request until fewer than ``MAX_BATCH`` answers are
+    left (the server full all along: prefills and decodes as they come)."""
+    ends = sorted(o.stamps[-1] for o in outcomes if o.stamps)
+    start = min(o.asked_s for o in outcomes)
+    end = ends[max(0, len(outcomes) - MAX_BATCH)]
+    return sum(1 for o in outcomes for t in o.stamps if t <= end) / (end - start)
+
+
+async def aggregate_rate(engine: BatchedEngine, records: Sequence[TraceRequest]) -> float:
+    """The server's tokens/s when full (``full_rate``): ``records``' answers all asked at once,
+    under fcfs."""
+    answers = plan_all_at_once(records)
     result = await serve_plan(engine, "fcfs", answers)
-    return decoding_rate([o.stamps for o in result["outcomes"]])
+    return full_rate(result["outcomes"])
+
+
+def plan_all_at_once(records: Sequence[TraceRequest]) -> list[PlannedAnswer]:
+    rng = random.Random(0)
+    return [PlannedAnswer(0.0, counting_prompt(r.prompt_tokens, rng), max(1, r.output_tokens), r.slo or Slo()) for r in records]
 
 
 def _summary(outcomes: Sequence[Outcome]) -> dict[str, Any]:
@@ -212,14 +227,14 @@ def _summary(outcomes: Sequence[Outcome]) -> dict[str, Any]:
 
 def server_qoe(seconds: float, threads: int, *, seed: int = 0, max_answer_tokens: int | None = None,
                path: pathlib.Path | None = None) -> dict[str, Any]:  # fmt: skip
-    """The server part's figures (``andes_*``, ``fcfs_*`` and what they were measured under)."""
+    """The server part's figures (``andes_*``, ``fcfs_*`` and what they were measured under):
+    ``seconds`` of arrivals per scheduler, answers capped at ``max_answer_tokens``."""
     records = load_andes_qoe_trace(path or trace_path() or TRACE_FILE)
     sample = sample_records(records, 500, seed, max_answer_tokens)
     mean_answer = statistics.fmean(r.output_tokens for r in sample)
     mean_rate = statistics.fmean(r.slo.reading_rate for r in sample if r.slo is not None)
-    mean_prompt = round(statistics.fmean(r.prompt_tokens for r in sample))
     with BatchedEngine(max_batch=MAX_BATCH, n_ctx=N_CTX, n_threads=threads) as engine:
-        aggregate = trio.run(aggregate_rate, engine, mean_prompt)
+        aggregate = trio.run(aggregate_rate, engine, sample[:CAPACITY_ANSWERS])
         sustainable = aggregate / mean_answer
         answers = plan(sample, sustainable, seconds, seed)
         bursts = cyclic_bursts(sustainable / HEADROOM, seconds / CYCLES)
