@@ -225,10 +225,12 @@ def _summary(outcomes: Sequence[Outcome]) -> dict[str, Any]:
     }
 
 
-def server_qoe(seconds: float, threads: int, *, seed: int = 0, max_answer_tokens: int | None = None,
-               path: pathlib.Path | None = None) -> dict[str, Any]:  # fmt: skip
+def server_qoe(seconds: float | None, threads: int, *, answers: int | None = None, seed: int = 0,
+               max_answer_tokens: int | None = None, path: pathlib.Path | None = None) -> dict[str, Any]:  # fmt: skip
     """The server part's figures (``andes_*``, ``fcfs_*`` and what they were measured under):
-    ``seconds`` of arrivals per scheduler, answers capped at ``max_answer_tokens``."""
+    ``seconds`` of arrivals per scheduler, or (None) as long as ``answers`` take to arrive at the
+    mean rate (the arrivals scale with the rate, so a seed gives the same number of answers on any
+    machine); answers capped at ``max_answer_tokens``."""
     records = load_andes_qoe_trace(path or trace_path() or TRACE_FILE)
     sample = sample_records(records, 500, seed, max_answer_tokens)
     mean_answer = statistics.fmean(r.output_tokens for r in sample)
@@ -236,7 +238,11 @@ def server_qoe(seconds: float, threads: int, *, seed: int = 0, max_answer_tokens
     with BatchedEngine(max_batch=MAX_BATCH, n_ctx=N_CTX, n_threads=threads) as engine:
         aggregate = trio.run(aggregate_rate, engine, sample[:CAPACITY_ANSWERS])
         sustainable = aggregate / mean_answer
-        answers = plan(sample, sustainable, seconds, seed)
+        if seconds is None:
+            if answers is None:
+                raise ValueError("give seconds or answers")
+            seconds = answers * HEADROOM / sustainable
+        planned = plan(sample, sustainable, seconds, seed)
         bursts = cyclic_bursts(sustainable / HEADROOM, seconds / CYCLES)
         figures: dict[str, Any] = {
             "server_aggregate_tok_s": aggregate,
@@ -249,12 +255,12 @@ def server_qoe(seconds: float, threads: int, *, seed: int = 0, max_answer_tokens
             "server_burst_vs_sustainable": bursts.burst_rate_per_s / sustainable,
             "server_cycle_s": bursts.period_s,
             "server_burst_s": bursts.burst_s,
-            "server_answers": len(answers),
+            "server_answers": len(planned),
             "server_seconds": seconds,
             "server_max_batch": MAX_BATCH,
         }
         for name in SCHEDULERS:
-            result = trio.run(serve_plan, engine, name, answers)
+            result = trio.run(serve_plan, engine, name, planned)
             summary = _summary(result["outcomes"])
             figures |= {f"{name}_{key}": value for key, value in summary.items()}
             figures |= {f"{name}_preemptions": result["preemptions"], f"{name}_reader_reports": result["reader_reports"],

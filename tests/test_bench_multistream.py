@@ -59,7 +59,7 @@ def test_a_reader_buffers_what_it_has_not_read_at_its_rate() -> None:
 
 @needs_trace
 def test_the_server_part_measures_both_schedulers_on_a_tiny_real_run() -> None:
-    figures = _server_qoe.server_qoe(1.5, threads=1, max_answer_tokens=12)
+    figures = _server_qoe.server_qoe(None, threads=1, answers=8, max_answer_tokens=12)
     assert figures["server_answers"] > 0 and figures["server_aggregate_tok_s"] > 0
     for key in multistream.SERVER_QOE_KEYS:
         assert math.isfinite(figures[key]) and 0.0 <= figures[key] <= 1.0, key
