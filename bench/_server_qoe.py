@@ -258,6 +258,7 @@ def server_qoe(seconds: float | None, threads: int, *, answers: int | None = Non
             "server_answers": len(planned),
             "server_seconds": seconds,
             "server_max_batch": MAX_BATCH,
+            "server_max_answer_tokens": max_answer_tokens,
         }
         for name in SCHEDULERS:
             result = trio.run(serve_plan, engine, name, planned)

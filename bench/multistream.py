@@ -314,9 +314,9 @@ def server_part(args: argparse.Namespace, rows: list[tuple[str, str]]) -> dict[s
     if why is not None:
         rows += [(key, f"not measured: {why}") for key in SERVER_QOE_KEYS]
         return {key: None for key in SERVER_QOE_KEYS} | {"server_not_measured": why}
-    seconds = args.server_seconds or (20.0 if args.quick else 60.0)
-    cap = args.server_max_answer or (96 if args.quick else None)
-    f = server_qoe(seconds, args.threads, max_answer_tokens=cap)
+    answers = args.server_answers or (16 if args.quick else 40)
+    cap = args.server_max_answer or (64 if args.quick else 160)
+    f = server_qoe(args.server_seconds, args.threads, answers=answers, max_answer_tokens=cap)
     rows += [
         ("server: aggregate decode at 8 through the server (tok/s)", f"{f['server_aggregate_tok_s']:.1f}"),
         ("server: sustainable rate (answers/s)",
@@ -324,7 +324,8 @@ def server_part(args: argparse.Namespace, rows: list[tuple[str, str]]) -> dict[s
          f"({f['server_sustainable_readers']:.0f} readers at {f['server_mean_reading_rate']:.2f} tok/s)"),
         ("server: bursts (answers/s)",
          f"{f['server_burst_per_s']:.2f} ({f['server_burst_vs_sustainable']:.2f}x sustainable) for {f['server_burst_s']:.1f} s "
-         f"of each {f['server_cycle_s']:.1f} s cycle, {f['server_base_per_s']:.2f} between; {f['server_answers']} answers"),
+         f"of each {f['server_cycle_s']:.1f} s cycle, {f['server_base_per_s']:.2f} between; {f['server_answers']} answers "
+         f"over {f['server_seconds']:.0f} s, at most {f['server_max_answer_tokens']} tokens each"),
         *((f"server, {name} (max batch {f['server_max_batch']}): QoE mean, share >= 0.95",
            f"{f[f'{name}_avg_qoe']:.3f}, {_pct(f[f'{name}_qoe95_share'])} (TTFT mean {f[f'{name}_ttft_mean_s'] or 0:.2f} s, "
            f"p99 {f[f'{name}_ttft_p99_s'] or 0:.2f} s; {f[f'{name}_preemptions']} preemptions, {f[f'{name}_failed']} failed, "
@@ -346,10 +347,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--loads", default=None, help="SLO part: arrival rates per second (default 0.5,1,2,4; 1,4 with --quick)")
     parser.add_argument("--seconds", type=float, default=None, help="SLO part: seconds of arrivals per load (default 20; 8 with --quick)")
     parser.add_argument("--no-server", action="store_true", help="skip the server QoE part (minutes)")
+    parser.add_argument("--server-answers", type=int, default=None,
+                        help="server part: answers per scheduler, arriving over as long as that takes at the mean "
+                        "rate (default 40; 16 with --quick)")  # fmt: skip
     parser.add_argument("--server-seconds", type=float, default=None,
-                        help="server part: seconds of arrivals per scheduler (default 60; 20 with --quick)")  # fmt: skip
+                        help="server part: seconds of arrivals per scheduler instead (as many answers as arrive)")  # fmt: skip
     parser.add_argument("--server-max-answer", type=int, default=None,
-                        help="server part: cap on the trace's answer lengths (default none; 96 with --quick)")  # fmt: skip
+                        help="server part: cap on the trace's answer lengths (default 160; 64 with --quick)")  # fmt: skip
     parser.add_argument("--no-llama-server", action="store_true", help="skip the llama-server anchor")
     args = parser.parse_args(argv)
     tokens = args.tokens or (24 if args.quick else 64)
