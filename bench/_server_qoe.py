@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import pathlib
 import random
 import ssl
@@ -265,5 +266,5 @@ def server_qoe(seconds: float | None, threads: int, *, answers: int | None = Non
             summary = _summary(result["outcomes"])
             figures |= {f"{name}_{key}": value for key, value in summary.items()}
             figures |= {f"{name}_preemptions": result["preemptions"], f"{name}_reader_reports": result["reader_reports"],
-                        f"{name}_rejected": result["rejected"]}  # fmt: skip
+                        f"{name}_rejected": result["rejected"], f"{name}_load_average": os.getloadavg()[0]}  # fmt: skip
     return figures
