@@ -58,7 +58,6 @@ SCHEDULERS = ("andes", "fcfs")
 MAX_BATCH = 8  # `pydisco serve --scheduler`'s default
 N_CTX = 16384  # KV cells for the answers admitted at once (preempted ones keep theirs)
 ANSWERS_PER_CONNECTION = 8  # below the server's limit of 16 streams on one connection
-CAPACITY_ANSWERS = 2 * MAX_BATCH  # asked at once to measure the server's rate when full
 GOOD_QOE = 0.95
 
 
@@ -192,12 +191,12 @@ async def serve_plan(engine: BatchedEngine, scheduler: str, answers: Sequence[Pl
     return {"outcomes": outcomes, "preemptions": loop.preemptions, "rejected": loop.rejected, "reader_reports": reports}
 
 
-def full_rate(outcomes: Sequence[Outcome]) -> float:
-    """Tokens/s delivered from the first request until fewer than ``MAX_BATCH`` answers are
+def full_rate(outcomes: Sequence[Outcome], max_batch: int) -> float:
+    """Tokens/s delivered from the first request until fewer than ``max_batch`` answers are
     left (the server full all along: prefills and decodes as they come)."""
     ends = sorted(o.stamps[-1] for o in outcomes if o.stamps)
     start = min(o.asked_s for o in outcomes)
-    end = ends[max(0, len(outcomes) - MAX_BATCH)]
+    end = ends[max(0, len(outcomes) - max_batch)]
     return sum(1 for o in outcomes for t in o.stamps if t <= end) / (end - start)
 
 
@@ -206,7 +205,7 @@ async def aggregate_rate(engine: BatchedEngine, records: Sequence[TraceRequest])
     under fcfs."""
     answers = plan_all_at_once(records)
     result = await serve_plan(engine, "fcfs", answers)
-    return full_rate(result["outcomes"])
+    return full_rate(result["outcomes"], engine.max_batch)
 
 
 def plan_all_at_once(records: Sequence[TraceRequest]) -> list[PlannedAnswer]:
@@ -227,17 +226,18 @@ def _summary(outcomes: Sequence[Outcome]) -> dict[str, Any]:
 
 
 def server_qoe(seconds: float | None, threads: int, *, answers: int | None = None, seed: int = 0,
-               max_answer_tokens: int | None = None, path: pathlib.Path | None = None) -> dict[str, Any]:  # fmt: skip
+               max_answer_tokens: int | None = None, max_batch: int = MAX_BATCH,
+               path: pathlib.Path | None = None) -> dict[str, Any]:  # fmt: skip
     """The server part's figures (``andes_*``, ``fcfs_*`` and what they were measured under):
     ``seconds`` of arrivals per scheduler, or (None) as long as ``answers`` take to arrive at the
     mean rate (the arrivals scale with the rate, so a seed gives the same number of answers on any
-    machine); answers capped at ``max_answer_tokens``."""
+    machine); answers capped at ``max_answer_tokens``; ``max_batch`` sequences decode at once."""
     records = load_andes_qoe_trace(path or trace_path() or TRACE_FILE)
     sample = sample_records(records, 500, seed, max_answer_tokens)
     mean_answer = statistics.fmean(r.output_tokens for r in sample)
     mean_rate = statistics.fmean(r.slo.reading_rate for r in sample if r.slo is not None)
-    with BatchedEngine(max_batch=MAX_BATCH, n_ctx=N_CTX, n_threads=threads) as engine:
-        aggregate = trio.run(aggregate_rate, engine, sample[:CAPACITY_ANSWERS])
+    with BatchedEngine(max_batch=max_batch, n_ctx=N_CTX, n_threads=threads) as engine:
+        aggregate = trio.run(aggregate_rate, engine, sample[: 2 * max_batch])
         sustainable = aggregate / mean_answer
         if seconds is None:
             if answers is None:
@@ -258,7 +258,7 @@ def server_qoe(seconds: float | None, threads: int, *, answers: int | None = Non
             "server_burst_s": bursts.burst_s,
             "server_answers": len(planned),
             "server_seconds": seconds,
-            "server_max_batch": MAX_BATCH,
+            "server_max_batch": max_batch,
             "server_max_answer_tokens": max_answer_tokens,
         }
         for name in SCHEDULERS:

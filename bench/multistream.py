@@ -316,7 +316,7 @@ def server_part(args: argparse.Namespace, rows: list[tuple[str, str]]) -> dict[s
         return {key: None for key in SERVER_QOE_KEYS} | {"server_not_measured": why}
     answers = args.server_answers or (16 if args.quick else 40)
     cap = args.server_max_answer or (64 if args.quick else 160)
-    f = server_qoe(args.server_seconds, args.threads, answers=answers, max_answer_tokens=cap)
+    f = server_qoe(args.server_seconds, args.threads, answers=answers, max_answer_tokens=cap, max_batch=args.server_max_batch)
     rows += [
         ("server: aggregate decode at 8 through the server (tok/s)", f"{f['server_aggregate_tok_s']:.1f}"),
         ("server: sustainable rate (answers/s)",
@@ -354,6 +354,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="server part: seconds of arrivals per scheduler instead (as many answers as arrive)")  # fmt: skip
     parser.add_argument("--server-max-answer", type=int, default=None,
                         help="server part: cap on the trace's answer lengths (default 160; 64 with --quick)")  # fmt: skip
+    parser.add_argument("--server-max-batch", type=int, default=8, help="server part: sequences decoding at once (default 8)")
     parser.add_argument("--no-llama-server", action="store_true", help="skip the llama-server anchor")
     args = parser.parse_args(argv)
     tokens = args.tokens or (24 if args.quick else 64)
