@@ -13,9 +13,9 @@ scheduler sees every reader. QoE is computed from the client-side arrival time o
 (``pydisco.qoe``, Andes' definition, as the runtime's report does), from the moment the user
 asked, with the record's TTFT target.
 
-The load is sized from this machine: first 16 of the sampled answers asked at once under fcfs
-measure the server's aggregate rate when full (tokens/s until fewer than 8 are left, prefills
-included, ``full_rate``); the sustainable arrival rate is that over the sampled answers' mean
+The load is sized from this machine: first twice the max batch (16) of the sampled answers
+asked at once under fcfs measure the server's aggregate rate when full (tokens/s until fewer
+than the max batch are left, prefills included, ``full_rate``); the sustainable arrival rate is that over the sampled answers' mean
 length (as many readers as the aggregate rate over their mean reading rate, each reading an
 answer for its length over that rate). The
 arrivals are the Andes table's (``pydisco.papers._andes``): a mean of the sustainable rate over
