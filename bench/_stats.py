@@ -26,3 +26,14 @@ def emit(rows: list[tuple[str, str]], figures: dict[str, Any], as_json: bool) ->
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
+
+
+def decoding_rate(stamps: Sequence[Sequence[float]]) -> float:
+    """Aggregate tokens/s while every sequence decodes: tokens stamped in [last first token,
+    first last token], over that window (the window's first tokens are its start, not counted)."""
+    start = max(s[0] for s in stamps)
+    end = min(s[-1] for s in stamps)
+    if len(stamps) == 1:
+        return (len(stamps[0]) - 1) / (end - start)
+    tokens = sum(1 for s in stamps for t in s if start < t <= end)
+    return tokens / (end - start)

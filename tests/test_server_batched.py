@@ -21,7 +21,7 @@ from pydisco.cli import build_parser
 from pydisco.cli._config import resolve_options
 from pydisco._types import GenerationRequest, TokenPiece
 from pydisco.batching import SimulatedExecutor, StepEvent, VirtualStepLoop
-from pydisco.cloud import BatchedBackend, RunningServer, open_cloud_endpoint
+from pydisco.cloud import BatchedBackend, RunningServer, open_cloud_endpoint, open_loopback_cloud
 from pydisco.cloud import protocol as P
 from pydisco.policies import Slo, create_step_scheduler
 from pydisco.policies._step import StepProfile
@@ -73,6 +73,22 @@ async def test_concurrent_answers_share_one_engine_and_each_gets_exactly_its_tok
         assert seen(got[f"q{n}"]) == expected(f"q{n}", 20 + n)
     assert max(len(d) for d in executor.decoded) > 1  # one engine, steps shared
     assert server.statistics().streams_completed == 3
+
+
+@trio_test(30)
+async def test_the_loopback_cloud_lets_a_batched_backend_batch_its_answers(executor: RecordingExecutor) -> None:
+    # The loopback cloud's server admits as many answers as the backend takes in (not one at a
+    # time), so concurrent answers share the engine's steps, as behind `pydisco serve --scheduler`.
+    backend = BatchedBackend.start(executor, "fcfs")
+    try:
+        async with open_loopback_cloud(backend=backend, profile=None) as cloud:
+            async with open_cloud_endpoint(cloud.direct_url, token=cloud.token, ssl_context=cloud.ssl_context) as client:
+                async with trio.open_nursery() as nursery:
+                    for n in range(3):
+                        nursery.start_soon(client.generate, GenerationRequest(prompt=f"q{n}", max_tokens=40), lambda piece: None)
+    finally:
+        backend.close()
+    assert max(len(d) for d in executor.decoded) == 3
 
 
 @trio_test(30)

@@ -14,7 +14,7 @@ from ..workloads import AZURE_CONV_OUTPUT_TOKENS, AZURE_CONV_PROMPT_TOKENS, Cycl
 from ._setup import BenchSetup, Run, RunResult
 from ._table import PaperTable, share
 
-__all__ = ["runs", "table"]
+__all__ = ["cyclic_bursts", "runs", "table"]
 
 TABLE = "andes"
 SCHEDULERS = ("fcfs", "andes")
@@ -40,14 +40,20 @@ def server_batch(server: ServerModel, rate_per_s: float, answer_tokens: float) -
     return server.max_batch, capacity(server.max_batch)
 
 
+def cyclic_bursts(mean_rate_per_s: float, period_s: float) -> CyclicBurstArrivals:
+    """Andes' burst shape around a mean rate: ``BURST_FACTOR`` times it for ``BURST_SHARE`` of
+    each ``period_s``, less between bursts so that the mean stays ``mean_rate_per_s``. Shared by
+    this table and bench/multistream.py's server part (the same workload, real and virtual)."""
+    burst = BURST_FACTOR * mean_rate_per_s
+    base = (mean_rate_per_s - burst * BURST_SHARE) / (1.0 - BURST_SHARE)
+    return CyclicBurstArrivals(base_rate_per_s=max(0.0, base), burst_rate_per_s=burst, period_s=period_s,
+                               burst_s=BURST_SHARE * period_s)  # fmt: skip
+
+
 def arrivals(setup: BenchSetup) -> CyclicBurstArrivals:
-    mean = setup.azure_rate_per_s
+    mean = setup.azure_rate_per_s  # the trace's rate
     n = setup.requests * REQUESTS_FACTOR
-    period = n / mean / CYCLES
-    burst = BURST_FACTOR * mean
-    base = (mean - burst * BURST_SHARE) / (1.0 - BURST_SHARE)  # keeps the mean at the trace's rate
-    return CyclicBurstArrivals(base_rate_per_s=max(0.0, base), burst_rate_per_s=burst, period_s=period,
-                               burst_s=BURST_SHARE * period)  # fmt: skip
+    return cyclic_bursts(mean, n / mean / CYCLES)
 
 
 def workload(setup: BenchSetup) -> WorkloadSpec:
