@@ -98,3 +98,30 @@ def test_profiles_live_in_the_user_cache_folder(tmp_path: pathlib.Path, monkeypa
     assert profile_cache_dir() == tmp_path / "home" / ".cache" / "pydisco" / "profiles"
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert profile_cache_dir() == tmp_path / "xdg" / "pydisco" / "profiles"
+
+
+def test_a_profile_measured_on_a_busy_machine_is_measured_again_once_it_is_quieter(
+    measured: DeviceProfile, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A profile taken while other work filled the cores (a build, say) would make every later
+    start think the device slower than it is: it is replaced once the machine is at most half
+    as busy, and kept while it is as busy as then (measuring again would say the same)."""
+    import dataclasses
+
+    from pydisco.device import _profile
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    busy = dataclasses.replace(measured, decode_s_per_token=measured.decode_s_per_token * 5, load_per_cpu=2.5)
+    fresh = dataclasses.replace(measured, load_per_cpu=0.4)
+    save_profile(busy)
+    monkeypatch.setattr(_profile, "measure_profile", lambda engine: fresh)
+    monkeypatch.setattr(_profile, "load_per_cpu", lambda: 2.0)  # still busy: the cached one stands
+    assert load_or_measure_profile(shared_engine()) == busy
+    monkeypatch.setattr(_profile, "load_per_cpu", lambda: 0.5)  # quieter: measured again, cached
+    assert load_or_measure_profile(shared_engine()) == fresh
+    assert load_profile(measured.model_id, measured.n_threads) == fresh
+    # A profile from before the load was recorded is taken as it is.
+    legacy = {k: v for k, v in busy.to_json().items() if k != "load_per_cpu"}
+    profile_cache_path(measured.model_id, measured.n_threads).write_text(json.dumps(legacy))
+    assert load_or_measure_profile(shared_engine()).load_per_cpu is None
+    assert measured.load_per_cpu is not None and measured.load_per_cpu >= 0  # what a measurement records

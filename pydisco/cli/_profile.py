@@ -30,7 +30,7 @@ def add_parser(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     # Imported here: loading llama.cpp is slow and `pydisco --help` should not pay for it.
     from ..device._engine import LlamaEngine
-    from ..device._profile import load_or_measure_profile, profile_cache_path
+    from ..device._profile import BUSY_LOAD_PER_CPU, load_or_measure_profile, profile_cache_path
 
     with LlamaEngine(args.model, n_threads=args.threads) as engine:
         profile = load_or_measure_profile(engine, refresh=args.refresh)
@@ -44,5 +44,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"TTFT(l)      {a_ms:.2f} ms + {c_ms:.3f} ms x l")
     print(f"decode       {profile.decode_s_per_token * 1e3:.2f} ms/token ({profile.decode_tokens_per_s:.1f} tokens/s)")
     print(f"TTFT(128)    {profile.ttft(128) * 1e3:.1f} ms")
+    if profile.load_per_cpu is not None:
+        busy = " (busy: measured again once the machine is quieter)" if profile.load_per_cpu > BUSY_LOAD_PER_CPU else ""
+        print(f"load         {profile.load_per_cpu:.2f} per CPU while measured{busy}")
     print(f"cached at    {path}")
     return 0

@@ -48,6 +48,9 @@ class DeviceProfile:
         decode_s_per_token: time per generated token after the first, seconds.
         measured_at: when, as Unix time.
         machine_id: :func:`machine_id` of the machine measured.
+        load_per_cpu: the machine's 1-minute load average per CPU this process may use, as the
+            measurement ended (None in profiles cached before it was recorded). Above 1 the
+            model shared the cores with other work and the figures are slower than the model.
     """
 
     model_id: str
@@ -57,6 +60,7 @@ class DeviceProfile:
     decode_s_per_token: float
     measured_at: float
     machine_id: str
+    load_per_cpu: float | None = None
 
     def ttft(self, prompt_tokens: int) -> float:
         """Predicted seconds from request to first token for a prompt of this many tokens."""
@@ -141,7 +145,29 @@ def measure_profile(
     xs = sorted(samples)
     a, c = fit_line(xs, [statistics.median(samples[x]) for x in xs])
     decode = statistics.median(_time_per_token(engine, decode_tokens) for _ in range(repeats))
-    return DeviceProfile(engine.model_id, engine.n_threads, a, c, decode, time.time(), machine_id())
+    return DeviceProfile(engine.model_id, engine.n_threads, a, c, decode, time.time(), machine_id(), load_per_cpu())
+
+
+def load_per_cpu() -> float | None:
+    """The 1-minute load average over the CPUs this process may use (None where unknown)."""
+    try:
+        return os.getloadavg()[0] / max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return None
+
+
+# A cached profile measured while the machine was this busy (load per CPU) is measured again
+# once the machine is at most half as busy: a profile taken during a build, say, would
+# otherwise make every later start think the device several times slower than it is.
+BUSY_LOAD_PER_CPU = 1.0
+
+
+def measured_while_busy(profile: DeviceProfile, now_load_per_cpu: float | None) -> bool:
+    """Whether ``profile`` was measured on a busier machine than now (see BUSY_LOAD_PER_CPU)."""
+    then = profile.load_per_cpu
+    if then is None or now_load_per_cpu is None:
+        return False
+    return then > BUSY_LOAD_PER_CPU and now_load_per_cpu <= then / 2
 
 
 def _time_first_token(engine: LlamaEngine, prompt: str) -> tuple[int, float]:
@@ -194,10 +220,12 @@ def save_profile(profile: DeviceProfile) -> pathlib.Path:
 
 
 def load_or_measure_profile(engine: LlamaEngine, *, refresh: bool = False) -> DeviceProfile:
-    """The cached profile for ``engine`` on this machine, measured (and cached) if missing."""
+    """The cached profile for ``engine`` on this machine, measured (and cached) if missing, or
+    if it was measured while the machine was busy and it is quieter now (the new one replaces
+    it)."""
     if not refresh:
         cached = load_profile(engine.model_id, engine.n_threads)
-        if cached is not None:
+        if cached is not None and not measured_while_busy(cached, load_per_cpu()):
             return cached
     profile = measure_profile(engine)
     save_profile(profile)

@@ -90,7 +90,8 @@ class DeviceModel:
             profile = DeviceProfile.from_json(json.loads(path.read_text()))
         except (OSError, ValueError, TypeError) as e:
             raise ConfigurationError(f"{path}: not a device profile: {e}") from None
-        return cls.from_profile(profile, source=str(path), **kw)  # type: ignore[arg-type]
+        load = f" (measured at load {profile.load_per_cpu:.2f} per CPU)" if profile.load_per_cpu is not None else ""
+        return cls.from_profile(profile, source=f"{path}{load}", **kw)  # type: ignore[arg-type]
 
     @classmethod
     def smollm2(cls, **kw: object) -> DeviceModel:
