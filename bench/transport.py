@@ -79,9 +79,10 @@ class PacedStub:
     """Tokens on absolute deadlines; the request's prompt says the period. Each token's text is
     ``"<emit monotonic ns> <scheduled monotonic ns>"``.
 
-    One clock task (``run``) emits every stream's tokens, as a batched engine's step loop calls
-    every answer's sink from one loop: a timer per stream would cost the token source more CPU
-    than the server it is measuring. It wakes at the earliest deadline, at most once per
+    For the stream test (``shared_clock`` in the plan) one clock task (``run``) emits every
+    stream's tokens, as a batched engine's step loop calls every answer's sink from one loop: a
+    timer per stream would cost the token source more CPU than the server it is measuring. The
+    per-token overhead keeps a timer in each answer's own task, as before. It wakes at the earliest deadline, at most once per
     ``MIN_TICK_S``, and emits every token then due, so a token leaves at most that much late
     (it is stamped with both instants: the lag counts it)."""
 
@@ -99,6 +100,14 @@ class PacedStub:
         start = trio.current_time() + plan.get("phase", 0.0) * period
         if plan.get("aligned"):  # one step clock for every stream, as a batched engine's steps
             start = math.ceil(start / period) * period
+        if not plan.get("shared_clock"):  # the per-token overhead: each token from its answer's own task
+            for k in range(request.max_tokens):
+                deadline = start + k * period
+                await trio.sleep_until(deadline)
+                now_ns = time.monotonic_ns()
+                scheduled_ns = now_ns - int((trio.current_time() - deadline) * 1e9)
+                sink(TokenPiece(k, k, f"{now_ns} {scheduled_ns}"))
+            return GenerationResult("length", 0, 0, request.max_tokens)
         stream = _StubStream(sink, start, period, request.max_tokens)
         if stream.total:
             self._push(stream)
@@ -248,8 +257,9 @@ def baseline_for(scheme: str) -> str:
     return "ws" if scheme in PLAIN else "wss"
 
 
-def _request(tokens: int, period: float, phase: float = 0.0, aligned: bool = False) -> GenerationRequest:
-    return GenerationRequest(prompt=json.dumps({"period": period, "phase": phase, "aligned": aligned}), max_tokens=tokens)
+def _request(tokens: int, period: float, phase: float = 0.0, aligned: bool = False, shared_clock: bool = False) -> GenerationRequest:
+    plan = {"period": period, "phase": phase, "aligned": aligned, "shared_clock": shared_clock}
+    return GenerationRequest(prompt=json.dumps(plan), max_tokens=tokens)
 
 
 async def stack_round(cloud: Any, count: int, period: float, delays: list[float]) -> None:
@@ -312,7 +322,7 @@ async def streams_keep_up(child: Child, k: int, rate: float, tokens: int, *, max
         nonlocal missing
         reader = PacedReader(rng.uniform(*read_rates), lags)
         try:
-            await cloud.generate(_request(tokens, period, phase, aligned), reader)
+            await cloud.generate(_request(tokens, period, phase, aligned, shared_clock=True), reader)
         except Exception as e:  # a refused or broken stream counts as falling behind
             missing += tokens - reader.received
             errors.append(f"{type(e).__name__}: {str(e)[:120]}")

@@ -69,13 +69,13 @@ def test_the_stub_clock_emits_every_stream_in_order_on_its_deadlines() -> None:
 
     from pydisco._types import GenerationRequest
 
-    got: dict[str, list[tuple[int, float]]] = {"a": [], "b": [], "cut": []}
+    got: dict[str, list[tuple[int, float]]] = {"a": [], "b": [], "cut": [], "own timer": []}
 
     async def main() -> None:
         stub = bench.PacedStub()
 
         def request(period: float, phase: float, n: int) -> GenerationRequest:
-            return GenerationRequest(prompt=json.dumps({"period": period, "phase": phase}), max_tokens=n)
+            return GenerationRequest(prompt=json.dumps({"period": period, "phase": phase, "shared_clock": True}), max_tokens=n)
 
         async def one(name: str, period: float, phase: float, n: int) -> None:
             await stub.generate(request(period, phase, n), lambda piece: got[name].append((piece.position, trio.current_time())))
@@ -85,6 +85,9 @@ def test_the_stub_clock_emits_every_stream_in_order_on_its_deadlines() -> None:
             async with trio.open_nursery() as streams:
                 streams.start_soon(one, "a", 0.05, 0.0, 5)
                 streams.start_soon(one, "b", 0.03, 0.5, 7)
+                streams.start_soon(lambda: stub.generate(  # the per-token overhead's way: its own timer
+                    GenerationRequest(prompt=json.dumps({"period": 0.02}), max_tokens=3),
+                    lambda piece: got["own timer"].append((piece.position, trio.current_time()))))
                 with trio.move_on_after(0.101):
                     await one("cut", 0.05, 0.0, 100)
             nursery.cancel_scope.cancel()
@@ -96,3 +99,4 @@ def test_the_stub_clock_emits_every_stream_in_order_on_its_deadlines() -> None:
             deadline = (phase + position) * period
             assert deadline - 1e-9 <= at <= deadline + bench.PacedStub.MIN_TICK_S + 1e-9
     assert [p for p, _ in got["cut"]] == [0, 1, 2]  # due at 0, 0.05 and 0.1; cancelled at 0.101
+    assert got["own timer"] == [(0, 0.0), (1, 0.02), (2, 0.04)]
