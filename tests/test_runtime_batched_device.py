@@ -7,8 +7,9 @@ import pytest
 import trio
 import trio.testing
 
-from pydisco import ConfigurationError, GenerationRequest, GenerationResult, RuntimeConfig, Slo, TokenSink, open_runtime
-from pydisco.device import BatchedDeviceEndpoint
+from pydisco import ConfigurationError, GenerationRequest, GenerationResult, RuntimeConfig, Slo, TokenPiece, TokenSink, open_runtime
+from pydisco.device import BatchedDeviceEndpoint, open_batched_device_endpoint
+from pydisco.testing import ScriptedEndpoint
 
 from device_support import trio_test
 
@@ -42,6 +43,27 @@ async def test_a_batched_device_answers_three_requests_at_once() -> None:
     # Batched, not in turn: every answer had its first token before any other had finished.
     assert max(first for first, *_ in spans) < min(last for _, last, *_ in spans)
     assert stats.tokens > stats.steps  # steps decoded several answers at once
+
+
+@pytest.mark.model
+@trio_test(300)
+async def test_a_real_time_answer_slice_cannot_start_in_time_goes_to_the_cloud_at_once() -> None:
+    """SLICE rejects a real-time task whose first token cannot come within its TTFT even with
+    the engine to itself (rather than deferring it until too late), and the runtime fails it
+    over: the cloud answers it, whole, and the device counts one rejection."""
+    cloud_answer = [TokenPiece(i, i, f"c{i} ") for i in range(6)]
+    cloud = ScriptedEndpoint("cloud", cloud_answer, prefill_s=0.01, gaps_s=[0.001])
+    urgent = Slo(ttft_target_s=1e-6, reading_rate=20.0, realtime=True)  # no prompt prefills in a microsecond
+    async with open_batched_device_endpoint(scheduler="slice", max_batch=2, n_ctx=1024, n_threads=1) as device:
+        config = RuntimeConfig(device_model=None, dispatch="device-only", migration="never", pace=False)
+        async with open_runtime(config, endpoints={"device": device, "cloud": cloud}) as rt:
+            async with rt.stream(prompt="Steer left around the box. " * 8, max_tokens=6, slo=urgent) as answer:
+                text = "".join([piece.text async for piece in answer])
+        rejected = device.statistics().rejected
+    assert text == "".join(p.text for p in cloud_answer)
+    assert answer.report.endpoints_used == ("cloud",)
+    assert [m.kind for m in answer.report.migrations] == ["failover"]
+    assert rejected == 1
 
 
 class SloRecorder:
