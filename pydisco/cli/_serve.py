@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import logging
 import os
 import pickle
@@ -200,14 +199,16 @@ def run(args: argparse.Namespace) -> int:
 
 def server_config(args: argparse.Namespace, tokens: list[str], backend: Backend,
                   ssl_context: ssl.SSLContext | None) -> ServerConfig:  # fmt: skip
-    from ..cloud._server import ServerConfig
+    from ..cloud._server import ServerConfig, backend_admission
 
-    config = ServerConfig(
+    parallel, max_queue = backend_admission(backend)
+    return ServerConfig(
         listen=args.listen,
         tokens=tokens,
         backend=backend,
         ssl_context=ssl_context,
-        parallel=getattr(backend, "parallel", 1),
+        parallel=parallel,
+        max_queue=max_queue,
         max_streams_per_connection=args.max_streams,
         metrics_listen=args.metrics_listen,
         handshake_timeout=args.handshake_timeout,
@@ -217,11 +218,6 @@ def server_config(args: argparse.Namespace, tokens: list[str], backend: Backend,
         reuse_port=getattr(args, "reuse_port", False),
         freeze_gc=True,  # this process runs one server: its start-up objects stay put
     )
-    if args.scheduler is not None:
-        # A batched backend takes its waiting answers in too (its scheduler orders them): a
-        # server queue in front of it would only hide them from the scheduler.
-        config = dataclasses.replace(config, max_queue=0)
-    return config
 
 
 async def _serve_until_signal(config: ServerConfig) -> int:

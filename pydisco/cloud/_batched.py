@@ -45,6 +45,8 @@ class BatchedBackend:
     (code ``rejected``: the client fails over).
     """
 
+    schedules_waiting = True  # its step scheduler orders the waiting answers (no server queue: backend_admission)
+
     def __init__(self, loop: AnswerLoop, *, model_id: str, max_batch: int, max_waiting: int = 256,
                  slo: Slo = Slo(), owned: StepLoop | None = None) -> None:  # fmt: skip
         if max_batch < 1 or max_waiting < 0:

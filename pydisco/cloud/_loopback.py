@@ -17,9 +17,8 @@ from collections.abc import AsyncIterator
 import trio
 
 from ._backends import Backend, LlamaBackend
-from ._batched import BatchedBackend
 from ..linkemu import REALISTIC_LAST_HOP, LinkControl, LinkProfile, serve_tcp_proxy, serve_udp_proxy
-from ._server import PLAIN_SCHEMES, RunningServer, ServerConfig, serve
+from ._server import PLAIN_SCHEMES, RunningServer, ServerConfig, backend_admission, serve
 from ._tls import client_ssl_context, self_signed, server_ssl_context
 from .._groups import single_exception
 
@@ -66,6 +65,7 @@ async def open_loopback_cloud(
         backend = await trio.to_thread.run_sync(lambda: LlamaBackend(model_path, n_threads=n_threads))
     link_profile = profile or LinkProfile(latency=0.0)
     control = LinkControl()
+    parallel, max_queue = backend_admission(backend)  # as `pydisco serve` takes it in
     try:
         try:
             async with trio.open_nursery() as nursery:
@@ -74,11 +74,8 @@ async def open_loopback_cloud(
                     tokens=[token],
                     backend=backend,
                     ssl_context=server_ssl_context(credentials) if transport not in PLAIN_SCHEMES else None,
-                    # As many answers at once as the backend generates (as `pydisco serve`); a
-                    # batched backend takes its waiting answers in too, for its step scheduler
-                    # to order, so no server queue hides them from it.
-                    parallel=getattr(backend, "parallel", 1),
-                    max_queue=0 if isinstance(backend, BatchedBackend) else ServerConfig.max_queue,
+                    parallel=parallel,
+                    max_queue=max_queue,
                 )
                 server: RunningServer = await nursery.start(serve, config)
                 port = server.listeners[0].port

@@ -149,6 +149,15 @@ class ServerConfig:
             parse_host_port(self.metrics_listen)
 
 
+def backend_admission(backend: Backend) -> tuple[int, int]:
+    """The ``parallel`` and ``max_queue`` a server gives ``backend``: the answers it takes in at
+    once (its own ``parallel``, else 1), and no queue in front of a backend that orders its
+    waiting answers itself (``schedules_waiting``: a batched backend's step scheduler; a server
+    queue would only hide them from it), else the default queue."""
+    parallel = int(getattr(backend, "parallel", 1))
+    return parallel, 0 if getattr(backend, "schedules_waiting", False) else ServerConfig.max_queue
+
+
 @dataclasses.dataclass(frozen=True)
 class ServerStatistics:
     """A snapshot of a server's counters (since it started) and gauges (now)."""
