@@ -250,12 +250,16 @@ class SimulatedCloud:
     every other request; its tokens come back over the downlink in order. During an outage a new
     request is refused and one in flight fails (``EndpointUnavailable``), as a cut link does.
 
+    ``announces_admission``: the runtime hears when the server admits a request (its
+    first-token deadline starts then). False is the real cloud client's case: the protocol has
+    no such frame, so time in the server's queue counts against the deadline.
+
     Start the server with ``nursery.start_soon(cloud.run)``."""
 
-    queues_requests = True
-
-    def __init__(self, server: ServerModel, book: TraceBook, *, link: LastHop | None = None, seed: int = 0) -> None:
+    def __init__(self, server: ServerModel, book: TraceBook, *, link: LastHop | None = None, seed: int = 0,
+                 announces_admission: bool = True) -> None:  # fmt: skip
         self.server = server
+        self.queues_requests = announces_admission  # the runtime waits for word of admission
         self._book = book
         self._link = link if link is not None and not link.is_ideal else None
         self._outages = link.outages.schedule() if link is not None and link.outages is not None else None
@@ -299,6 +303,12 @@ class SimulatedCloud:
         """The server's step loop, until cancelled."""
         await self._loop.run()
 
+    def _sink(self, sink: TokenSink, see: Callable[[TokenPiece], None]) -> _Sink:
+        forward = _Sink(sink, see)
+        if not self.queues_requests:
+            forward.admitted = lambda: None  # no word of admission reaches the runtime
+        return forward
+
     async def generate(self, request: GenerationRequest, sink: TokenSink) -> GenerationResult:
         self._counts["requests"] += 1
         link, outages = self._link, self._outages
@@ -328,7 +338,7 @@ class SimulatedCloud:
         self._prefilled[rid] += prompt + request.start_position
         if link is None and outages is None:
             await trio.sleep(up + overhead)
-            return await self._loop.generate(request, _Sink(sink, see), slo)
+            return await self._loop.generate(request, self._sink(sink, see), slo)
         return await self._over_link(request, sink, see, slo, up + overhead, started)
 
     async def _over_link(self, request: GenerationRequest, sink: TokenSink, see: Callable[[TokenPiece], None],
@@ -352,7 +362,7 @@ class SimulatedCloud:
 
         async def deliver(cancel: trio.CancelScope) -> None:
             nonlocal arrived
-            forward = _Sink(sink, see)
+            forward = self._sink(sink, see)
             while True:
                 while queue:
                     at, piece = queue[0]
@@ -372,13 +382,16 @@ class SimulatedCloud:
             lost[0] = True
             cancel.cancel()
 
-        # The step loop's admission reaches the runtime's sink directly.
+        # The step loop's admission reaches the runtime's sink directly (when it announces it).
+        announces = self.queues_requests
+
         class _Admit:
             def __call__(self, piece: TokenPiece) -> None:
                 down(piece)
 
             def admitted(self) -> None:
-                notify_admitted(sink)
+                if announces:
+                    notify_admitted(sink)
 
         admit = _Admit()
 

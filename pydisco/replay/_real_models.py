@@ -3,20 +3,19 @@
 - :class:`SerialDevice`: the real ``DeviceEndpoint`` runs one call at a time (a prepare or a
   generate) in FIFO order, on one KV cache that another request's work overwrites; this is
   :class:`SimulatedDevice` with those two facts added.
-- :class:`UnannouncedQueueCloud`: the real cloud client does not hear when the server admits a
-  request (the protocol has no such frame), so the runtime's first-token deadline counts the
-  server's queue; :class:`SimulatedCloud` announces admission, which the real one cannot.
+- The real cloud client does not hear when the server admits a request (the protocol has no
+  such frame): that is ``SimulatedCloud(announces_admission=False)``.
 """
 
 from __future__ import annotations
 
 import trio
 
-from .._types import GenerationRequest, GenerationResult, TokenPiece, TokenSink
-from ._endpoints import SimulatedCloud, SimulatedDevice, TraceBook, _DeviceState
+from .._types import GenerationRequest
+from ._endpoints import SimulatedDevice, TraceBook, _DeviceState
 from ._models import DeviceModel
 
-__all__ = ["SerialDevice", "UnannouncedQueueCloud"]
+__all__ = ["SerialDevice"]
 
 
 class SerialDevice(SimulatedDevice):
@@ -46,15 +45,3 @@ class SerialDevice(SimulatedDevice):
             self._cache_holder = request.request_id
         return await super()._prefill(request, state)
 
-
-class UnannouncedQueueCloud(SimulatedCloud):
-    """The simulated cloud as the real client sees it: no word of admission, so a request
-    waiting in the server's queue is silent to the runtime (its first-token deadline runs)."""
-
-    queues_requests = False
-
-    async def generate(self, request: GenerationRequest, sink: TokenSink) -> GenerationResult:
-        def tokens_only(piece: TokenPiece) -> None:  # a plain function: ``admitted`` goes nowhere
-            sink(piece)
-
-        return await super().generate(request, tokens_only)

@@ -29,7 +29,7 @@ from ..runtime import AnswerFailed, RuntimeConfig, open_runtime
 from ..workloads import TraceRequest
 from ._endpoints import SharedDevice, SimulatedCloud, SimulatedDevice, TraceBook, TraceFacts
 from ._models import DeviceModel, LastHop, ServerModel
-from ._real_models import SerialDevice, UnannouncedQueueCloud
+from ._real_models import SerialDevice
 from ._stats import Histogram
 
 __all__ = ["OUTCOMES", "ReplayConfig", "ReplaySummary", "RequestRow", "replay"]
@@ -79,7 +79,7 @@ class ReplayConfig:
     dispatch_options: Mapping[str, object] = dataclasses.field(default_factory=dict)
     # False: the cloud does not tell the runtime when its server admits a request, as the real
     # cloud client cannot (the protocol has no such frame): time in the server's queue then
-    # counts against the first-token deadline (pydisco.replay._real_models).
+    # counts against the first-token deadline (SimulatedCloud's announces_admission).
     cloud_announces_admission: bool = True
 
     def __post_init__(self) -> None:
@@ -308,8 +308,8 @@ async def _replay(
             device = SimulatedDevice(config.device, book)
         endpoints["device"] = device
     if config.server is not None:
-        cloud_class = SimulatedCloud if config.cloud_announces_admission else UnannouncedQueueCloud
-        cloud = cloud_class(config.server, book, link=config.link, seed=config.seed)
+        cloud = SimulatedCloud(config.server, book, link=config.link, seed=config.seed,
+                               announces_admission=config.cloud_announces_admission)
         endpoints["cloud"] = cloud
     runtime_config = config.runtime_config()
     async with trio.open_nursery() as servers:
