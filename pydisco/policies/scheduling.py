@@ -28,7 +28,6 @@ __all__ = [
 ]
 
 Why = tuple[int, str]
-_HOPELESS = "its first token cannot come within its TTFT of"
 
 
 def _impossible(view: StepView) -> list[Why]:
@@ -263,7 +262,8 @@ class SliceScheduler:
             elif reserved + s.worst_case_tokens > view.kv_capacity:
                 defer.append((s.id, "KV cache full"))
             elif (late := self._first_token_misses(view, [*admitted, *admit], s)) is not None:
-                (reject if late.startswith(_HOPELESS) else defer).append((s.id, late))
+                why, hopeless = late
+                (reject if hopeless else defer).append((s.id, why))
             else:
                 admit.append(s)
                 reserved += s.worst_case_tokens
@@ -284,11 +284,12 @@ class SliceScheduler:
                 at[t.id] = now_s + (backlog * seconds_per_token if c > 0 else 0.0)
         return at
 
-    def _first_token_misses(self, view: StepView, admitted: list[SequenceView], s: SequenceView) -> str | None:
-        """Why admitting ``s`` now would miss a TTFT, or None. Its own: a real-time task that
-        cannot make it even with the engine to itself is rejected (``_HOPELESS``), one that
-        could is deferred; a non-real-time task that cannot make it anyway is served best
-        effort, one that could is deferred. And an admitted task's that it would push past."""
+    def _first_token_misses(self, view: StepView, admitted: list[SequenceView], s: SequenceView) -> tuple[str, bool] | None:
+        """Why admitting ``s`` now would miss a TTFT, and whether to reject it (else defer), or
+        None. Its own: a real-time task that cannot make it even with the engine to itself is
+        rejected, one that could is deferred; a non-real-time task that cannot make it anyway is
+        served best effort, one that could is deferred. And an admitted task's that it would
+        push past (deferred)."""
         now, profile = view.now_s, view.profile
         before = self.first_tokens_at(admitted, profile, now)
         after = self.first_tokens_at([*admitted, s], profile, now)
@@ -297,13 +298,14 @@ class SliceScheduler:
             alone_ends = now + (s.prefill_tokens - s.prefilled) * profile.prefill_s_per_token
             hopeless = alone_ends > own_deadline
             if s.slo.realtime and hopeless:
-                return f"{_HOPELESS} {s.slo.ttft_target_s:g} s (its prefill alone ends {alone_ends - s.arrived_s:.2f} s after it arrived)"
+                return (f"its first token cannot come within its TTFT of {s.slo.ttft_target_s:g} s (its prefill alone "
+                        f"ends {alone_ends - s.arrived_s:.2f} s after it arrived)"), True  # fmt: skip
             if s.slo.realtime or not hopeless:
                 return (f"behind the prefill ahead of it, its first token would come {after[s.id] - s.arrived_s:.2f} s "
-                        f"after it arrived (TTFT {s.slo.ttft_target_s:g} s)")  # fmt: skip
+                        f"after it arrived (TTFT {s.slo.ttft_target_s:g} s)"), False  # fmt: skip
         for t in admitted:
             if t.id in after and before[t.id] <= t.arrived_s + t.slo.ttft_target_s < after[t.id]:
-                return f"it would delay task {t.id}'s first token past its TTFT ({t.slo.ttft_target_s:g} s)"
+                return f"it would delay task {t.id}'s first token past its TTFT ({t.slo.ttft_target_s:g} s)", False
         return None
 
     def _rebuild_mask(self, decoding: list[SequenceView]) -> None:
