@@ -390,13 +390,13 @@ def request_row(
         ttft_s=nan, tbt_p50_s=nan, tbt_mean_s=nan, tbt_max_s=nan, qoe=nan, ttft_target_s=slo.ttft_target_s,
         tpot_target_s=slo.tpot_s, realtime=slo.realtime, endpoints="", migrations=0, failovers=0,
         device_refused=device_refused, cloud_tokens=0, cloud_decoded_tokens=0, device_tokens=0, cost=0.0,
-        device_energy_j=device_energy_j, error=_one_line(failure),
+        device_energy_j=0.0, error=_one_line(failure),
     )  # fmt: skip
     if request.output_tokens == 0:
-        fields.update(outcome="empty", finish_reason="none", error="the trace's answer has no tokens", device_energy_j=0.0)
+        fields.update(outcome="empty", finish_reason="none", error="the trace's answer has no tokens")
         return RequestRow(**fields), ()
     if report is None:
-        return RequestRow(**fields), ()
+        return RequestRow(**fields), ()  # refused: its energy is not counted (as before)
     tbt = report.tbt_s
     usage = report.usage
     kinds = [m.kind for m in report.migrations]
@@ -409,7 +409,7 @@ def request_row(
         endpoints="+".join(report.endpoints_used), migrations=kinds.count("migration"),
         failovers=kinds.count("failover"),
         cloud_tokens=_tokens(usage.get("cloud")), cloud_decoded_tokens=_decoded(usage.get("cloud")),
-        device_tokens=_tokens(usage.get("device")), cost=report.total_cost,
+        device_tokens=_tokens(usage.get("device")), cost=report.total_cost, device_energy_j=device_energy_j,
     )  # fmt: skip
     return RequestRow(**fields), tbt
 
