@@ -40,6 +40,7 @@ from typing import Any
 
 import trio
 
+from _slo_mix import counting_prompt
 from _stats import percentile
 
 from pydisco._errors import EndpointError
@@ -107,13 +108,6 @@ def trace_path() -> pathlib.Path | None:
     data = default_data_dir()
     path = data / TRACE_FILE if data is not None else None
     return path if path is not None and path.is_file() else None
-
-
-def counting_prompt(tokens: int, rng: random.Random) -> str:
-    """About ``tokens`` tokens the model answers by counting on ("123, " is 5 tokens: SmolLM2
-    splits digits), as bench/_slo_mix.py's prompts."""
-    start = rng.randrange(100, 900)
-    return "Keep counting: " + ", ".join(str(start + i) for i in range(max(1, tokens // 5))) + ","
 
 
 def sample_records(records: Sequence[TraceRequest], count: int, seed: int, max_answer_tokens: int | None) -> list[TraceRequest]:

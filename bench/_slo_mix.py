@@ -43,16 +43,20 @@ class Task:
         return ttft <= self.slo.ttft_target_s and tpot <= self.slo.tpot_s * (1 + 1e-9)
 
 
+def counting_prompt(tokens: int, rng: random.Random) -> str:
+    """About ``tokens`` tokens the model answers by counting on, with no early end ("123, " is
+    ~5 tokens: SmolLM2 splits digits), from a number drawn from ``rng``."""
+    start = rng.randrange(100, 900)
+    return "Keep counting: " + ", ".join(str(start + i) for i in range(max(1, tokens // 5))) + ","
+
+
 def workload(load: float, seconds: float, seed: int) -> list[tuple[float, Slo, str, int]]:
     """(arrival offset, SLO, prompt, max_tokens) for Poisson arrivals at ``load`` per second."""
     rng = random.Random(seed)
     out, t = [], rng.expovariate(load)
     while t < seconds:
         tokens = PROMPTS.sample(rng)
-        start = rng.randrange(100, 900)
-        # A counting prompt the model keeps counting on (no early end): "123, " is ~5 tokens
-        # (SmolLM2 splits digits).
-        prompt = "Keep counting: " + ", ".join(str(start + i) for i in range(max(1, tokens // 5))) + ","
+        prompt = counting_prompt(tokens, rng)
         out.append((t, TASKS(tokens, rng), prompt, OUTPUTS.sample(rng)))
         t += rng.expovariate(load)
     return out

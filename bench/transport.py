@@ -104,9 +104,7 @@ class PacedStub:
             for k in range(request.max_tokens):
                 deadline = start + k * period
                 await trio.sleep_until(deadline)
-                now_ns = time.monotonic_ns()
-                scheduled_ns = now_ns - int((trio.current_time() - deadline) * 1e9)
-                sink(TokenPiece(k, k, f"{now_ns} {scheduled_ns}"))
+                sink(_stamped(k, deadline, trio.current_time(), time.monotonic_ns()))
             return GenerationResult("length", 0, 0, request.max_tokens)
         stream = _StubStream(sink, start, period, request.max_tokens)
         if stream.total:
@@ -134,13 +132,18 @@ class PacedStub:
                 deadline, _, stream = heapq.heappop(self._due)
                 if stream.cancelled:
                     continue
-                scheduled_ns = now_ns - int((now - deadline) * 1e9)
-                stream.sink(TokenPiece(stream.sent, stream.sent, f"{now_ns} {scheduled_ns}"))
+                stream.sink(_stamped(stream.sent, deadline, now, now_ns))
                 stream.sent += 1
                 if stream.sent < stream.total:
                     heapq.heappush(self._due, (stream.next_deadline(), next(self._order), stream))
                 else:
                     stream.finished.set()
+
+
+def _stamped(position: int, deadline: float, now: float, now_ns: int) -> TokenPiece:
+    """Token ``position`` emitted at ``now`` (Trio's clock; ``now_ns`` the monotonic one) for
+    ``deadline``: its text is ``"<emit ns> <scheduled ns>"`` on the monotonic clock."""
+    return TokenPiece(position, position, f"{now_ns} {now_ns - int((now - deadline) * 1e9)}")
 
 
 @dataclasses.dataclass(eq=False)
