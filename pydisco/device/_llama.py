@@ -69,17 +69,21 @@ def recent_log_text() -> str:
     return f"; llama.cpp said: {text[-600:]}" if text else ""
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def default_threads() -> int:
     """Half the CPUs this process may run on (as llama-cpp-python does).
 
     llama.cpp's threads meet at a barrier after every operation, so one descheduled thread
     stalls the rest: on a busy 2-core machine, 2 threads decode several times slower than 1.
     """
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    return max(1, cpus // 2)
+    return max(1, usable_cpus() // 2)
 
 
 def use_extra_buffers() -> bool:

@@ -25,6 +25,7 @@ import platformdirs
 
 from .._errors import ConfigurationError
 from ._engine import LlamaEngine
+from ._llama import usable_cpus
 from .._types import GenerationRequest, TokenPiece
 
 _PROFILE_VERSION = 1
@@ -151,8 +152,8 @@ def measure_profile(
 def load_per_cpu() -> float | None:
     """The 1-minute load average over the CPUs this process may use (None where unknown)."""
     try:
-        return os.getloadavg()[0] / max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # not on Linux
+        return os.getloadavg()[0] / max(1, usable_cpus())
+    except (AttributeError, OSError):  # no load average here (not on Unix)
         return None
 
 
