@@ -102,13 +102,13 @@ def test_names_and_owners_are_checked_with_one_clear_error(ring_name: str) -> No
 
 
 def test_a_forwarder_is_the_rings_only_writer(ring_name: str) -> None:
-    ring = pydisco.TokenRing(16)
+    pacer = pydisco.Pacer(pydisco.TokenRing(16), pydisco.TokenRing(16))
     with ShmRingProducer(ring_name) as producer:
-        forwarder = ShmForwarder(ring, producer)
+        forwarder = ShmForwarder(pacer, producer)
         with pytest.raises(RuntimeError, match="being written by a forwarder"):
             producer.try_push(0, 0, "x")
         with pytest.raises(RuntimeError, match="already has a writer"):
-            ShmForwarder(ring, producer)
+            ShmForwarder(pacer, producer)
         forwarder.stop()  # no end record came: it ends the answer in the ring as cancelled
         assert forwarder.finished and forwarder.forwarded == 0
         assert producer.try_push(0, 0, "x")  # free again

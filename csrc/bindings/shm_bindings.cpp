@@ -181,10 +181,11 @@ void register_shm(py::module_& m) {
 
   py::class_<ShmForwarder>(
       m, "ShmForwarder",
-      "A C++ thread moving one answer from its released ring into a ShmRingProducer, up to "
-      "and including the end record (see docs/embedding.md).")
-      .def(py::init<std::shared_ptr<TokenRing>, std::shared_ptr<ShmRingProducer>, int>(),
-           py::arg("ring"), py::arg("producer"), py::arg("realtime_priority") = 0)
+      "One answer into a ShmRingProducer, up to and including the end record: the answer's "
+      "pacer pushes each release into the shm ring from its own thread (see docs/embedding.md).")
+      .def(py::init<std::shared_ptr<Pacer>, std::shared_ptr<ShmRingProducer>>(), py::arg("pacer"),
+           py::arg("producer"),
+           "Redirect `pacer` into `producer`: nobody else may read the pacer's output ring.")
       .def("stop", &ShmForwarder::stop, py::call_guard<py::gil_scoped_release>(),
            "Stop; an unfinished answer is still ended in the shm ring (cancelled).")
       .def(
@@ -205,9 +206,11 @@ void register_shm(py::module_& m) {
       .def("fileno", &ShmForwarder::event_fd, "An eventfd, readable once finished.")
       .def_property_readonly("finished", &ShmForwarder::finished)
       .def_property_readonly("forwarded", &ShmForwarder::forwarded, "Tokens forwarded (not the end).")
+      .def_property_readonly("read", &ShmForwarder::read,
+                             "Of the tokens forwarded, how many the other process has read.")
       .def_property_readonly("stranded", &ShmForwarder::stranded,
-                             "Tokens stop() could not forward: the shm ring was full.")
-      .def_property_readonly("realtime", &ShmForwarder::realtime);
+                             "Tokens released after stop(), dropped: the answer was abandoned.")
+      .def_property_readonly("pacer", &ShmForwarder::pacer);
 }
 
 }  // namespace pydisco::bindings

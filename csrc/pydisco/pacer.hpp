@@ -15,6 +15,11 @@
 // writer is the driver; a full log drops the entry and counts it), and the statistics are
 // atomics only the driver writes. One thread at a time may take from the log
 // (take_releases / take_lateness).
+//
+// redirect(sink) hands the output ring's consumer side to the driver: from then on each
+// release goes through the output ring straight into the sink on the driver's own thread (a
+// shared-memory ring: ShmForwarder), with no thread and no wake-up in between. The output
+// ring keeps, in order, whatever the sink has no room for yet.
 #pragma once
 
 #include <pthread.h>
@@ -79,6 +84,16 @@ struct PacerOptions {
   std::size_t log_capacity = 0;
 };
 
+// Where a redirected pacer delivers (see redirect). Called on the driver's thread only.
+class ReleaseSink {
+ public:
+  virtual ~ReleaseSink() = default;
+  // Takes one released record; false when it has no room (it is offered again later).
+  virtual bool take(const TokenRecord& record) noexcept = 0;
+  // The next release is due at `at_ns` (the hand-off announcement, handoff_lead_ns early).
+  virtual void announce(std::int64_t at_ns) noexcept = 0;
+};
+
 class Pacer {
  public:
   using Callback = std::function<void(const TokenRecord&)>;
@@ -107,6 +122,30 @@ class Pacer {
   void set_callback(Callback callback) {
     ensure_stopped("set_callback");
     callback_ = std::move(callback);
+  }
+
+  // From the driver's next step on, every release goes into `sink` (through the output
+  // ring, which then has the driver as its only consumer: nobody else may read it). What the
+  // output ring already holds goes first. From any thread; a pacer whose thread is not
+  // running hands over here, on the calling thread (the manual driver's). nullptr: back to
+  // the output ring's own reader. Not with a callback.
+  void redirect(std::shared_ptr<ReleaseSink> sink) {
+    if (callback_) throw std::logic_error("redirect: this pacer delivers to a callback");
+    if (!output_) throw std::logic_error("redirect: this pacer has no output ring");
+    std::lock_guard<std::mutex> lifecycle(lifecycle_);
+    {
+      std::lock_guard<std::mutex> lock(redirect_mutex_);
+      pending_sink_ = std::move(sink);
+      redirect_pending_.store(true, std::memory_order_release);
+    }
+    if (!running_.load()) {
+      adopt_redirect();
+      flush_to_sink();
+      return;
+    }
+    control_.fetch_add(1, std::memory_order_release);
+    futex_wake_all(control_);
+    input_->wake_consumer();
   }
 
   // ---- rate control, from any thread; applies from the next token ----
@@ -259,6 +298,8 @@ class Pacer {
 
   std::size_t release_from_head(std::int64_t now_ns, bool ignore_deadlines) {
     apply_pending_interval();
+    adopt_redirect();
+    flush_to_sink();  // what a full sink refused before
     std::size_t n = 0;
     for (TokenRecord* head = input_->front(); head != nullptr; head = input_->front()) {
       const Deadline d = deadline_of(*head);
@@ -266,7 +307,7 @@ class Pacer {
       input_->pop_front();
       ++n;
     }
-    if (n != 0) signal_consumer();
+    if (n != 0) handed_on();
     return n;
   }
 
@@ -283,6 +324,13 @@ class Pacer {
     while (!stop_.load(std::memory_order_acquire)) {
       const std::uint32_t control = control_.load(std::memory_order_acquire);
       apply_pending_interval();
+      adopt_redirect();
+      if (!flush_to_sink()) {
+        // The sink is full (its reader is behind): look again shortly, as deliver_blocking
+        // does for a full output ring. Tokens wait in the output ring, in order.
+        futex_wait_until(control_, control, now_ns() + kFullRetryNs);
+        continue;
+      }
       TokenRecord* head = input_->front();
       if (head == nullptr) {
         input_->wait_nonempty(-1);
@@ -308,7 +356,7 @@ class Pacer {
       if (now < d.effective) continue;
       if (!deliver_blocking(*head, d, now)) continue;
       input_->pop_front();
-      signal_consumer();
+      handed_on();
     }
   }
 
@@ -330,8 +378,11 @@ class Pacer {
   bool deliver_blocking(TokenRecord& token, Deadline d, std::int64_t now) {
     while (!deliver(token, d, now)) {
       if (stop_.load(std::memory_order_acquire)) return false;
-      timespec pause = to_timespec(100'000);
-      ::nanosleep(&pause, nullptr);
+      // Redirected, the ring fills only while the sink is full: move what it takes now.
+      if (!sink_ || !flush_to_sink()) {
+        timespec pause = to_timespec(kFullRetryNs);
+        ::nanosleep(&pause, nullptr);
+      }
       now = now_ns();
     }
     return true;
@@ -340,8 +391,40 @@ class Pacer {
   // The next release is due at `at_ns`: wake the consumer now (see handoff_lead_ns).
   void announce(std::int64_t at_ns) noexcept {
     if (callback_ || !output_ || options_.handoff_lead_ns == 0) return;
+    if (sink_) {
+      sink_->announce(at_ns);
+      return;
+    }
     output_->announce_push(at_ns);
     signal_consumer();
+  }
+
+  // After records went into the output ring: on to the sink, or tell the ring's reader.
+  void handed_on() noexcept {
+    if (sink_)
+      flush_to_sink();
+    else
+      signal_consumer();
+  }
+
+  // The driver's side of redirect(): takes the pending sink, if any.
+  void adopt_redirect() {
+    if (!redirect_pending_.load(std::memory_order_acquire)) return;
+    std::lock_guard<std::mutex> lock(redirect_mutex_);
+    sink_ = std::move(pending_sink_);
+    pending_sink_.reset();
+    redirect_pending_.store(false, std::memory_order_relaxed);
+  }
+
+  // Moves the output ring's records into the sink while it takes them. Whether the output
+  // ring is now empty (always, when not redirected: then its reader empties it).
+  bool flush_to_sink() noexcept {
+    if (!sink_) return true;
+    for (TokenRecord* r = output_->front(); r != nullptr; r = output_->front()) {
+      if (!sink_->take(*r)) return false;
+      output_->pop_front();
+    }
+    return true;
   }
 
   void signal_consumer() noexcept {
@@ -365,6 +448,8 @@ class Pacer {
       max_lateness_.store(lateness, std::memory_order_relaxed);
   }
 
+  static constexpr std::int64_t kFullRetryNs = 100'000;
+
   std::shared_ptr<TokenRing> input_;
   std::shared_ptr<TokenRing> output_;
   PacerOptions options_;
@@ -372,6 +457,10 @@ class Pacer {
   SpscRing<ReleaseRecord> log_;  // writer: whichever driver runs; reader: one taker at a time
   Callback callback_;
   int event_fd_ = -1;
+  std::shared_ptr<ReleaseSink> sink_;  // the driver's; set from pending_sink_
+  std::mutex redirect_mutex_;
+  std::shared_ptr<ReleaseSink> pending_sink_;  // guarded by redirect_mutex_
+  std::atomic<bool> redirect_pending_{false};
 
   std::atomic<std::int64_t> pending_interval_;
   std::atomic<std::uint32_t> control_{0};  // bumped on rate change and stop
