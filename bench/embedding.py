@@ -6,8 +6,8 @@
 
 - ``shm_received_p99_us``: from the pacer's release in this process to a C++ thread in another
   process (examples/shm_control_loop/token_listener, blocked in ShmRingReader::wait), p99, with
-  both cores busy (one CPU-bound process per core). Path: pacer (SCHED_FIFO 50) -> released
-  ring -> ShmForwarder (SCHED_FIFO 45) -> shm ring -> listener (SCHED_FIFO 40 when granted).
+  both cores busy (one CPU-bound process per core). Path: pacer (SCHED_FIFO 50, redirected by
+  ShmForwarder: it pushes into the shm ring itself) -> listener (SCHED_FIFO 40 when granted).
   The same pacer into an in-process C++ consumer (NativeCollector) is measured beside it.
 - ``control_jitter_ratio``: the 100 Hz C++ control loop (examples/shm_control_loop/control_loop)
   reading a shm ring: its tick lateness p99 while a real runtime streams answers into that ring
@@ -47,7 +47,7 @@ from pydisco import NativeCollector, Pacer, ShmForwarder, ShmRingProducer, Token
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "shm_control_loop"
 BUILD = ROOT / "build" / "bench-embedding"
-LISTENER_PRIORITY, LOOP_PRIORITY, FORWARDER_PRIORITY = 40, 30, 45
+LISTENER_PRIORITY, LOOP_PRIORITY = 40, 30
 
 
 def build_examples() -> pathlib.Path:
@@ -99,20 +99,20 @@ def shm_latency(build: pathlib.Path, answers: int, count: int, interval_ns: int,
         )
         try:
             wait_for(lambda: producer.consumer_attached, 10, "the listener to attach")
-            forwarder_realtime = False
+            pacer_realtime = False
             for _ in range(answers):
-                pacer, released = paced_answer(interval_ns, count, handoff_lead_ns)
-                forwarder = ShmForwarder(released, producer, FORWARDER_PRIORITY)
+                pacer, _ = paced_answer(interval_ns, count, handoff_lead_ns)
+                forwarder = ShmForwarder(pacer, producer)
                 wait_for(lambda: forwarder.forwarded >= count, 60, "the forwarder")
+                pacer_realtime = pacer.statistics().realtime
                 pacer.stop()
                 forwarder.stop()  # a bare pacer run has no end record: the forwarder adds one
-                forwarder_realtime = forwarder.realtime
             out, _ = listener.communicate(timeout=60)
         finally:
             listener.kill()
             listener.wait()
     result: dict[str, Any] = json.loads(out.splitlines()[-1])
-    result["forwarder_realtime"] = forwarder_realtime
+    result["pacer_realtime"] = pacer_realtime
     return result
 
 
@@ -232,7 +232,7 @@ def main() -> None:
         "shm_received_max_us": shm["latency_max_us"],
         "shm_tokens": shm["tokens"],
         "shm_listener_realtime": shm["realtime"],
-        "shm_forwarder_realtime": shm["forwarder_realtime"],
+        "shm_pacer_realtime": shm["pacer_realtime"],
         "shm_received_no_handoff_p99_us": shm_plain["latency_p99_us"],
         "inprocess_received_p99_us": inproc["p99"],
         "inprocess_received_no_handoff_p99_us": inproc_plain["p99"],
@@ -246,7 +246,7 @@ def main() -> None:
         "load": f"{os.cpu_count()} busy processes (latency); the runtime itself (jitter)",
     }
     rows = [
-        ("shm: release -> other process, p50 / p99 / max", f"{shm['latency_p50_us']:.1f} / {shm['latency_p99_us']:.1f} / {shm['latency_max_us']:.1f} µs ({shm['tokens']} tokens, listener SCHED_FIFO {shm['realtime']}, forwarder {shm['forwarder_realtime']})"),
+        ("shm: release -> other process, p50 / p99 / max", f"{shm['latency_p50_us']:.1f} / {shm['latency_p99_us']:.1f} / {shm['latency_max_us']:.1f} µs ({shm['tokens']} tokens, listener SCHED_FIFO {shm['realtime']}, pacer {shm['pacer_realtime']})"),
         ("  without the pacer's hand-off", f"{shm_plain['latency_p50_us']:.1f} / {shm_plain['latency_p99_us']:.1f} / {shm_plain['latency_max_us']:.1f} µs"),
         ("in-process C++ consumer, p99 (without the hand-off)", f"{inproc['p99']:.1f} µs ({inproc_plain['p99']:.1f} µs)"),
         ("100 Hz loop (SCHED_FIFO) tick lateness p99, idle / streaming", f"{jitter_rt['idle_p99_us']:.1f} / {jitter_rt['streaming_p99_us']:.1f} µs -> ratio {jitter_rt['ratio']:.2f} (granted {jitter_rt['realtime_granted']}, {jitter_rt['answers_during']} answers)"),

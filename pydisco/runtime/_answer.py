@@ -68,6 +68,7 @@ class Answer:
         self.virtual_pacer = VirtualTimePacer(self.pacer) if virtual_time else None
         self.started_ns = self.clock.now_ns()
         self._waiting: list[tuple[Callable[[], bool], trio.Event]] = []  # (condition, its waiter)
+        self._read_count: Callable[[], int] | None = None  # a reader that is not the released ring's
 
     # -- what the machine says (derived, never stored) -----------------------------------
 
@@ -102,9 +103,16 @@ class Answer:
         return self.role(name) == Role.FAILED
 
     def consumed(self) -> int:
-        """Tokens the reader has taken (whichever reader: they all pop the released ring)."""
+        """Tokens the reader has taken: popped from the released ring, or what a reader
+        registered with ``read_by`` (a shared-memory ring's other side) says it read."""
         # The ring's count includes the end record, which follows the last committed token.
-        return min(self.released_ring.statistics().popped, self.committed)
+        read = self._read_count() if self._read_count is not None else self.released_ring.statistics().popped
+        return min(read, self.committed)
+
+    def read_by(self, read_count: Callable[[], int]) -> None:
+        """The answer's reader is elsewhere (the pacer pushes into a shared-memory ring):
+        ``read_count()`` says how many tokens it has read."""
+        self._read_count = read_count
 
     def seconds(self, at_ns: int) -> float:
         """``at_ns`` as seconds since the request started."""
