@@ -211,3 +211,26 @@ def test_forward_to_shm_blocking_on_the_real_model(ring_name: str) -> None:
     assert forwarded == len(tokens) == answer.report.tokens
     assert "".join(t.text for t in tokens) == answer.report.text
     assert end.is_end and end.position == len(tokens)
+
+
+def test_the_runtime_counts_as_read_what_the_other_process_read(ring_name: str) -> None:
+    # The migration policy's unread buffer is the control loop's: tokens the pacer pushed into
+    # the shm ring but nobody took are unread, then read once the reader takes them.
+    config = RuntimeConfig(device_model=None, dispatch="device-only", migration="never", slo=FAST)
+    reader = ShmRingReader(ring_name)
+
+    async def main() -> tuple[int, int, int, int]:
+        with trio.fail_after(30), ShmRingProducer(ring_name) as producer:
+            assert reader.poll().event == ShmEvent.ATTACHED
+            async with open_runtime(config, endpoints=scripted()) as rt:
+                async with rt.stream(prompt="hi", max_tokens=12) as answer:
+                    forwarded = await forward_to_shm(answer, producer)
+                    before = answer.status().consumed
+                    for _ in range(5):
+                        assert reader.poll().event == ShmEvent.RECORD
+                    after = answer.status()
+                    return forwarded, before, after.consumed, after.unread
+
+    forwarded, before, after, unread = trio.run(main)
+    assert forwarded == 12 and before == 0
+    assert after == 5 and unread == 7
