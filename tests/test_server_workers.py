@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
 import re
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -20,6 +20,7 @@ import pytest
 import trio
 
 from cloud_support import trio_test
+from process_support import Child, alive, wait_gone
 from pydisco._errors import EndpointUnavailable
 from pydisco._types import GenerationRequest, TokenPiece
 from pydisco.cloud import open_cloud_endpoint
@@ -81,29 +82,13 @@ def free_port(count: int = 1) -> int:
     raise AssertionError("no free ports")
 
 
-def serve(upstream: str, *options: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-c", RUN_WITHOUT_LLAMA, "serve", "--token", "t", "--upstream", upstream,
-         "--upstream-model", "m", *options],  # fmt: skip
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+def serve(upstream: str, *options: str) -> Child:
+    return Child([sys.executable, "-c", RUN_WITHOUT_LLAMA, "serve", "--token", "t", "--upstream", upstream,
+                  "--upstream-model", "m", *options])  # fmt: skip
 
 
-def read_until(process: subprocess.Popen[str], pattern: str, count: int, timeout: float = 60) -> list[str]:
-    lines: list[str] = []
-    deadline = time.monotonic() + timeout
-    assert process.stdout is not None
-    while len([line for line in lines if re.search(pattern, line)]) < count:
-        if time.monotonic() > deadline or process.poll() is not None:
-            raise AssertionError(f"pydisco serve did not print {pattern!r}: {lines}")
-        lines.append(process.stdout.readline())
-    return lines
-
-
-def stop(process: subprocess.Popen[str]) -> None:
-    if process.poll() is None:
-        process.kill()
-        process.wait()
+def worker_pids(lines: list[str]) -> list[int]:
+    return [int(m.group(1)) for line in lines if (m := re.match(r"worker \d: pid (\d+)", line))]
 
 
 def health(port: int) -> dict[str, object]:
@@ -125,11 +110,10 @@ def words(pieces: list[TokenPiece]) -> str:
 
 def test_two_workers_on_one_port_both_serve_and_sigterm_stops_both(upstream: str) -> None:
     port, metrics = free_port(), free_port(2)
-    process = serve(upstream, "--workers", "2", "--listen", f"ws://127.0.0.1:{port}",
-                    "--metrics-listen", f"127.0.0.1:{metrics}")  # fmt: skip
+    server = serve(upstream, "--workers", "2", "--listen", f"ws://127.0.0.1:{port}",
+                   "--metrics-listen", f"127.0.0.1:{metrics}")  # fmt: skip
     try:
-        lines = read_until(process, r"^listening on ", 2)
-        pids = sorted(int(m.group(1)) for line in lines if (m := re.match(r"worker \d: pid (\d+)", line)))
+        pids = sorted(worker_pids(server.read_until(r"^listening on ", 2)))
         assert len(pids) == 2
         url = f"ws://127.0.0.1:{port}"
         answers: list[str] = []
@@ -152,41 +136,72 @@ def test_two_workers_on_one_port_both_serve_and_sigterm_stops_both(upstream: str
         assert sorted(int(str(h["pid"])) for h in seen) == pids
         started = [int(str(h["streams_started"])) for h in seen]
         assert sum(started) == 24 and min(started) > 0  # the kernel spread the connections over both
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(30) == 0
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(30) == 0
     finally:
-        stop(process)
+        server.stop()
 
 
 def test_a_dead_worker_takes_the_server_down_with_status_1(upstream: str) -> None:
-    process = serve(upstream, "--workers", "2", "--listen", f"ws://127.0.0.1:{free_port()}")
+    server = serve(upstream, "--workers", "2", "--listen", f"ws://127.0.0.1:{free_port()}")
     try:
-        lines = read_until(process, r"^listening on ", 2)
-        pids = [int(m.group(1)) for line in lines if (m := re.match(r"worker \d: pid (\d+)", line))]
-        subprocess.run(["kill", "-KILL", str(pids[0])], check=True)
-        assert process.wait(30) == 1
-        _, err = process.communicate()
-        assert "worker 0" in err and "stopping the others" in err
+        pids = worker_pids(server.read_until(r"^listening on ", 2))
+        os.kill(pids[0], signal.SIGKILL)
+        assert server.process.wait(30) == 1
+        assert "worker 0" in server.stderr() and "stopping the others" in server.stderr()
+        assert not alive(pids[1])
     finally:
-        stop(process)
+        server.stop()
+
+
+def test_a_killed_parent_takes_its_workers_with_it(upstream: str) -> None:
+    """SIGKILL runs none of the parent's clean-up; its workers see their stdin close and stop,
+    rather than serve the shared port on beside a restarted server's workers."""
+    server = serve(upstream, "--workers", "2", "--listen", f"ws://127.0.0.1:{free_port()}")
+    try:
+        pids = worker_pids(server.read_until(r"^listening on ", 2))
+        server.process.kill()
+        assert all(wait_gone(pid, 15) for pid in pids), [pid for pid in pids if alive(pid)]
+    finally:
+        server.stop()
+        for pid in pids:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_a_worker_that_does_not_stop_is_killed_after_the_drain_deadline(upstream: str) -> None:
+    """A stopped (SIGSTOP) worker cannot drain: the parent kills it once --drain-timeout and a
+    grace have passed, says so, and exits with status 1, instead of waiting forever."""
+    server = serve(upstream, "--workers", "2", "--listen", f"ws://127.0.0.1:{free_port()}", "--drain-timeout", "1")
+    try:
+        pids = worker_pids(server.read_until(r"^listening on ", 2))
+        os.kill(pids[1], signal.SIGSTOP)
+        sent = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(30) == 1
+        assert 1 <= time.monotonic() - sent < 20
+        assert "worker 1" in server.stderr() and "did not stop in time" in server.stderr()
+        assert not alive(pids[0]) and not alive(pids[1])
+    finally:
+        server.stop()
 
 
 @pytest.mark.parametrize("listen", ["ws://127.0.0.1:0", "zenoh://127.0.0.1:7447"])
 def test_workers_need_fixed_ports_on_shareable_transports(upstream: str, listen: str) -> None:
-    process = serve(upstream, "--workers", "2", "--listen", listen)
+    server = serve(upstream, "--workers", "2", "--listen", listen)
     try:
-        out, err = process.communicate(timeout=60)
+        assert server.process.wait(60) == 2 and server.output() == ""
+        err = server.stderr()
+        assert len(err.strip().splitlines()) == 1 and "--workers" in err
     finally:
-        stop(process)
-    assert process.returncode == 2 and out == ""
-    assert len(err.strip().splitlines()) == 1 and "--workers" in err
+        server.stop()
 
 
 def test_sigterm_lets_the_answer_in_flight_finish_then_exits(upstream: str) -> None:
     port = free_port()
-    process = serve(upstream, "--listen", f"ws://127.0.0.1:{port}", "--drain-timeout", "60")
+    server = serve(upstream, "--listen", f"ws://127.0.0.1:{port}", "--drain-timeout", "60")
     try:
-        read_until(process, r"^listening on ", 1)
+        server.read_until(r"^listening on ", 1)
         got: list[TokenPiece] = []
 
         @trio_test(60)
@@ -201,24 +216,25 @@ def test_sigterm_lets_the_answer_in_flight_finish_then_exits(upstream: str) -> N
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(cloud.generate, ask(30), sink)
                     await first.wait()
-                    process.send_signal(signal.SIGTERM)
+                    server.process.send_signal(signal.SIGTERM)
             async with open_cloud_endpoint(f"ws://127.0.0.1:{port}", token="t", connect_timeout=5) as late:
                 with pytest.raises(EndpointUnavailable):
                     await late.generate(ask(2), lambda p: None)  # drained and gone, or refusing
 
         drained_answer()
         assert words(got) == "".join(f"w{k} " for k in range(30))
-        assert process.wait(30) == 0
-        assert process.stdout is not None and "draining" in process.stdout.read()
+        assert server.process.wait(30) == 0
+        assert "draining" in server.output()
     finally:
-        stop(process)
+        server.stop()
 
 
 def test_a_second_sigterm_stops_at_once(upstream: str) -> None:
     port = free_port()
-    process = serve(upstream, "--listen", f"ws://127.0.0.1:{port}", "--drain-timeout", "600")
+    server = serve(upstream, "--listen", f"ws://127.0.0.1:{port}", "--drain-timeout", "600")
+    process = server.process
     try:
-        read_until(process, r"^listening on ", 1)
+        server.read_until(r"^listening on ", 1)
         got: list[TokenPiece] = []
         failure: list[BaseException] = []
         exited_after: list[float] = []
@@ -253,19 +269,16 @@ def test_a_second_sigterm_stops_at_once(upstream: str) -> None:
         assert process.returncode == 0 and exited_after[0] < 20  # not the 600 s drain, nor the 100 s answer
         assert failure and len(got) < 2000
     finally:
-        stop(process)
+        server.stop()
 
 
 @pytest.mark.model
 def test_two_workers_with_the_real_model_each_load_it_and_answer_alike() -> None:
     port, metrics = free_port(), free_port(2)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pydisco.cli", "serve", "--workers", "2", "--listen", f"ws://127.0.0.1:{port}",
-         "--metrics-listen", f"127.0.0.1:{metrics}", "--token", "t", "--threads", "1"],  # fmt: skip
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    server = Child([sys.executable, "-m", "pydisco.cli", "serve", "--workers", "2", "--listen", f"ws://127.0.0.1:{port}",
+                    "--metrics-listen", f"127.0.0.1:{metrics}", "--token", "t", "--threads", "1"])  # fmt: skip
     try:
-        read_until(process, r"^listening on ", 2, timeout=120)
+        server.read_until(r"^listening on ", 2, timeout=120)
         texts: list[str] = []
 
         @trio_test(120)
@@ -285,7 +298,7 @@ def test_two_workers_with_the_real_model_each_load_it_and_answer_alike() -> None
         started = [int(str(health(m)["streams_started"])) for m in (metrics, metrics + 1)]
         assert len(set(texts)) == 1 and texts[0] and len(texts) == 16  # one model, greedy: one answer
         assert sum(started) == 16 and min(started) > 0
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(60) == 0
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(60) == 0
     finally:
-        stop(process)
+        server.stop()

@@ -12,6 +12,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -263,6 +264,9 @@ async def _serve_until_signal(config: ServerConfig) -> int:
 
 _WORKER_ENV = "PYDISCO_SERVE_WORKER"
 _POLL_S = 0.1
+# How long past its deadline (the drain's, or none for a stop at once) a worker may take to exit
+# before the parent kills it, and a worker whose parent died may take to stop.
+_KILL_GRACE_S = 5.0
 
 
 def _worker_args(args: argparse.Namespace, folder: str) -> list[argparse.Namespace]:
@@ -304,9 +308,11 @@ def _worker_args(args: argparse.Namespace, folder: str) -> list[argparse.Namespa
 
 def _supervise(args: argparse.Namespace, folder: str) -> int:
     """Run ``--workers`` processes and watch them. SIGTERM is forwarded (each drains; a second
-    one stops them at once), SIGINT too (they stop at once). A worker that exits by itself
-    takes the server down: the others are drained and the status is 1 (restarting is the
-    service manager's job: it sees one server that failed)."""
+    one stops them at once), SIGINT too (they stop at once); a worker still there after its
+    deadline is killed. A worker that exits by itself takes the server down: the others are
+    drained and the status is 1 (restarting is the service manager's job: it sees one server
+    that failed). Each worker's stdin stays open for as long as this process lives, so a
+    worker whose parent was killed stops (:func:`_stop_when_orphaned`)."""
     workers = _worker_args(args, folder)
     received: list[int] = []
     previous = {sig: signal.signal(sig, lambda sig, frame: received.append(sig)) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -319,39 +325,55 @@ def _supervise(args: argparse.Namespace, folder: str) -> int:
                 start_new_session=True,  # signals reach the workers through this process only
             )  # fmt: skip
             assert process.stdin is not None
-            process.stdin.write(pickle.dumps(worker))
-            process.stdin.close()
+            options = pickle.dumps(worker)
+            process.stdin.write(len(options).to_bytes(8, "big") + options)
+            process.stdin.flush()
             processes.append(process)
             print(f"worker {i}: pid {process.pid}", flush=True)
-        return _watch(processes, received)
+        return _watch(processes, received, drain_timeout=args.drain_timeout)
     finally:
         for process in processes:
             if process.poll() is None:
                 process.kill()
                 process.wait()
+            assert process.stdin is not None
+            process.stdin.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
-def _watch(processes: list[subprocess.Popen[bytes]], received: list[int]) -> int:
+def _watch(processes: list[subprocess.Popen[bytes]], received: list[int], *, drain_timeout: float) -> int:
     stopping: int | None = None
     failed: str | None = None
+    kill_at = float("inf")  # when workers still running are killed: set by the first stop
+
+    def stop_all(sig: int) -> None:
+        nonlocal kill_at
+        wait = drain_timeout if sig == signal.SIGTERM and stopping is None else 0.0  # a drain, else at once
+        kill_at = min(kill_at, time.monotonic() + wait + _KILL_GRACE_S)
+        for p in processes:
+            if p.poll() is None:
+                p.send_signal(sig)
+
     while any(p.poll() is None for p in processes):
         while received:
             sig = received.pop(0)
+            stop_all(sig)
             stopping = sig if stopping is None else stopping
-            for p in processes:
-                if p.poll() is None:
-                    p.send_signal(sig)
         if stopping is None and failed is None:
             for i, p in enumerate(processes):
                 if p.poll() is not None:
                     failed = f"worker {i} (pid {p.pid}) exited with status {p.returncode}; stopping the others"
                     print(failed, file=sys.stderr, flush=True)
-                    for other in processes:
-                        if other.poll() is None:
-                            other.send_signal(signal.SIGTERM)
+                    stop_all(signal.SIGTERM)
                     break
+        if time.monotonic() > kill_at:
+            for i, p in enumerate(processes):
+                if p.poll() is None:
+                    failed = f"worker {i} (pid {p.pid}) did not stop in time; killed it"
+                    print(failed, file=sys.stderr, flush=True)
+                    p.kill()
+                    p.wait()
         time.sleep(_POLL_S)
     if failed is not None:
         return 1
@@ -359,12 +381,25 @@ def _watch(processes: list[subprocess.Popen[bytes]], received: list[int]) -> int
 
 
 def worker_main() -> None:
-    """A ``--workers`` child: the parent's options arrive pickled on stdin."""
+    """A ``--workers`` child: the parent's options arrive pickled on stdin (length first)."""
     from . import report_failure
 
-    args = pickle.load(sys.stdin.buffer)
+    size = int.from_bytes(sys.stdin.buffer.read(8), "big")
+    args = pickle.loads(sys.stdin.buffer.read(size))
+    threading.Thread(target=_stop_when_orphaned, name="pydisco-orphan-watch", daemon=True).start()
     try:
         status = run(args)
     except (Exception, KeyboardInterrupt, BaseExceptionGroup) as error:
         status = report_failure(f"pydisco serve (worker {args.worker_index})", error, debug=args.debug is True)
     sys.exit(status)
+
+
+def _stop_when_orphaned() -> None:
+    """Stop at once when the parent dies: its end of our stdin closes then (a SIGKILL runs none
+    of its clean-up). Else this worker would serve the shared port on, unwatched, beside the
+    workers of a restarted server."""
+    while os.read(sys.stdin.fileno(), 1):  # the raw descriptor: a daemon thread must hold no lock
+        pass  # of sys.stdin at shutdown; the parent writes nothing more, so this returns at its end
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(_KILL_GRACE_S)
+    os._exit(1)  # did not stop by itself (a stuck answer engine)
