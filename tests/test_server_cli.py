@@ -6,43 +6,27 @@ from __future__ import annotations
 import pathlib
 import re
 import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import trio
 
 from cloud_support import text_of, trio_test
+from process_support import Child
 from pydisco.cloud import open_cloud_endpoint
 from pydisco._errors import EndpointUnavailable
 from pydisco.cloud import Credentials, client_ssl_context
 from pydisco._types import GenerationRequest, TokenPiece
 
 
-def read_until(process: subprocess.Popen[str], pattern: str, count: int, timeout: float = 60) -> list[str]:
-    lines: list[str] = []
-    deadline = time.monotonic() + timeout
-    assert process.stdout is not None
-    while len([line for line in lines if re.search(pattern, line)]) < count:
-        if time.monotonic() > deadline or process.poll() is not None:
-            raise AssertionError(f"pydisco serve did not print {pattern!r}: {lines}")
-        lines.append(process.stdout.readline())
-    return lines
-
-
 @pytest.mark.model
 def test_pydisco_serve_answers_over_ws_and_a_self_signed_wss_then_stops_on_sigint(tmp_path: pathlib.Path) -> None:
     tokens = tmp_path / "tokens"
     tokens.write_text("# clients\ncli-token\n\n")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pydisco.cli", "serve", "--listen", "ws://127.0.0.1:0", "--listen",
-         "wss://127.0.0.1:0", "--token-file", str(tokens), "--self-signed", "--threads", "1"],  # fmt: skip
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    server = Child([sys.executable, "-m", "pydisco.cli", "serve", "--listen", "ws://127.0.0.1:0", "--listen",
+                    "wss://127.0.0.1:0", "--token-file", str(tokens), "--self-signed", "--threads", "1"])  # fmt: skip
     try:
-        lines = read_until(process, r"^listening on ", 2)
+        lines = server.read_until(r"^listening on ", 2)
         cert = pathlib.Path(re.search(r"certificate for .*: (\S+)", "".join(lines)).group(1))  # type: ignore[union-attr]
         urls = [line.split()[-1] for line in lines if line.startswith("listening on ")]
         trust = client_ssl_context(Credentials(cert.read_bytes(), b""))
@@ -63,24 +47,18 @@ def test_pydisco_serve_answers_over_ws_and_a_self_signed_wss_then_stops_on_sigin
                     await untrusting.generate(request, lambda p: None)
 
         ask()
-        process.send_signal(signal.SIGINT)
-        assert process.wait(15) == 130  # stopped by Ctrl-C, as a shell reports it
+        server.process.send_signal(signal.SIGINT)
+        assert server.process.wait(15) == 130  # stopped by Ctrl-C, as a shell reports it
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        server.stop()
 
 
 @pytest.mark.model
 def test_pydisco_serve_with_a_step_scheduler_answers_several_clients_at_once_from_one_engine() -> None:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pydisco.cli", "serve", "--listen", "ws://127.0.0.1:0", "--token", "t",
-         "--scheduler", "fcfs", "--max-batch", "4", "--threads", "1"],  # fmt: skip
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    server = Child([sys.executable, "-m", "pydisco.cli", "serve", "--listen", "ws://127.0.0.1:0", "--token", "t",
+                    "--scheduler", "fcfs", "--max-batch", "4", "--threads", "1"])  # fmt: skip
     try:
-        url = read_until(process, r"^listening on ", 1)[-1].split()[-1]
+        url = server.read_until(r"^listening on ", 1)[-1].split()[-1]
         questions = ["Name a color.", "Name a fruit.", "Name an animal."]
 
         @trio_test(120)
@@ -99,12 +77,10 @@ def test_pydisco_serve_with_a_step_scheduler_answers_several_clients_at_once_fro
             assert sorted(texts) == sorted(questions) and all(texts.values()), texts
 
         ask()
-        process.send_signal(signal.SIGINT)
-        assert process.wait(15) == 130
+        server.process.send_signal(signal.SIGINT)
+        assert server.process.wait(15) == 130
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        server.stop()
 
 
 def test_a_server_whose_port_is_taken_fails_with_os_error() -> None:
