@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from cloud_support import TOKEN, StubBackend, running_server, trio_test, wait_until
+from process_support import Child
 from pydisco import RuntimeConfig, open_runtime
 from pydisco._errors import AuthenticationError, ConfigurationError
 from pydisco._types import GenerationRequest, TokenPiece
@@ -210,20 +211,11 @@ def test_runtime_statistics_and_its_exporter_count_answers_failovers_and_the_bud
 @pytest.mark.model
 def test_pydisco_serve_metrics_listen_serves_metrics_and_healthz() -> None:
     import re
-    import time
 
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pydisco.cli", "serve", "--listen", "ws://127.0.0.1:0", "--token", "t", "--threads", "1",
-         "--metrics-listen", "127.0.0.1:0", "--log-json"],  # fmt: skip
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    server = Child([sys.executable, "-m", "pydisco.cli", "serve", "--listen", "ws://127.0.0.1:0", "--token", "t",
+                    "--threads", "1", "--metrics-listen", "127.0.0.1:0", "--log-json"])  # fmt: skip
     try:
-        lines: list[str] = []
-        deadline = time.monotonic() + 120
-        assert process.stdout is not None
-        while not any(line.startswith("metrics on ") for line in lines):
-            assert time.monotonic() < deadline and process.poll() is None, lines
-            lines.append(process.stdout.readline())
+        lines = server.read_until(r"^metrics on ", 1, timeout=120)
         listen = next(line.split()[-1] for line in lines if line.startswith("listening on "))
         metrics = next(line.split()[-1] for line in lines if line.startswith("metrics on "))
         assert re.fullmatch(r"http://127\.0\.0\.1:\d+/metrics", metrics)
@@ -240,8 +232,10 @@ def test_pydisco_serve_metrics_listen_serves_metrics_and_healthz() -> None:
             assert value(samples, "pydisco_server_answers_total", outcome="completed") == 1
 
         ask()
+        server.process.terminate()
+        server.process.wait(60)
+        stderr = server.stderr()
     finally:
-        process.terminate()
-        _, stderr = process.communicate(timeout=60)
+        server.stop()
     records = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
     assert any(r["answer_id"] == "q1" and r["message"].startswith("admitted") for r in records), stderr
