@@ -209,8 +209,7 @@ void register_shm(py::module_& m) {
       .def_property_readonly("read", &ShmForwarder::read,
                              "Of the tokens forwarded, how many the other process has read.")
       .def_property_readonly("stranded", &ShmForwarder::stranded,
-                             "Tokens released after stop(), dropped: the answer was abandoned.")
-      .def_property_readonly("pacer", &ShmForwarder::pacer);
+                             "Tokens released after stop(), dropped: the answer was abandoned.");
 }
 
 }  // namespace pydisco::bindings

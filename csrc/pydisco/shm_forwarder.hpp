@@ -126,15 +126,16 @@ class ShmForwarder {
  public:
   // Redirects `pacer` (see Pacer::redirect: nobody else may read its output ring from now
   // on) into `shm`. One forwarder writes to a producer at a time: a second one is refused
-  // with std::logic_error.
-  ShmForwarder(std::shared_ptr<Pacer> pacer, std::shared_ptr<ShmRingProducer> shm)
-      : pacer_(std::move(pacer)), shm_(std::move(shm)) {
-    if (!pacer_ || !shm_) throw std::invalid_argument("shm forwarder needs a pacer and a producer");
+  // with std::logic_error. The pacer holds the sink for as long as it may call it, so the
+  // forwarder needs no hold on the pacer.
+  ShmForwarder(const std::shared_ptr<Pacer>& pacer, std::shared_ptr<ShmRingProducer> shm)
+      : shm_(std::move(shm)) {
+    if (!pacer || !shm_) throw std::invalid_argument("shm forwarder needs a pacer and a producer");
     if (!shm_->claim_writer())
       throw std::logic_error("shm ring '" + shm_->name() + "' already has a writer");
     try {
       sink_ = std::make_shared<shm_detail::ShmAnswerSink>(shm_);
-      pacer_->redirect(sink_);
+      pacer->redirect(sink_);
     } catch (...) {
       shm_->release_writer();
       throw;
@@ -165,10 +166,8 @@ class ShmForwarder {
   std::uint64_t stranded() const noexcept { return sink_->stranded(); }
   // Readable (an eventfd) once finished: for an event loop to await.
   int event_fd() const noexcept { return sink_->event_fd(); }
-  const std::shared_ptr<Pacer>& pacer() const noexcept { return pacer_; }
 
  private:
-  std::shared_ptr<Pacer> pacer_;
   std::shared_ptr<ShmRingProducer> shm_;
   std::shared_ptr<shm_detail::ShmAnswerSink> sink_;
   bool stopped_ = false;
