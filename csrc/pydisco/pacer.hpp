@@ -127,9 +127,10 @@ class Pacer {
   // From the driver's next step on, every release goes into `sink` (through the output
   // ring, which then has the driver as its only consumer: nobody else may read it). What the
   // output ring already holds goes first. From any thread; a pacer whose thread is not
-  // running hands over here, on the calling thread (the manual driver's). nullptr: back to
-  // the output ring's own reader. Not with a callback.
+  // running hands over here, on the calling thread (the manual driver's). Not with a
+  // callback.
   void redirect(std::shared_ptr<ReleaseSink> sink) {
+    if (!sink) throw std::invalid_argument("redirect: no sink");
     if (callback_) throw std::logic_error("redirect: this pacer delivers to a callback");
     if (!output_) throw std::logic_error("redirect: this pacer has no output ring");
     std::lock_guard<std::mutex> lifecycle(lifecycle_);
