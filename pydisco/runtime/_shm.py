@@ -17,12 +17,14 @@ from __future__ import annotations
 import trio
 
 from .._core import ShmForwarder, ShmRingProducer
-from ._answer import Answer
 from ._blocking import BlockingAnswer
 from ._runtime import AnswerStream
 
 
-def _forwarder(answer: Answer, producer: ShmRingProducer) -> ShmForwarder:
+def _forwarder(stream: AnswerStream, producer: ShmRingProducer) -> ShmForwarder:
+    """Redirects the answer's pacer into ``producer``; the runtime then counts as read what
+    the other process read."""
+    answer = stream._coordinator.answer
     forwarder = ShmForwarder(answer.pacer, producer)
     answer.read_by(lambda: forwarder.read)
     return forwarder
@@ -37,7 +39,7 @@ async def forward_to_shm(answer: AnswerStream, producer: ShmRingProducer) -> int
     record (``cancelled``) follows what is in the ring when the answer's own had not come, so
     the consumer always sees the answer end.
     """
-    forwarder = _forwarder(answer._coordinator.answer, producer)
+    forwarder = _forwarder(answer, producer)
     try:
         while not forwarder.finished:
             await trio.lowlevel.wait_readable(forwarder.fileno())
@@ -49,7 +51,7 @@ async def forward_to_shm(answer: AnswerStream, producer: ShmRingProducer) -> int
 def forward_to_shm_blocking(answer: BlockingAnswer, producer: ShmRingProducer, *, timeout: float | None = None) -> int:
     """The same for a :class:`BlockingAnswer`, in the calling thread (the GIL released while it
     waits). After ``timeout`` seconds the forwarder stops as on cancellation above."""
-    forwarder = _forwarder(answer._answer._coordinator.answer, producer)
+    forwarder = _forwarder(answer._answer, producer)
     try:
         forwarder.join(timeout)
     finally:
