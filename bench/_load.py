@@ -27,19 +27,32 @@ def busy_cores(n: int) -> Iterator[None]:
             p.wait()
 
 
-def start_paced_answer(interval_ns: int, count: int, handoff_lead_ns: int | None = None) -> tuple[Pacer, int]:
-    """A running pacer (SCHED_FIFO asked) with `count` tokens all committed at t0, slightly in
-    the future so token 0 is paced too: token i's deadline is t0 + i*interval. The released
-    tokens are in ``pacer.output``. ``handoff_lead_ns``: the announcement's lead (None: the runtime's default)."""
-    committed, released = TokenRing(count * 2), TokenRing(count * 2)
+def paced_pacer(interval_ns: int, count: int, handoff_lead_ns: int | None = None) -> Pacer:
+    """A pacer for ``count`` tokens with the runtime's own settings, not started: attach its
+    reader before :func:`start_paced` (a reader attached after the first release would count
+    its own late start in that token's latency). The released tokens go to ``pacer.output``.
+    ``handoff_lead_ns``: the announcement's lead (None: the runtime's default)."""
     # The runtime's own settings: its pacer is awake pacer_spin_s before each release (so its
     # announcement is on time even when its wake-up comes late), and announces reader_handoff_s
     # ahead. The pacer class's bare default (spin 200 us) would time another configuration.
     shipped = RuntimeConfig(device_model=None)
     lead = round(shipped.reader_handoff_s * 1e9) if handoff_lead_ns is None else handoff_lead_ns
-    pacer = Pacer(committed, released, interval_ns=interval_ns, spin_ns=round(shipped.pacer_spin_s * 1e9), handoff_lead_ns=lead)
+    return Pacer(TokenRing(count * 2), TokenRing(count * 2), interval_ns=interval_ns,
+                 spin_ns=round(shipped.pacer_spin_s * 1e9), handoff_lead_ns=lead)  # fmt: skip
+
+
+def start_paced(pacer: Pacer, count: int) -> int:
+    """Starts ``pacer`` (SCHED_FIFO asked) with ``count`` tokens all committed at t0, slightly
+    in the future so token 0 is paced too: token i's deadline is t0 + i*interval. Returns t0."""
     pacer.start(realtime=True)
     t0 = time.monotonic_ns() + 2_000_000
     for i in range(count):
-        assert committed.try_push(i, i, "x", arrived_ns=t0)
-    return pacer, t0
+        assert pacer.input.try_push(i, i, "x", arrived_ns=t0)
+    return t0
+
+
+def start_paced_answer(interval_ns: int, count: int, handoff_lead_ns: int | None = None) -> tuple[Pacer, int]:
+    """:func:`paced_pacer` started at once (its reader takes ``pacer.output`` as it comes): the
+    pacer and t0."""
+    pacer = paced_pacer(interval_ns, count, handoff_lead_ns)
+    return pacer, start_paced(pacer, count)

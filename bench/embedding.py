@@ -38,11 +38,11 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from _load import busy_cores, start_paced_answer  # the script's own folder is on sys.path
+from _load import busy_cores, paced_pacer, start_paced  # the script's own folder is on sys.path
 from _stats import emit, summary_us
 
 import pydisco
-from pydisco import NativeCollector, Pacer, ShmForwarder, ShmRingProducer, TokenRing
+from pydisco import NativeCollector, ShmForwarder, ShmRingProducer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "shm_control_loop"
@@ -81,13 +81,6 @@ def wait_for(condition: Any, timeout_s: float, what: str) -> None:
         time.sleep(0.005)
 
 
-def paced_answer(interval_ns: int, count: int, handoff_lead_ns: int | None = None) -> tuple[Pacer, TokenRing]:
-    """A running pacer over `count` tokens committed at once, and its released ring."""
-    pacer, _ = start_paced_answer(interval_ns, count, handoff_lead_ns)
-    assert pacer.output is not None
-    return pacer, pacer.output
-
-
 def shm_latency(build: pathlib.Path, answers: int, count: int, interval_ns: int, handoff_lead_ns: int | None = None) -> dict[str, Any]:
     """Release -> token_listener in another process, `answers` answers of `count` tokens.
     ``handoff_lead_ns``: the pacer's announcement lead (None: its default; 0: none)."""
@@ -101,8 +94,9 @@ def shm_latency(build: pathlib.Path, answers: int, count: int, interval_ns: int,
             wait_for(lambda: producer.consumer_attached, 10, "the listener to attach")
             pacer_realtime = False
             for _ in range(answers):
-                pacer, _ = paced_answer(interval_ns, count, handoff_lead_ns)
-                forwarder = ShmForwarder(pacer, producer)
+                pacer = paced_pacer(interval_ns, count, handoff_lead_ns)
+                forwarder = ShmForwarder(pacer, producer)  # redirected before the first release
+                start_paced(pacer, count)
                 wait_for(lambda: forwarder.forwarded >= count, 60, "the forwarder")
                 pacer_realtime = pacer.statistics().realtime
                 pacer.stop()
@@ -118,8 +112,10 @@ def shm_latency(build: pathlib.Path, answers: int, count: int, interval_ns: int,
 
 def inprocess_latency(count: int, interval_ns: int, handoff_lead_ns: int | None = None) -> dict[str, float]:
     """The same pacer into a C++ consumer thread in this process (the in-process reference)."""
-    pacer, released = paced_answer(interval_ns, count, handoff_lead_ns)
-    collector = NativeCollector(released)
+    pacer = paced_pacer(interval_ns, count, handoff_lead_ns)
+    assert pacer.output is not None
+    collector = NativeCollector(pacer.output)  # waiting before the first release
+    start_paced(pacer, count)
     wait_for(lambda: collector.consumed >= count, 60, "the collector")
     pacer.stop()
     collector.stop()
