@@ -81,10 +81,10 @@ class PacedStub:
 
     For the stream test (``shared_clock`` in the plan) one clock task (``run``) emits every
     stream's tokens, as a batched engine's step loop calls every answer's sink from one loop: a
-    timer per stream would cost the token source more CPU than the server it is measuring. The
-    per-token overhead keeps a timer in each answer's own task, as before. It wakes at the earliest deadline, at most once per
-    ``MIN_TICK_S``, and emits every token then due, so a token leaves at most that much late
-    (it is stamped with both instants: the lag counts it)."""
+    timer per stream would cost the token source more CPU than the server it is measuring. It
+    wakes at the earliest deadline, at most once per ``MIN_TICK_S``, and emits every token then
+    due, so a token leaves at most that much late (it is stamped with both instants: the lag
+    counts it). The per-token overhead test keeps a timer in each answer's own task."""
 
     model_id = "bench-stub"
     MIN_TICK_S = 0.0005

@@ -396,7 +396,7 @@ def request_row(
         fields.update(outcome="empty", finish_reason="none", error="the trace's answer has no tokens")
         return RequestRow(**fields), ()
     if report is None:
-        return RequestRow(**fields), ()  # refused: its energy is not counted (as before)
+        return RequestRow(**fields), ()  # refused: no energy counted
     tbt = report.tbt_s
     usage = report.usage
     kinds = [m.kind for m in report.migrations]
