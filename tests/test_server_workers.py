@@ -25,6 +25,9 @@ from pydisco._errors import EndpointUnavailable
 from pydisco._types import GenerationRequest, TokenPiece
 from pydisco.cloud import open_cloud_endpoint
 
+# Each test here takes seconds; one that hangs should cost CI minutes, not the run's limit.
+pytestmark = pytest.mark.timeout(180)
+
 RUN_WITHOUT_LLAMA = (
     "import runpy, sys; sys.modules['llama_cpp'] = None; "
     "runpy.run_module('pydisco.cli', run_name='__main__', alter_sys=True)"
