@@ -13,7 +13,7 @@ import trio
 
 from pydisco._types import GenerationRequest, TokenPiece
 from pydisco.batching import Admission, AdmissionRefused, StepEvent, StepLoop, rough_profile
-from pydisco.policies import Slo, create_step_scheduler
+from pydisco.policies import Phase, Slo, StepPlan, StepView, create_step_scheduler
 
 
 class FakeExecutor:
@@ -244,3 +244,66 @@ def test_virtual_loop_hands_tokens_to_the_sink_in_the_answers_context_and_none_a
     assert cancelled == list(range(len(cancelled))) and 3 <= len(cancelled) <= 6  # stopped at ~55 ms of 10 ms steps
     assert [p for who, p in seen if who == "failing"] == [0, 1, 2]  # nothing after the error
     assert {who for who, _ in seen} == {"cancelled", "failing"}  # never the loop's own context
+
+
+class TwoSlotExecutor(FakeExecutor):
+    """An engine that holds two sequences at once (as BatchedEngine holds ``max_sequences``,
+    preempted ones included) and refuses a third, as it does."""
+
+    max_sequences = 2
+
+    def admit(self, seq_id: int, request: GenerationRequest) -> None:
+        if len(self.live) >= self.max_sequences:
+            raise AdmissionRefused(f"all {self.max_sequences} sequence slots hold admitted answers")
+        super().admit(seq_id, request)
+
+
+class AdmitEveryone:
+    """A scheduler that admits every waiting answer at once and decodes every admitted one,
+    with no regard for the engine's sequence slots."""
+
+    name = "admit-everyone"
+
+    def schedule(self, view: StepView) -> StepPlan:
+        prefilling = [s for s in view.sequences if s.phase == Phase.PREFILLING]
+        prefill = (prefilling[0].id, min(view.prefill_chunk, prefilling[0].prefill_tokens - prefilling[0].prefilled)) if prefilling else None
+        return StepPlan(
+            decode=tuple(s.id for s in view.sequences if s.phase in (Phase.DECODING, Phase.PREEMPTED)),
+            prefill=prefill,
+            admit=tuple(s.id for s in view.sequences if s.phase == Phase.WAITING),
+        )
+
+
+def test_an_answer_admitted_beyond_the_engines_sequence_slots_waits_for_one_instead_of_failing() -> None:
+    """The engine's slots are the mechanism's to guard: a scheduler's admission beyond them
+    (Andes with streams preempted, each holding its slot) leaves the answer waiting, told why,
+    and it starts once a slot frees; before, it ended with AdmissionRefused."""
+    executor = TwoSlotExecutor()
+    step_loop = StepLoop(executor, AdmitEveryone(), rough_profile(0.002, 0.0001, executor.max_batch))
+    step_loop.start()
+    got: dict[int, str] = {}
+    most_live = 0
+
+    async def one(n: int) -> None:
+        pieces: list[TokenPiece] = []
+        result = await step_loop.generate(GenerationRequest(prompt=f"q{n}", max_tokens=5), pieces.append)
+        assert result.finish_reason == "length"
+        got[n] = "".join(p.text for p in pieces)
+
+    async def main() -> None:
+        nonlocal most_live
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for n in range(4):
+                    nursery.start_soon(one, n)
+                while len(got) < 4:
+                    most_live = max(most_live, len(executor.live))
+                    await trio.sleep(0.001)
+
+    try:
+        trio.run(main)
+    finally:
+        step_loop.close()
+    assert sorted(got) == [0, 1, 2, 3]
+    assert all(len(text.split()) == 5 for text in got.values())
+    assert most_live <= 2 and step_loop.statistics().rejected == 0

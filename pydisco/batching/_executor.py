@@ -1,7 +1,9 @@
 """What a step loop drives: an engine that decodes many sequences a step (``BatchExecutor``).
 
 The llama.cpp batched engine (``pydisco.device.BatchedEngine``) is one; a simulated engine for
-replays is another. An executor is synchronous and used by one thread (the loop's).
+replays is another. An executor is synchronous and used by one thread (the loop's). One that
+holds a fixed number of sequences at once has a ``max_sequences`` attribute: the loop then
+keeps a newly admitted answer waiting while that many are admitted (preempted ones included).
 """
 
 from __future__ import annotations

@@ -183,12 +183,15 @@ class StepState:
             log.info("answer %s refused by the %s scheduler: %s", answer.request.request_id or seq_id, self.scheduler.name, why)
             self._end(answer, AdmissionRefused(f"the {self.scheduler.name} scheduler refused it: {why}"))
         for seq_id, why in plan.defer:
-            answer = self.answers[seq_id]
-            if answer.deferred_why is None:
-                log.info("answer %s waits for admission: %s", answer.request.request_id or seq_id, why)
-            answer.deferred_why = why
+            self._keep_waiting(self.answers[seq_id], why)
+        slots = getattr(self.executor, "max_sequences", None)  # sequences the engine holds at once
         for seq_id in plan.admit:
             answer = self.answers[seq_id]
+            if slots is not None and sum(1 for a in self.answers.values() if a.phase != Phase.WAITING) >= slots:
+                # The scheduler does not see the engine's slots; preempted answers hold theirs.
+                # It waits for one to free, rather than fail as the engine would make it.
+                self._keep_waiting(answer, f"all {slots} sequence slots hold admitted answers (preempted ones included)")
+                continue
             try:
                 took = self.executor.admit(seq_id, answer.request)
             except Exception as e:  # this answer cannot start (the engine has no room): it alone ends
@@ -206,9 +209,7 @@ class StepState:
                 # the cache filling over every answer later.
                 self.executor.release(seq_id)
                 answer.phase = Phase.WAITING
-                if answer.deferred_why is None:
-                    log.info("answer %s waits for admission: the KV cache's free cells are reserved", answer.request.request_id or seq_id)
-                answer.deferred_why = "the KV cache's free cells are reserved"
+                self._keep_waiting(answer, "the KV cache's free cells are reserved")
                 continue
             answer.call(answer.on_admitted)
         for seq_id in plan.preempt:
@@ -217,6 +218,13 @@ class StepState:
             answer.preemptions += 1
             self.counts["preemptions"] += 1
             answer.call(answer.on_paused)
+
+    @staticmethod
+    def _keep_waiting(answer: Answer, why: str) -> None:
+        """``answer`` stays waiting for admission, told ``why`` (logged when it first waits)."""
+        if answer.deferred_why is None:
+            log.info("answer %s waits for admission: %s", answer.request.request_id or answer.id, why)
+        answer.deferred_why = why
 
     def run(self, plan: StepPlan, seconds: float, events: list[StepEvent], now_s: float) -> None:
         """The executor ran ``plan`` in ``seconds``, with ``events``, ending at ``now_s``."""
