@@ -50,8 +50,10 @@ class NativeConsumer {
  private:
   void run() {
     TokenRecord token;
-    while (!stop_.load(std::memory_order_acquire)) {
-      if (!ring_->pop_wait(token, -1)) continue;  // woken: look at stop_ again
+    for (;;) {
+      const std::uint32_t ticket = ring_->wake_ticket();  // before the check: see wake_ticket
+      if (stop_.load(std::memory_order_acquire)) return;
+      if (!ring_->pop_wait(token, -1, ticket)) continue;  // woken: look at stop_ again
       callback_(token, now_ns());
       if (token.is_end()) {
         finished_.store(true, std::memory_order_release);

@@ -322,8 +322,12 @@ class Pacer {
   }
 
   void run() {
-    while (!stop_.load(std::memory_order_acquire)) {
+    for (;;) {
+      // Both before the stop check, so a stop() after it ends the waits below at once: its
+      // bump of control_ changes `control`, its wake_consumer() comes after `wakes`.
       const std::uint32_t control = control_.load(std::memory_order_acquire);
+      const std::uint32_t wakes = input_->wake_ticket();
+      if (stop_.load(std::memory_order_acquire)) return;
       apply_pending_interval();
       adopt_redirect();
       if (!flush_to_sink()) {
@@ -334,7 +338,7 @@ class Pacer {
       }
       TokenRecord* head = input_->front();
       if (head == nullptr) {
-        input_->wait_nonempty(-1);
+        input_->wait_nonempty(-1, wakes);
         continue;
       }
       const Deadline d = deadline_of(*head);

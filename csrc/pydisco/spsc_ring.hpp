@@ -150,20 +150,25 @@ class SpscRing {
     return spin_for_announced(deadline_ns, wake_calls_.load(std::memory_order_acquire));
   }
 
-  // Blocks until the ring is non-empty, the deadline passes (deadline_ns < 0: no deadline) or
-  // wake_consumer() is called. Returns whether the ring is non-empty. An announced push is
-  // waited for spinning (spin_for_announced), not sleeping.
-  bool wait_nonempty(std::int64_t deadline_ns) noexcept { return wait(deadline_ns, /*spin=*/true); }
+  // The count of wake_consumer() calls so far. A consumer that checks a stop flag of its own
+  // takes this before the check and waits with it: a wake_consumer() after the ticket ends
+  // the wait, even one that came before the wait began (else a stop between the check and
+  // the wait would be missed, and the wait would never end).
+  std::uint32_t wake_ticket() const noexcept { return wake_calls_.load(std::memory_order_acquire); }
 
-  // Like wait_nonempty, but returns false as soon as the next element is announced, instead
-  // of spinning for it: for a consumer that passes the announcement on (ShmForwarder).
-  bool wait_nonempty_or_announced(std::int64_t deadline_ns) noexcept {
-    return wait(deadline_ns, /*spin=*/false);
-  }
+  // Blocks until the ring is non-empty, the deadline passes (deadline_ns < 0: no deadline) or
+  // wake_consumer() is called (after `ticket`; by default, after this call began). Returns
+  // whether the ring is non-empty. An announced push is waited for spinning
+  // (spin_for_announced), not sleeping.
+  bool wait_nonempty(std::int64_t deadline_ns) noexcept { return wait_nonempty(deadline_ns, wake_ticket()); }
+  bool wait_nonempty(std::int64_t deadline_ns, std::uint32_t ticket) noexcept { return wait(deadline_ns, ticket); }
 
   // Blocking pop for a C++ control loop: false on timeout or wake-up with nothing to take.
   [[nodiscard]] bool pop_wait(T& out, std::int64_t deadline_ns) noexcept {
     return wait_nonempty(deadline_ns) && try_pop(out);
+  }
+  [[nodiscard]] bool pop_wait(T& out, std::int64_t deadline_ns, std::uint32_t ticket) noexcept {
+    return wait_nonempty(deadline_ns, ticket) && try_pop(out);
   }
 
   // ---- anyone ----
@@ -191,17 +196,15 @@ class SpscRing {
   }
 
  private:
-  bool wait(std::int64_t deadline_ns, bool spin) noexcept {
-    const std::uint32_t wakes = wake_calls_.load(std::memory_order_acquire);
+  bool wait(std::int64_t deadline_ns, std::uint32_t wakes) noexcept {
     for (;;) {
+      // The bell before the checks: a wake_consumer() or push after any of them has changed
+      // it, so the futex below returns at once instead of sleeping past it.
+      const std::uint32_t bell = doorbell_.load(std::memory_order_acquire);
       if (front() != nullptr) return true;
-      if (announcement_pending()) {
-        if (!spin) return false;
-        if (spin_for_announced(deadline_ns, wakes)) return true;
-      }
+      if (announcement_pending() && spin_for_announced(deadline_ns, wakes)) return true;
       if (wake_calls_.load(std::memory_order_acquire) != wakes) return false;
       if (deadline_ns >= 0 && now_ns() >= deadline_ns) return false;
-      const std::uint32_t bell = doorbell_.load(std::memory_order_acquire);
       consumer_waiting_.store(1, std::memory_order_relaxed);
       std::atomic_thread_fence(std::memory_order_seq_cst);
       // Re-check after announcing the wait: a push or an announcement in between rang no bell.

@@ -56,8 +56,19 @@ static void stops_at_the_end_record() {
   CHECK(ring->size() == 1);
 }
 
+// stop() racing the consumer thread's way into its wait, many times over: each returns.
+static void stop_always_reaches_a_consumer_going_idle() {
+  auto ring = std::make_shared<TokenRing>(8);
+  for (int round = 0; round < 1000; ++round) {
+    NativeConsumer consumer(ring, [](const TokenRecord&, std::int64_t) {});
+    if (round % 2 == 0) std::this_thread::yield();
+    consumer.stop();  // joins: hangs if the wake-up is lost
+  }
+}
+
 int main() {
   consumes_a_paced_answer_to_its_end();
   stops_at_the_end_record();
+  stop_always_reaches_a_consumer_going_idle();
   return 0;
 }

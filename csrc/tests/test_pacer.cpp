@@ -257,6 +257,20 @@ static void stop_interrupts_an_idle_pacer_and_callbacks_work() {
   CHECK(!pacer.running());
 }
 
+// stop() racing the pacer thread's way into its idle wait, many times over: each returns (a
+// stop between the thread's stop check and its wait was missed, and stop() joined forever).
+static void stop_always_reaches_a_pacer_going_idle() {
+  auto in = std::make_shared<TokenRing>(8);
+  auto out = std::make_shared<TokenRing>(8);
+  Pacer pacer(in, out);
+  for (int round = 0; round < 1000; ++round) {
+    pacer.start(false);
+    if (round % 2 == 0) std::this_thread::yield();
+    pacer.stop();
+  }
+  CHECK(!pacer.running());
+}
+
 int main() {
   manual_driver_releases_on_deadlines();
   full_output_holds_tokens_back();
@@ -270,5 +284,6 @@ int main() {
   thread_announces_each_release_ahead();
   rate_change_wakes_a_sleeping_pacer();
   stop_interrupts_an_idle_pacer_and_callbacks_work();
+  stop_always_reaches_a_pacer_going_idle();
   return 0;
 }

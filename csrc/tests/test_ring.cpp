@@ -1,3 +1,4 @@
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <thread>
@@ -158,6 +159,47 @@ static void an_unkept_announcement_is_given_up() {
   waker.join();
 }
 
+// A consumer with a stop flag of its own takes a ticket, checks the flag, then waits: a
+// wake_consumer() between the ticket and the wait still ends the wait (it would sleep forever
+// on a wake-up that came before it began).
+static void a_wake_after_the_ticket_ends_a_wait_not_yet_begun() {
+  TokenRing ring(8);
+  TokenRecord out;
+  const std::uint32_t ticket = ring.wake_ticket();
+  ring.wake_consumer();  // the stopper, before the consumer reached its wait
+  CHECK(!ring.wait_nonempty(-1, ticket));
+  CHECK(!ring.pop_wait(out, -1, ticket));
+  // A ticket taken after the wake-up waits for the next one (or a push).
+  std::thread producer([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    TokenRecord r;
+    r.position = 3;
+    CHECK(ring.try_push_notify(r));
+  });
+  CHECK(ring.pop_wait(out, -1, ring.wake_ticket()) && out.position == 3);
+  producer.join();
+}
+
+// Wake-ups racing a consumer's check-then-wait, many times over: each one ends its wait.
+static void every_wake_up_racing_a_wait_ends_it() {
+  TokenRing ring(8);
+  for (int round = 0; round < 2000; ++round) {
+    std::atomic<bool> stop{false};
+    std::thread consumer([&] {
+      TokenRecord out;
+      for (;;) {
+        const std::uint32_t ticket = ring.wake_ticket();
+        if (stop.load(std::memory_order_acquire)) return;
+        (void)ring.pop_wait(out, -1, ticket);
+      }
+    });
+    if (round % 2 == 0) std::this_thread::yield();
+    stop.store(true, std::memory_order_release);
+    ring.wake_consumer();
+    consumer.join();  // hangs if a wake-up is lost
+  }
+}
+
 int main() {
   capacity_rounds_up_to_power_of_two();
   full_ring_rejects_and_never_overwrites();
@@ -168,5 +210,7 @@ int main() {
   blocking_pop_wakes_on_push_and_times_out();
   an_announced_push_reaches_a_spinning_consumer();
   an_unkept_announcement_is_given_up();
+  a_wake_after_the_ticket_ends_a_wait_not_yet_begun();
+  every_wake_up_racing_a_wait_ends_it();
   return 0;
 }
