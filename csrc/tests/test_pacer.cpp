@@ -181,29 +181,37 @@ static void thread_paces_at_the_interval() {
 // awake when it lands), with the deadline it then keeps; with a lead of 0 it announces nothing.
 static void thread_announces_each_release_ahead() {
   for (const std::int64_t lead : {std::int64_t{10'000'000}, std::int64_t{0}}) {
-    auto in = std::make_shared<TokenRing>(8);
-    auto out = std::make_shared<TokenRing>(8);
-    Pacer pacer(in, out, PacerOptions{.interval_ns = 50'000'000, .handoff_lead_ns = lead});
-    pacer.start(false);
-    const std::int64_t t0 = now_ns();
-    CHECK(in->try_push_notify(token(0, t0)));
-    CHECK(in->try_push_notify(token(1, t0)));
-    TokenRecord r;
-    CHECK(out->pop_wait(r, t0 + 5'000'000'000) && r.position == 0);
-    std::int64_t announced = -1, seen_ns = 0;
-    while (out->front() == nullptr) {  // poll; do not block, so the announcement is seen
-      if (announced < 0 && (announced = out->announced_next_ns()) >= 0) seen_ns = now_ns();
+    // The poll below sees the announcement only if it runs within the lead's 10 ms: a busy
+    // machine can deschedule it that long, so a few tries, of which one must see it.
+    bool seen_once = false;
+    for (int attempt = 0; attempt < 5 && !seen_once; ++attempt) {
+      auto in = std::make_shared<TokenRing>(8);
+      auto out = std::make_shared<TokenRing>(8);
+      Pacer pacer(in, out, PacerOptions{.interval_ns = 50'000'000, .handoff_lead_ns = lead});
+      pacer.start(false);
+      const std::int64_t t0 = now_ns();
+      CHECK(in->try_push_notify(token(0, t0)));
+      CHECK(in->try_push_notify(token(1, t0)));
+      TokenRecord r;
+      CHECK(out->pop_wait(r, t0 + 5'000'000'000) && r.position == 0);
+      std::int64_t announced = -1, seen_ns = 0;
+      while (out->front() == nullptr) {  // poll; do not block, so the announcement is seen
+        if (announced < 0 && (announced = out->announced_next_ns()) >= 0) seen_ns = now_ns();
+      }
+      CHECK(out->try_pop(r) && r.position == 1);
+      pacer.stop();
+      const auto releases = pacer.take_releases();
+      CHECK(releases.size() == 2);
+      if (lead == 0) {
+        CHECK(announced < 0);  // never announced
+        seen_once = true;      // nothing to see: one try says it
+      } else if (announced >= 0) {
+        CHECK(announced == releases[1].deadline_ns);
+        CHECK(seen_ns < r.released_ns);
+        seen_once = true;
+      }
     }
-    CHECK(out->try_pop(r) && r.position == 1);
-    pacer.stop();
-    const auto releases = pacer.take_releases();
-    CHECK(releases.size() == 2);
-    if (lead == 0) {
-      CHECK(announced < 0);
-    } else {
-      CHECK(announced == releases[1].deadline_ns);
-      CHECK(seen_ns < r.released_ns);
-    }
+    CHECK(seen_once);
   }
 }
 
