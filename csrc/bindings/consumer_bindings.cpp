@@ -50,7 +50,8 @@ void register_consumer(py::module_& m) {
   py::class_<NativeCollector>(
       m, "NativeCollector",
       "A C++ thread consuming a ring with blocking pops (no Python, no GIL), keeping tokens; "
-      "it ends after the answer's end record.")
+      "it ends after the answer's end record.",
+      py::release_gil_before_calling_cpp_dtor())  // its destructor joins the thread
       .def(py::init<std::shared_ptr<TokenRing>>(), py::arg("ring"))
       .def("stop", &NativeCollector::stop, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("consumed", &NativeCollector::consumed, "Tokens taken (not the end).")

@@ -61,7 +61,8 @@ void register_pacer(py::module_& m) {
       .def_readonly("lateness_samples_dropped", &PacerStatistics::lateness_samples_dropped);
 
   py::class_<Pacer, std::shared_ptr<Pacer>>(
-      m, "Pacer", "Releases tokens from `input` into `output` on a schedule.")
+      m, "Pacer", "Releases tokens from `input` into `output` on a schedule.",
+      py::release_gil_before_calling_cpp_dtor())  // its destructor joins the pacer thread
       .def(py::init([](std::shared_ptr<TokenRing> input, std::shared_ptr<TokenRing> output,
                        std::int64_t interval_ns, MissPolicy policy, std::int64_t spin_ns,
                        std::size_t log_capacity, std::int64_t handoff_lead_ns) {

@@ -182,7 +182,8 @@ void register_shm(py::module_& m) {
   py::class_<ShmForwarder>(
       m, "ShmForwarder",
       "One answer into a ShmRingProducer, up to and including the end record: the answer's "
-      "pacer pushes each release into the shm ring from its own thread (see docs/embedding.md).")
+      "pacer pushes each release into the shm ring from its own thread (see docs/embedding.md).",
+      py::release_gil_before_calling_cpp_dtor())  // its destructor stops the forwarding
       .def(py::init<std::shared_ptr<Pacer>, std::shared_ptr<ShmRingProducer>>(), py::arg("pacer"),
            py::arg("producer"),
            "Redirect `pacer` into `producer`: nobody else may read the pacer's output ring.")
