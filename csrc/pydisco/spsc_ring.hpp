@@ -161,7 +161,28 @@ class SpscRing {
   // whether the ring is non-empty. An announced push is waited for spinning
   // (spin_for_announced), not sleeping.
   bool wait_nonempty(std::int64_t deadline_ns) noexcept { return wait_nonempty(deadline_ns, wake_ticket()); }
-  bool wait_nonempty(std::int64_t deadline_ns, std::uint32_t ticket) noexcept { return wait(deadline_ns, ticket); }
+  bool wait_nonempty(std::int64_t deadline_ns, std::uint32_t ticket) noexcept {
+    for (;;) {
+      if (front() != nullptr) return true;
+      if (announcement_pending() && spin_for_announced(deadline_ns, ticket)) return true;
+      // The bell before the wake-up check (and off the path above, which takes a token): a
+      // wake_consumer() after this has changed it, so the futex below returns at once.
+      const std::uint32_t bell = doorbell_.load(std::memory_order_acquire);
+      if (wake_calls_.load(std::memory_order_acquire) != ticket) return false;
+      if (deadline_ns >= 0 && now_ns() >= deadline_ns) return false;
+      consumer_waiting_.store(1, std::memory_order_relaxed);
+      std::atomic_thread_fence(std::memory_order_seq_cst);
+      // Re-check after announcing the wait: a push or an announcement in between rang no bell.
+      if (front() != nullptr || announcement_pending()) {
+        consumer_waiting_.store(0, std::memory_order_relaxed);
+        continue;
+      }
+      futex_wait_until(doorbell_, bell, deadline_ns);
+      consumer_waiting_.store(0, std::memory_order_relaxed);
+      // Woken by a push, an announcement, wake_consumer() or the deadline; or spuriously.
+      // The loop tells them apart.
+    }
+  }
 
   // Blocking pop for a C++ control loop: false on timeout or wake-up with nothing to take.
   [[nodiscard]] bool pop_wait(T& out, std::int64_t deadline_ns) noexcept {
@@ -196,29 +217,6 @@ class SpscRing {
   }
 
  private:
-  bool wait(std::int64_t deadline_ns, std::uint32_t wakes) noexcept {
-    for (;;) {
-      // The bell before the checks: a wake_consumer() or push after any of them has changed
-      // it, so the futex below returns at once instead of sleeping past it.
-      const std::uint32_t bell = doorbell_.load(std::memory_order_acquire);
-      if (front() != nullptr) return true;
-      if (announcement_pending() && spin_for_announced(deadline_ns, wakes)) return true;
-      if (wake_calls_.load(std::memory_order_acquire) != wakes) return false;
-      if (deadline_ns >= 0 && now_ns() >= deadline_ns) return false;
-      consumer_waiting_.store(1, std::memory_order_relaxed);
-      std::atomic_thread_fence(std::memory_order_seq_cst);
-      // Re-check after announcing the wait: a push or an announcement in between rang no bell.
-      if (front() != nullptr || announcement_pending()) {
-        consumer_waiting_.store(0, std::memory_order_relaxed);
-        continue;
-      }
-      futex_wait_until(doorbell_, bell, deadline_ns);
-      consumer_waiting_.store(0, std::memory_order_relaxed);
-      // Woken by a push, an announcement, wake_consumer() or the deadline; or spuriously.
-      // The loop tells them apart.
-    }
-  }
-
   // The next element is announced, not here, and not yet overdue by more than the slack.
   bool announcement_pending() noexcept {
     const std::int64_t at = announced_next_ns();
