@@ -347,10 +347,11 @@ def _watch(processes: list[subprocess.Popen[bytes]], received: list[int], *, dra
     failed: str | None = None
     kill_at = float("inf")  # when workers still running are killed: set by the first stop
 
-    def stop_all(sig: int) -> None:
+    def stop_all(sig: int, *, drain: bool) -> None:
+        """Send ``sig`` to the workers still running; they are killed if still there after the
+        drain's deadline (``drain``) or at once, plus the grace."""
         nonlocal kill_at
-        wait = drain_timeout if sig == signal.SIGTERM and stopping is None else 0.0  # a drain, else at once
-        kill_at = min(kill_at, time.monotonic() + wait + _KILL_GRACE_S)
+        kill_at = min(kill_at, time.monotonic() + (drain_timeout if drain else 0.0) + _KILL_GRACE_S)
         for p in processes:
             if p.poll() is None:
                 p.send_signal(sig)
@@ -358,14 +359,14 @@ def _watch(processes: list[subprocess.Popen[bytes]], received: list[int], *, dra
     while any(p.poll() is None for p in processes):
         while received:
             sig = received.pop(0)
-            stop_all(sig)
+            stop_all(sig, drain=sig == signal.SIGTERM and stopping is None)  # a second SIGTERM: at once
             stopping = sig if stopping is None else stopping
         if stopping is None and failed is None:
             for i, p in enumerate(processes):
                 if p.poll() is not None:
                     failed = f"worker {i} (pid {p.pid}) exited with status {p.returncode}; stopping the others"
                     print(failed, file=sys.stderr, flush=True)
-                    stop_all(signal.SIGTERM)
+                    stop_all(signal.SIGTERM, drain=True)
                     break
         if time.monotonic() > kill_at:
             for i, p in enumerate(processes):
