@@ -26,26 +26,37 @@ class Child:
             self._pending.put(line)
         self._pending.put(None)
 
+    def _next_line(self, deadline: float, waiting_for: str) -> str | None:
+        """The next stdout line, or None once the child closed its stdout; fails at the deadline."""
+        try:
+            line = self._pending.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise AssertionError(f"the child did not print {waiting_for} in time: {self.lines}; "
+                                 f"stderr: {self.stderr()}") from None  # fmt: skip
+        if line is None:
+            self._pending.put(None)  # closed stays closed for the next call
+        else:
+            self.lines.append(line)
+        return line
+
     def read_until(self, pattern: str, count: int, timeout: float = 60) -> list[str]:
         """stdout until ``count`` lines matched ``pattern``; fails at the deadline or when the
         child closed its stdout first."""
         deadline = time.monotonic() + timeout
-        while len([line for line in self.lines if re.search(pattern, line)]) < count:
-            try:
-                line = self._pending.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                line = None
+        matched = sum(1 for line in self.lines if re.search(pattern, line))
+        while matched < count:
+            line = self._next_line(deadline, repr(pattern))
             if line is None:
                 raise AssertionError(f"the child did not print {pattern!r} (exit status {self.process.poll()}): "
                                      f"{self.lines}; stderr: {self.stderr()}")  # fmt: skip
-            self.lines.append(line)
+            matched += bool(re.search(pattern, line))
         return self.lines
 
     def output(self, timeout: float = 30) -> str:
         """All of stdout, once the child (and every process that shares its stdout) closed it."""
         deadline = time.monotonic() + timeout
-        while (line := self._pending.get(timeout=max(0.0, deadline - time.monotonic()))) is not None:
-            self.lines.append(line)
+        while self._next_line(deadline, "the end of its output") is not None:
+            pass
         return "".join(self.lines)
 
     def stderr(self) -> str:

@@ -161,6 +161,7 @@ def test_a_killed_parent_takes_its_workers_with_it(upstream: str) -> None:
     """SIGKILL runs none of the parent's clean-up; its workers see their stdin close and stop,
     rather than serve the shared port on beside a restarted server's workers."""
     server = serve(upstream, "--workers", "2", "--listen", f"ws://127.0.0.1:{free_port()}")
+    pids: list[int] = []
     try:
         pids = worker_pids(server.read_until(r"^listening on ", 2))
         server.process.kill()
