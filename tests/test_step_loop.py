@@ -4,6 +4,7 @@ admission is signalled. (The real llama.cpp batched engine: tests/test_batched_e
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -274,10 +275,13 @@ class AdmitEveryone:
         )
 
 
-def test_an_answer_admitted_beyond_the_engines_sequence_slots_waits_for_one_instead_of_failing() -> None:
+def test_an_answer_admitted_beyond_the_engines_sequence_slots_waits_for_one_instead_of_failing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """The engine's slots are the mechanism's to guard: a scheduler's admission beyond them
     (Andes with streams preempted, each holding its slot) leaves the answer waiting, told why,
     and it starts once a slot frees; before, it ended with AdmissionRefused."""
+    caplog.set_level(logging.INFO, logger="pydisco")
     executor = TwoSlotExecutor()
     step_loop = StepLoop(executor, AdmitEveryone(), rough_profile(0.002, 0.0001, executor.max_batch))
     step_loop.start()
@@ -307,3 +311,5 @@ def test_an_answer_admitted_beyond_the_engines_sequence_slots_waits_for_one_inst
     assert sorted(got) == [0, 1, 2, 3]
     assert all(len(text.split()) == 5 for text in got.values())
     assert most_live <= 2 and step_loop.statistics().rejected == 0
+    waited = [r.getMessage() for r in caplog.records if "waits for admission" in r.getMessage()]
+    assert len(waited) == 2 and all("all 2 sequence slots hold admitted answers" in m for m in waited)
