@@ -206,6 +206,34 @@ def test_andes_resumes_a_preempted_stream_before_its_buffer_drains() -> None:
     assert 0 not in plan.decode
 
 
+def test_andes_preempts_only_a_reader_with_seconds_of_slack() -> None:
+    # Three decoding streams, room for two, a newcomer waiting. One reader holds 2 s of reading
+    # (above the resume margin, below preempt_slack_s = 4 s): preempting it would buy a pause of
+    # 1.5 s for its one allowed preemption, and it keeps its slot; the reader with 6 s of
+    # reading is the one preempted.
+    fast = Slo(reading_rate=20.0)
+    some = seq(0, fast, Phase.DECODING, generated=200, first_token_s=0.0, arrived_s=0.0, unread=40)
+    plenty = seq(1, fast, Phase.DECODING, generated=300, first_token_s=0.0, arrived_s=0.0, unread=120)
+    short = seq(2, fast, Phase.DECODING, generated=10, first_token_s=9.5, arrived_s=9.0, unread=2)
+    fresh = seq(3, fast, Phase.WAITING, arrived_s=9.9)
+    scheduler = create_step_scheduler("andes", resume_margin_s=0.5, preempt_slack_s=4.0)
+    plan = scheduler.schedule(view(some, plenty, short, fresh, batch=2))
+    assert set(plan.decode) == {0, 2} and plan.preempt == (1,)
+    # With the slack threshold at the resume margin (the paper's greedy order alone), the
+    # 2-second reader is preempted too, for the newcomer.
+    eager = create_step_scheduler("andes", resume_margin_s=0.5, preempt_slack_s=0.5)
+    assert 0 in eager.schedule(view(some, plenty, short, fresh, batch=2)).preempt
+    # A preempted stream resumes only below the resume margin: the gap between the two is what
+    # keeps a stream from being preempted and resumed step after step.
+    paused = dataclasses.replace(plenty, phase=Phase.PREEMPTED, unread=40)
+    assert 1 not in scheduler.schedule(view(some, paused, short, fresh, batch=2)).decode
+
+
+def test_andes_refuses_a_slack_threshold_below_its_resume_margin() -> None:
+    with pytest.raises(ValueError, match="preempt_slack_s"):
+        create_step_scheduler("andes", resume_margin_s=1.0, preempt_slack_s=0.5)
+
+
 # ----- all schedulers in a simulated engine ------------------------------------------------------
 
 

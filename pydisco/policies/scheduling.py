@@ -356,7 +356,8 @@ class AndesScheduler:
     is short, each step picks the batch greedily: first the streams that reached
     ``max_preemptions`` (they are never preempted again), then preempted streams whose reader's
     buffer has fallen below ``resume_margin_s`` of reading (resumed before it drains), then
-    decoding streams whose buffer is that low (no slack to give: they keep decoding), then the rest by ``(Q_serve − Q_wait)/l`` (QoE gained per KV token over
+    decoding streams whose buffer holds less than ``preempt_slack_s`` of reading (too little
+    slack for a preemption to buy: they keep decoding), then the rest by ``(Q_serve − Q_wait)/l`` (QoE gained per KV token over
     ``lookahead_s``, ``pydisco.qoe``), up to the largest batch whose step latency keeps pace with
     the strictest reader and while their context fits the KV capacity. Decoding streams not picked
     are preempted (their KV kept), so only streams whose reader has slack are. A reader's buffer
@@ -373,13 +374,16 @@ class AndesScheduler:
         kv_trigger: float = 0.9,
         max_preemptions: int = 1,
         resume_margin_s: float = 0.5,
+        preempt_slack_s: float = 4.0,
     ) -> None:
-        if not (lookahead_s > 0 and 0 < kv_trigger <= 1 and max_preemptions >= 0 and resume_margin_s >= 0):
-            raise ValueError("andes needs lookahead_s > 0, 0 < kv_trigger <= 1, max_preemptions >= 0")
+        if not (lookahead_s > 0 and 0 < kv_trigger <= 1 and max_preemptions >= 0 and 0 <= resume_margin_s <= preempt_slack_s):
+            raise ValueError("andes needs lookahead_s > 0, 0 < kv_trigger <= 1, max_preemptions >= 0, "
+                             "0 <= resume_margin_s <= preempt_slack_s")
         self.lookahead_s = lookahead_s
         self.kv_trigger = kv_trigger
         self.max_preemptions = max_preemptions
         self.resume_margin_s = resume_margin_s
+        self.preempt_slack_s = preempt_slack_s
         self._fcfs = FcfsScheduler()
 
     @staticmethod
@@ -406,13 +410,19 @@ class AndesScheduler:
         """Its reader is about to run out of tokens (less than ``resume_margin_s`` of reading)."""
         return self.buffer(s, now_s) < s.slo.reading_rate * self.resume_margin_s
 
+    def _no_slack(self, s: SequenceView, now_s: float) -> bool:
+        """Its reader has less than ``preempt_slack_s`` of reading: too little to preempt it for."""
+        return self.buffer(s, now_s) < s.slo.reading_rate * self.preempt_slack_s
+
     def _rank(self, s: SequenceView, now_s: float) -> int:
         """0: pinned; 1: preempted and draining (resumed before its reader runs dry); 2: decoding
         with no slack to give (not preempted while there is room); 3: the rest, by QoE gain."""
         if self._pinned(s):
             return 0
-        if _decodable(s) and self._short(s, now_s):
-            return 1 if s.phase == Phase.PREEMPTED else 2
+        if s.phase == Phase.PREEMPTED and self._short(s, now_s):
+            return 1
+        if s.phase == Phase.DECODING and self._no_slack(s, now_s):
+            return 2
         return 3
 
     def triggered(self, view: StepView) -> bool:
