@@ -23,6 +23,10 @@ its headroom, bursts of ``BURST_FACTOR`` times the mean (so 1.9x the sustainable
 of each cycle, two cycles over ``seconds``. Prompts are counting prompts as long as the record's
 prompt (the model keeps counting, so each answer has the record's length: an answer ending
 early at an end of text would make the load lighter than planned).
+
+The bound (``solo_bound_*``): the same planned answers served one at a time on the idle server
+(``solo_outcomes``). On a CPU, prefill decides it: a prompt of a few hundred tokens misses its
+1 s TTFT target even alone, so the bound is what a scheduler can be judged against here.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ MAX_BATCH = 8  # `pydisco serve --scheduler`'s default
 N_CTX = 16384  # KV cells for the answers admitted at once (preempted ones keep theirs)
 ANSWERS_PER_CONNECTION = 8  # below the server's limit of 16 streams on one connection
 GOOD_QOE = 0.95
+SOLO_TOKENS = 8  # tokens measured per answer in the solo bound (the rest at their mean gap)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +190,31 @@ async def serve_plan(engine: BatchedEngine, scheduler: str, answers: Sequence[Pl
     return {"outcomes": outcomes, "preemptions": loop.preemptions, "rejected": loop.rejected, "reader_reports": reports}
 
 
+async def solo_outcomes(engine: BatchedEngine, answers: Sequence[PlannedAnswer]) -> list[Outcome]:
+    """Each planned answer served alone, one after another, through the same loopback server:
+    its first ``SOLO_TOKENS`` tokens are measured and the rest extrapolated at their mean gap
+    (a lone stream decodes far faster than anyone reads, so its QoE is decided by its first
+    token). No scheduler can do better than this on this machine: it bounds the figures."""
+    backend = BatchedBackend.start(engine, "fcfs")
+    outcomes: list[Outcome] = []
+    try:
+        async with open_loopback_cloud(backend=backend, profile=None) as cloud:
+            async with _clients(cloud.direct_url, cloud.token, cloud.ssl_context, 1) as (client,):
+                for i, planned in enumerate(answers):
+                    measured = min(planned.max_tokens, SOLO_TOKENS)
+                    request = GenerationRequest(prompt=planned.prompt, max_tokens=measured, request_id=f"solo{i}")
+                    outcome = await _answer(client, request, planned.slo)
+                    stamps = outcome.stamps
+                    if len(stamps) >= 2 and planned.max_tokens > len(stamps):
+                        gap = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+                        stamps += [stamps[-1] + gap * k for k in range(1, planned.max_tokens - len(stamps) + 1)]
+                    outcomes.append(outcome)
+    finally:
+        backend.close()
+        engine.clear()
+    return outcomes
+
+
 def full_rate(outcomes: Sequence[Outcome], max_batch: int) -> float:
     """Tokens/s delivered from the first request until fewer than ``max_batch`` answers are
     left (the server full all along: prefills and decodes as they come)."""
@@ -255,6 +285,9 @@ def server_qoe(seconds: float | None, threads: int, *, answers: int | None = Non
             "server_max_batch": max_batch,
             "server_max_answer_tokens": max_answer_tokens,
         }
+        solo = _summary(trio.run(solo_outcomes, engine, planned))
+        figures |= {"solo_bound_avg_qoe": solo["avg_qoe"], "solo_bound_qoe95_share": solo["qoe95_share"],
+                    "solo_bound_ttft_mean_s": solo["ttft_mean_s"]}  # fmt: skip
         for name in SCHEDULERS:
             result = trio.run(serve_plan, engine, name, planned)
             summary = _summary(result["outcomes"])

@@ -79,7 +79,8 @@ RAW_SEQUENCES = 8
 N_CTX = 4096
 CHUNK = 64
 
-SERVER_QOE_KEYS = ("andes_avg_qoe", "fcfs_avg_qoe", "andes_qoe95_share", "fcfs_qoe95_share")
+SERVER_QOE_KEYS = ("andes_avg_qoe", "fcfs_avg_qoe", "andes_qoe95_share", "fcfs_qoe95_share", "solo_bound_avg_qoe",
+                   "solo_bound_qoe95_share")
 
 
 class RawBatchedLoop:
@@ -331,6 +332,8 @@ def server_part(args: argparse.Namespace, rows: list[tuple[str, str]]) -> dict[s
            f"p99 {f[f'{name}_ttft_p99_s'] or 0:.2f} s; {f[f'{name}_preemptions']} preemptions, {f[f'{name}_failed']} failed, "
            f"{f[f'{name}_reader_reports']} reader reports)")
           for name in ("andes", "fcfs")),
+        ("server, each answer alone (the bound no scheduler beats here): QoE mean, share >= 0.95",
+         f"{f['solo_bound_avg_qoe']:.3f}, {_pct(f['solo_bound_qoe95_share'])} (TTFT mean {f['solo_bound_ttft_mean_s'] or 0:.2f} s)"),
     ]  # fmt: skip
     return f
 
