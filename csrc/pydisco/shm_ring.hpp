@@ -336,9 +336,11 @@ class ShmRingView {
       const std::uint32_t bell = h_->doorbell.load(std::memory_order_acquire);
       h_->consumer_waiting.store(1, std::memory_order_relaxed);
       std::atomic_thread_fence(std::memory_order_seq_cst);
-      if (!empty_for_consumer()) {
+      // Look again after taking the bell: a push or a close before it rang a bell this wait
+      // would otherwise sleep on (a closed ring gets no more pushes to ring it again).
+      if (!empty_for_consumer() || h_->closed.load(std::memory_order_acquire) != 0) {
         h_->consumer_waiting.store(0, std::memory_order_relaxed);
-        return true;
+        return !empty_for_consumer();
       }
       const bool woken = futex_wait_until(h_->doorbell, bell, deadline_ns, FutexScope::shared);
       h_->consumer_waiting.store(0, std::memory_order_relaxed);

@@ -196,6 +196,23 @@ static void a_clean_close_is_seen_after_the_last_record() {
   ShmRingProducer::unlink(name);
 }
 
+// A wait that begins after the producer closed returns at once: nothing more will come, so it
+// must not sleep out its liveness slice (10 s here) on a doorbell that already rang.
+static void a_wait_after_a_close_returns_at_once() {
+  const std::string name = unique_name("closed-wait");
+  {
+    ShmRingProducer producer(name, 8);
+    auto consumer = ShmRingConsumer::attach(name, 10'000'000'000);
+    producer.close();
+    const std::int64_t started = now_ns();
+    consumer->wait_readable(-1);
+    CHECK(now_ns() - started < 2'000'000'000);
+    TokenRecord r;
+    CHECK(consumer->try_pop(r) == ShmRead::kProducerGone);
+  }
+  ShmRingProducer::unlink(name);
+}
+
 // A child process owns a producer, pushes `count` records and says so, then waits to be
 // killed (or closes and exits when `close_after` is set).
 static pid_t spawn_producer(const std::string& name, std::uint64_t count) {
@@ -265,6 +282,7 @@ int main() {
   another_layout_version_is_refused_clearly();
   names_producers_and_consumers_are_checked();
   a_clean_close_is_seen_after_the_last_record();
+  a_wait_after_a_close_returns_at_once();
   a_killed_producer_is_reported_within_100ms_and_a_restart_reattached();
   std::puts("test_shm_ring: ok");
   return 0;
