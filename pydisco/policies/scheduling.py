@@ -358,8 +358,9 @@ class AndesScheduler:
     buffer has fallen below ``resume_margin_s`` of reading (resumed before it drains), then
     decoding streams whose buffer holds less than ``preempt_slack_s`` of reading (too little
     slack for a preemption to buy: they keep decoding), then the rest by
-    ``(Q_serve − Q_wait)/l`` (QoE gained per KV token over ``lookahead_s``, ``pydisco.qoe``), up to the largest batch whose step latency keeps pace with
-    the strictest reader and while their context fits the KV capacity. Decoding streams not picked
+    ``(Q_serve − Q_wait)/l`` (QoE gained per KV token over ``lookahead_s``, ``pydisco.qoe``), up
+    to the largest batch whose step latency keeps pace with the strictest reader and while their
+    context fits the KV capacity. Decoding streams not picked
     are preempted (their KV kept), so only streams whose reader has slack are. A reader's buffer
     is the view's ``unread`` when the loop models the reader (a server: from its client's
     reports and delivery times), else inferred here: ``generated − r·(now − first_token)``.
