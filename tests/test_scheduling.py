@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from pydisco import ConfigurationError
 from pydisco.policies import (
+    AndesScheduler,
     Phase,
     SequenceView,
     Slo,
@@ -320,6 +321,11 @@ def test_every_scheduler_finishes_or_answers_every_request(name: str, work: list
         if not v.sequences:
             sim.now = min(s.arrived_s for s in sim.seqs.values())
             continue
+        if isinstance(scheduler, AndesScheduler):  # a preemption only ever spends seconds of slack
+            by_id = {s.id: s for s in v.sequences}
+            for i in plan.preempt:
+                s = by_id[i]
+                assert scheduler.buffer(s, v.now_s) >= s.slo.reading_rate * scheduler.preempt_slack_s
         sim.apply(plan, v)
     # Nothing starves: every request finished, or was rejected (SLICE: infeasible alone) —
     # none is left waiting forever.
