@@ -313,3 +313,56 @@ def test_an_answer_admitted_beyond_the_engines_sequence_slots_waits_for_one_inst
     assert most_live <= 2 and step_loop.statistics().rejected == 0
     waited = [r.getMessage() for r in caplog.records if "waits for admission" in r.getMessage()]
     assert len(waited) == 2 and all("all 2 sequence slots hold admitted answers" in m for m in waited)
+
+
+class NewcomersFirst:
+    """A scheduler that gives a waiting answer the engine at once: it admits every waiting
+    answer and preempts every decoding one for it (fastserve does so when a newcomer joins
+    above the running ones' level), with no regard for the engine's sequence slots."""
+
+    name = "newcomers-first"
+
+    def schedule(self, view: StepView) -> StepPlan:
+        waiting = tuple(s.id for s in view.sequences if s.phase == Phase.WAITING)
+        prefilling = [s for s in view.sequences if s.phase == Phase.PREFILLING]
+        prefill = (prefilling[0].id, min(view.prefill_chunk, prefilling[0].prefill_tokens - prefilling[0].prefilled)) if prefilling else None
+        running = tuple(s.id for s in view.sequences if s.phase in (Phase.DECODING, Phase.PREEMPTED))
+        if waiting:
+            decoding = tuple(s.id for s in view.sequences if s.phase == Phase.DECODING)
+            return StepPlan(decode=(), prefill=prefill, admit=waiting, preempt=decoding)
+        return StepPlan(decode=running, prefill=prefill)
+
+
+def test_answers_holding_every_slot_keep_decoding_while_a_newcomer_waits_for_one() -> None:
+    """A newcomer that cannot have a slot must not stop the answers that hold them: the step
+    loop keeps them decoding (it drops the preemptions meant to make room for it), so they end,
+    free their slots, and the newcomer starts. Before, the scheduler preempted both for it,
+    nothing decoded, and the loop spun with every answer waiting for ever (CI caught this with
+    fastserve on the real engine and one slot)."""
+    executor = TwoSlotExecutor()
+    step_loop = StepLoop(executor, NewcomersFirst(), rough_profile(0.002, 0.0001, executor.max_batch))
+    step_loop.start()
+    got: dict[int, int] = {}
+
+    async def one(n: int) -> None:
+        pieces: list[TokenPiece] = []
+        result = await step_loop.generate(GenerationRequest(prompt=f"q{n}", max_tokens=5), pieces.append)
+        assert result.finish_reason == "length"
+        got[n] = len(pieces)
+
+    async def main() -> None:
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for n in range(2):
+                    nursery.start_soon(one, n)
+                while not executor.live:
+                    await trio.sleep(0.001)
+                await trio.sleep(0.005)  # both hold their slots and decode
+                nursery.start_soon(one, 2)
+
+    try:
+        trio.run(main)
+    finally:
+        step_loop.close()
+    assert got == {0: 5, 1: 5, 2: 5}
+    assert step_loop.statistics().rejected == 0

@@ -160,7 +160,13 @@ class StepState:
         view = StepView(now_s, tuple(a.view(now_s) for a in self.answers.values()), executor.kv_capacity,
                         self.profile.current(), executor.max_batch, executor.prefill_chunk)  # fmt: skip
         plan = self.scheduler.schedule(view)
-        self._carry_out(plan)
+        if self._carry_out(plan):
+            # An admission waits for a slot: the answers holding the slots are the only way one
+            # frees, so those the plan leaves idle decode (the preemptions meant to make room for
+            # it were not carried out), up to the batch.
+            idle = tuple(a.id for a in self.answers.values()
+                         if a.phase in (Phase.DECODING, Phase.PREEMPTED) and a.id not in plan.decode)  # fmt: skip
+            plan = dataclasses.replace(plan, decode=plan.decode + idle[: max(0, executor.max_batch - len(plan.decode))])
 
         def running(seq_id: int) -> bool:  # not ended, and admitted (its admission may have failed)
             answer = self.answers.get(seq_id)
@@ -176,7 +182,9 @@ class StepState:
         """KV the admitted answers may need by their ends (prefill, generated, still allowed)."""
         return sum(a.prefill_tokens + a.generated + a.max_new_tokens for a in self.answers.values() if a.phase != Phase.WAITING)
 
-    def _carry_out(self, plan: StepPlan) -> None:
+    def _carry_out(self, plan: StepPlan) -> bool:
+        """Carry out the plan's rejections, deferrals, admissions and preemptions; True if an
+        admission waits for a sequence slot (its preemptions are then not carried out)."""
         for seq_id, why in plan.reject:
             answer = self.answers[seq_id]
             self.counts["rejected"] += 1
@@ -185,12 +193,14 @@ class StepState:
         for seq_id, why in plan.defer:
             self._keep_waiting(self.answers[seq_id], why)
         slots = getattr(self.executor, "max_sequences", None)  # sequences the engine holds at once
+        held = False
         for seq_id in plan.admit:
             answer = self.answers[seq_id]
             if slots is not None and sum(1 for a in self.answers.values() if a.phase != Phase.WAITING) >= slots:
                 # The scheduler does not see the engine's slots; preempted answers hold theirs.
                 # It waits for one to free, rather than fail as the engine would make it.
                 self._keep_waiting(answer, f"all {slots} sequence slots hold admitted answers (preempted ones included)")
+                held = True
                 continue
             try:
                 took = self.executor.admit(seq_id, answer.request)
@@ -212,12 +222,15 @@ class StepState:
                 self._keep_waiting(answer, "the KV cache's free cells are reserved")
                 continue
             answer.call(answer.on_admitted)
+        if held:
+            return True
         for seq_id in plan.preempt:
             answer = self.answers[seq_id]
             answer.phase = Phase.PREEMPTED
             answer.preemptions += 1
             self.counts["preemptions"] += 1
             answer.call(answer.on_paused)
+        return False
 
     @staticmethod
     def _keep_waiting(answer: Answer, why: str) -> None:
