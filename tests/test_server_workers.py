@@ -5,6 +5,7 @@ paced token stream), so no model is loaded; the server's own behaviour is test_s
 from __future__ import annotations
 
 import http.server
+import io
 import json
 import os
 import re
@@ -23,6 +24,7 @@ from cloud_support import trio_test
 from process_support import Child, alive, wait_gone
 from pydisco._errors import EndpointUnavailable
 from pydisco._types import GenerationRequest, TokenPiece
+from pydisco.cli._serve import say
 from pydisco.cloud import open_cloud_endpoint
 
 # Each test here takes seconds; one that hangs should cost CI minutes, not the run's limit.
@@ -306,3 +308,28 @@ def test_two_workers_with_the_real_model_each_load_it_and_answer_alike() -> None
         assert server.process.wait(60) == 0
     finally:
         server.stop()
+
+
+class _Writes(io.StringIO):
+    """A stream that records each write call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.calls.append(text)
+        return super().write(text)
+
+
+def test_each_line_a_worker_prints_is_one_write() -> None:
+    """Workers share their parent's stdout. Under PYTHONUNBUFFERED (CI's environment) print
+    wrote a line's text and its newline apart, and two workers' "listening on" lines came out
+    as one line and a blank one (the two-worker test failed reading them). One write per line
+    keeps each whole: a short write to a pipe is atomic."""
+    out = _Writes()
+    say("listening on ws://127.0.0.1:1", out)
+    assert out.calls == ["listening on ws://127.0.0.1:1\n"]
+    printed = _Writes()
+    print("listening on ws://127.0.0.1:1", file=printed, flush=True)
+    assert printed.calls == ["listening on ws://127.0.0.1:1", "\n"]  # what interleaved

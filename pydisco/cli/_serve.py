@@ -14,7 +14,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 import trio
 
@@ -157,6 +157,16 @@ def batched_engine(args: argparse.Namespace) -> BatchExecutor:
     return engine
 
 
+def say(line: str, stream: TextIO | None = None) -> None:
+    """Write ``line`` and its newline in one write, then flush. Workers share their parent's
+    stdout: ``print`` writes the text and the newline apart when the stream is unbuffered
+    (``PYTHONUNBUFFERED``), and two workers' lines then interleave mid-line; one write of a
+    short line to a pipe is atomic."""
+    out = sys.stdout if stream is None else stream
+    out.write(f"{line}\n")
+    out.flush()
+
+
 def _tls(args: argparse.Namespace, folder: str) -> ssl.SSLContext | None:
     from ..cloud._server import PLAIN_SCHEMES
     from ..cloud._tls import LOOPBACK_NAMES, Credentials, self_signed, server_ssl_context
@@ -167,7 +177,7 @@ def _tls(args: argparse.Namespace, folder: str) -> ssl.SSLContext | None:
     if args.self_signed:
         credentials = self_signed(LOOPBACK_NAMES)
         cert, _ = credentials.write(folder)
-        print(f"self-signed certificate for {', '.join(LOOPBACK_NAMES)}: {cert}", flush=True)
+        say(f"self-signed certificate for {', '.join(LOOPBACK_NAMES)}: {cert}")
         return server_ssl_context(credentials)
     if args.cert is not None:
         try:
@@ -236,18 +246,18 @@ async def _serve_until_signal(config: ServerConfig) -> int:
                     where = " or ".join(config.listen)
                     raise ConfigurationError(f"cannot listen on {where}: {e.strerror or e}") from e
                 for url in server.urls:
-                    print(f"listening on {url}", flush=True)
+                    say(f"listening on {url}")
                 if server.metrics_listener is not None:
-                    print(f"metrics on {server.metrics_listener.url}/metrics", flush=True)
+                    say(f"metrics on {server.metrics_listener.url}/metrics")
 
                 async def watch_signals() -> None:
                     nonlocal stopped_by
                     async for stopped_by in signals:
                         if stopped_by == signal.SIGTERM and not server.statistics().draining:
-                            print(f"draining (up to {config.drain_timeout:g} s; SIGTERM again stops at once)", flush=True)
+                            say(f"draining (up to {config.drain_timeout:g} s; SIGTERM again stops at once)")
                             nursery.start_soon(server.drain)  # serve returns once drained
                             continue
-                        print("stopping", flush=True)
+                        say("stopping")
                         nursery.cancel_scope.cancel()
                         return
 
@@ -293,7 +303,7 @@ def _worker_args(args: argparse.Namespace, folder: str) -> list[argparse.Namespa
 
         credentials = self_signed(LOOPBACK_NAMES)
         cert, key = credentials.write(folder)
-        print(f"self-signed certificate for {', '.join(LOOPBACK_NAMES)}: {cert}", flush=True)
+        say(f"self-signed certificate for {', '.join(LOOPBACK_NAMES)}: {cert}")
         base.self_signed, base.cert, base.key = False, cert, key
     workers = []
     for i in range(args.workers):
@@ -329,7 +339,7 @@ def _supervise(args: argparse.Namespace, folder: str) -> int:
             process.stdin.write(len(options).to_bytes(8, "big") + options)
             process.stdin.flush()
             processes.append(process)
-            print(f"worker {i}: pid {process.pid}", flush=True)
+            say(f"worker {i}: pid {process.pid}")
         return _watch(processes, received, drain_timeout=args.drain_timeout)
     finally:
         for process in processes:
@@ -365,14 +375,14 @@ def _watch(processes: list[subprocess.Popen[bytes]], received: list[int], *, dra
             for i, p in enumerate(processes):
                 if p.poll() is not None:
                     failed = f"worker {i} (pid {p.pid}) exited with status {p.returncode}; stopping the others"
-                    print(failed, file=sys.stderr, flush=True)
+                    say(failed, sys.stderr)
                     stop_all(signal.SIGTERM, drain=True)
                     break
         if time.monotonic() > kill_at:
             for i, p in enumerate(processes):
                 if p.poll() is None:
                     failed = f"worker {i} (pid {p.pid}) did not stop in time; killed it"
-                    print(failed, file=sys.stderr, flush=True)
+                    say(failed, sys.stderr)
                     p.kill()
                     p.wait()
         time.sleep(_POLL_S)
