@@ -163,30 +163,38 @@ async def _answer(client: CloudEndpoint, request: GenerationRequest, slo: Slo) -
     return outcome
 
 
+@contextlib.asynccontextmanager
+async def _serving(engine: BatchedEngine, scheduler: str, connections: int) -> AsyncIterator[tuple[BatchedBackend, list[CloudEndpoint]]]:
+    """A loopback server whose backend serves ``engine`` under ``scheduler``, and ``connections``
+    clients connected to it; afterwards the engine is cleared (the next run starts cold too)."""
+    backend = BatchedBackend.start(engine, scheduler)
+    try:
+        async with open_loopback_cloud(backend=backend, profile=None) as cloud:
+            async with _clients(cloud.direct_url, cloud.token, cloud.ssl_context, connections) as clients:
+                yield backend, clients
+    finally:
+        backend.close()
+        engine.clear()
+
+
 async def serve_plan(engine: BatchedEngine, scheduler: str, answers: Sequence[PlannedAnswer]) -> dict[str, Any]:
     """The planned answers through a loopback server whose backend serves ``engine`` under
     ``scheduler``: their outcomes and the step loop's counts."""
-    backend = BatchedBackend.start(engine, scheduler)
     outcomes: list[Outcome] = []
-    try:
-        async with open_loopback_cloud(backend=backend, profile=None) as cloud:
-            connections = max(1, math.ceil(len(answers) / ANSWERS_PER_CONNECTION))
-            async with _clients(cloud.direct_url, cloud.token, cloud.ssl_context, connections) as clients:
-                start = trio.current_time()
+    connections = max(1, math.ceil(len(answers) / ANSWERS_PER_CONNECTION))
+    async with _serving(engine, scheduler, connections) as (backend, clients):
+        start = trio.current_time()
 
-                async def one(i: int, planned: PlannedAnswer) -> None:
-                    request = GenerationRequest(prompt=planned.prompt, max_tokens=planned.max_tokens, request_id=f"a{i}")
-                    outcomes.append(await _answer(clients[i % len(clients)], request, planned.slo))
+        async def one(i: int, planned: PlannedAnswer) -> None:
+            request = GenerationRequest(prompt=planned.prompt, max_tokens=planned.max_tokens, request_id=f"a{i}")
+            outcomes.append(await _answer(clients[i % len(clients)], request, planned.slo))
 
-                async with trio.open_nursery() as nursery:
-                    for i, planned in enumerate(answers):
-                        await trio.sleep_until(start + planned.arrival_s)
-                        nursery.start_soon(one, i, planned)
-                reports = sum(c.statistics().reader_reports for c in clients)
+        async with trio.open_nursery() as nursery:
+            for i, planned in enumerate(answers):
+                await trio.sleep_until(start + planned.arrival_s)
+                nursery.start_soon(one, i, planned)
+        reports = sum(c.statistics().reader_reports for c in clients)
         loop = backend.statistics()
-    finally:
-        backend.close()
-        engine.clear()  # the next run starts cold too
     return {"outcomes": outcomes, "preemptions": loop.preemptions, "rejected": loop.rejected, "reader_reports": reports}
 
 
@@ -195,23 +203,17 @@ async def solo_outcomes(engine: BatchedEngine, answers: Sequence[PlannedAnswer])
     its first ``SOLO_TOKENS`` tokens are measured and the rest extrapolated at their mean gap
     (a lone stream decodes far faster than anyone reads, so its QoE is decided by its first
     token). No scheduler can do better than this on this machine: it bounds the figures."""
-    backend = BatchedBackend.start(engine, "fcfs")
     outcomes: list[Outcome] = []
-    try:
-        async with open_loopback_cloud(backend=backend, profile=None) as cloud:
-            async with _clients(cloud.direct_url, cloud.token, cloud.ssl_context, 1) as (client,):
-                for i, planned in enumerate(answers):
-                    measured = min(planned.max_tokens, SOLO_TOKENS)
-                    request = GenerationRequest(prompt=planned.prompt, max_tokens=measured, request_id=f"solo{i}")
-                    outcome = await _answer(client, request, planned.slo)
-                    stamps = outcome.stamps
-                    if len(stamps) >= 2 and planned.max_tokens > len(stamps):
-                        gap = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
-                        stamps += [stamps[-1] + gap * k for k in range(1, planned.max_tokens - len(stamps) + 1)]
-                    outcomes.append(outcome)
-    finally:
-        backend.close()
-        engine.clear()
+    async with _serving(engine, "fcfs", 1) as (_, (client,)):
+        for i, planned in enumerate(answers):
+            request = GenerationRequest(prompt=planned.prompt, max_tokens=min(planned.max_tokens, SOLO_TOKENS),
+                                        request_id=f"solo{i}")  # fmt: skip
+            outcome = await _answer(client, request, planned.slo)
+            stamps = outcome.stamps
+            if len(stamps) >= 2 and planned.max_tokens > len(stamps):
+                gap = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+                stamps += [stamps[-1] + gap * k for k in range(1, planned.max_tokens - len(stamps) + 1)]
+            outcomes.append(outcome)
     return outcomes
 
 
