@@ -159,14 +159,7 @@ class StepState:
             answer.take_report(now_s)
         view = StepView(now_s, tuple(a.view(now_s) for a in self.answers.values()), executor.kv_capacity,
                         self.profile.current(), executor.max_batch, executor.prefill_chunk)  # fmt: skip
-        plan = self.scheduler.schedule(view)
-        if self._carry_out(plan):
-            # An admission waits for a slot: the answers holding the slots are the only way one
-            # frees, so those the plan leaves idle decode (the preemptions meant to make room for
-            # it were not carried out), up to the batch.
-            idle = tuple(a.id for a in self.answers.values()
-                         if a.phase in (Phase.DECODING, Phase.PREEMPTED) and a.id not in plan.decode)  # fmt: skip
-            plan = dataclasses.replace(plan, decode=plan.decode + idle[: max(0, executor.max_batch - len(plan.decode))])
+        plan = self._carry_out(self.scheduler.schedule(view))
 
         def running(seq_id: int) -> bool:  # not ended, and admitted (its admission may have failed)
             answer = self.answers.get(seq_id)
@@ -182,9 +175,11 @@ class StepState:
         """KV the admitted answers may need by their ends (prefill, generated, still allowed)."""
         return sum(a.prefill_tokens + a.generated + a.max_new_tokens for a in self.answers.values() if a.phase != Phase.WAITING)
 
-    def _carry_out(self, plan: StepPlan) -> bool:
-        """Carry out the plan's rejections, deferrals, admissions and preemptions; True if an
-        admission waits for a sequence slot (its preemptions are then not carried out)."""
+    def _carry_out(self, plan: StepPlan) -> StepPlan:
+        """Carry out the plan's rejections, deferrals, admissions and preemptions; the plan to
+        run. When an admission waits for a sequence slot, the answers holding the slots are the
+        only way one frees: the plan's preemptions (made to make room) are not carried out, and
+        the slot holders it leaves idle decode too, up to the batch."""
         for seq_id, why in plan.reject:
             answer = self.answers[seq_id]
             self.counts["rejected"] += 1
@@ -223,14 +218,17 @@ class StepState:
                 continue
             answer.call(answer.on_admitted)
         if held:
-            return True
+            idle = tuple(a.id for a in self.answers.values()
+                         if a.phase in (Phase.DECODING, Phase.PREEMPTED) and a.id not in plan.decode)  # fmt: skip
+            room = max(0, self.executor.max_batch - len(plan.decode))
+            return dataclasses.replace(plan, decode=plan.decode + idle[:room])
         for seq_id in plan.preempt:
             answer = self.answers[seq_id]
             answer.phase = Phase.PREEMPTED
             answer.preemptions += 1
             self.counts["preemptions"] += 1
             answer.call(answer.on_paused)
-        return False
+        return plan
 
     @staticmethod
     def _keep_waiting(answer: Answer, why: str) -> None:
