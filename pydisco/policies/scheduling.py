@@ -407,23 +407,19 @@ class AndesScheduler:
         """Decoding and at its preemption bound: it keeps its place until it ends."""
         return s.phase == Phase.DECODING and s.preemptions >= self.max_preemptions
 
-    def _short(self, s: SequenceView, now_s: float) -> bool:
-        """Its reader is about to run out of tokens (less than ``resume_margin_s`` of reading)."""
-        return self.buffer(s, now_s) < s.slo.reading_rate * self.resume_margin_s
-
-    def _no_slack(self, s: SequenceView, now_s: float) -> bool:
-        """Its reader has less than ``preempt_slack_s`` of reading: too little to preempt it for."""
-        return self.buffer(s, now_s) < s.slo.reading_rate * self.preempt_slack_s
+    def _holds_less_than(self, s: SequenceView, now_s: float, seconds: float) -> bool:
+        """Its reader holds less than ``seconds`` of reading unread."""
+        return self.buffer(s, now_s) < s.slo.reading_rate * seconds
 
     def _rank(self, s: SequenceView, now_s: float) -> int:
         """0: pinned; 1: preempted and draining (resumed before its reader runs dry); 2: decoding
         with no slack to give (not preempted while there is room); 3: the rest, by QoE gain."""
         if self._pinned(s):
             return 0
-        if s.phase == Phase.PREEMPTED and self._short(s, now_s):
-            return 1
-        if s.phase == Phase.DECODING and self._no_slack(s, now_s):
-            return 2
+        if s.phase == Phase.PREEMPTED and self._holds_less_than(s, now_s, self.resume_margin_s):
+            return 1  # about to run dry: resumed now
+        if s.phase == Phase.DECODING and self._holds_less_than(s, now_s, self.preempt_slack_s):
+            return 2  # too little slack for a preemption to buy
         return 3
 
     def triggered(self, view: StepView) -> bool:
